@@ -1,0 +1,383 @@
+"""PQN (Gallici et al., "Simplifying Deep Temporal Difference Learning", ICLR 2025) on classic-control gymnasium envs."""
+
+import collections
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """make torch use deterministic algorithms"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+    track: bool = False
+    """log to Weights & Biases (needs `pip install -r requirements/wandb.txt` and an account)"""
+    wandb_project_name: str = "pqn"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    save_model: bool = False
+    """save the Q-network and these Args to runs/{run_name}/{exp_name}.pt at the end"""
+    eval_checkpoint: str | None = None
+    """evaluate this saved model greedily for `eval_episodes` episodes and exit, without training"""
+
+    env_id: str = "CartPole-v1"
+    """the id of a gymnasium env with Box observations and Discrete actions"""
+    total_timesteps: int = 500_000
+    """total environment steps, summed over all envs"""
+    learning_rate: float = 2.5e-4
+    """the learning rate of the RAdam optimizer"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to 0 over training"""
+    num_envs: int = 32
+    """the number of parallel environments"""
+    num_steps: int = 64
+    """the number of steps each env runs per rollout"""
+    num_minibatches: int = 16
+    """the number of minibatches a rollout is split into"""
+    update_epochs: int = 4
+    """the number of passes over each rollout"""
+    gamma: float = 0.99
+    """the discount factor"""
+    q_lambda: float = 0.65
+    """the lambda of Peng's Q(lambda) targets"""
+    start_e: float = 1.0
+    """the starting epsilon of the epsilon-greedy behaviour policy"""
+    end_e: float = 0.05
+    """the final epsilon"""
+    exploration_fraction: float = 0.5
+    """the fraction of `total_timesteps` over which epsilon decays linearly to `end_e`"""
+    max_grad_norm: float = 10.0
+    """the maximum global norm of the gradients"""
+    eval_frequency: int = 0
+    """evaluate the greedy policy every this many env steps (0: only at the end of training)"""
+    eval_episodes: int = 10
+    """the number of greedy evaluation episodes"""
+
+    # Computed from the above after parsing.
+    batch_size: int = field(default=0, init=False)
+    minibatch_size: int = field(default=0, init=False)
+    num_iterations: int = field(default=0, init=False)
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr, exit status 2."""
+
+
+def finalize_args(args: Args) -> Args:
+    """Checks the flags and fills in the derived sizes."""
+    for name in ["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes"]:
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.learning_rate <= 0:
+        raise UsageError(f"--learning-rate must be positive, got {args.learning_rate}")
+    if args.eval_frequency < 0:
+        raise UsageError(f"--eval-frequency must be 0 (only at the end) or positive, got {args.eval_frequency}")
+    for name in ["gamma", "q_lambda", "start_e", "end_e", "exploration_fraction"]:
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    args.batch_size = args.num_envs * args.num_steps
+    if args.batch_size % args.num_minibatches != 0:
+        raise UsageError(
+            f"num_envs * num_steps = {args.batch_size} is not divisible by --num-minibatches {args.num_minibatches}"
+        )
+    if args.total_timesteps < args.batch_size:
+        raise UsageError(
+            f"--total-timesteps {args.total_timesteps} is smaller than one batch (num_envs * num_steps = {args.batch_size})"
+        )
+    args.minibatch_size = args.batch_size // args.num_minibatches
+    args.num_iterations = args.total_timesteps // args.batch_size
+    return args
+
+
+def make_envs(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
+    """A vector env that auto-resets on the next step (gymnasium's default), checked for PQN's spaces."""
+    try:
+        envs = gym.make_vec(env_id, num_envs=num_envs)
+    except gym.error.Error as e:
+        raise UsageError(f"cannot make env {env_id!r}: {e}") from None
+    if not isinstance(envs.single_action_space, gym.spaces.Discrete):
+        envs.close()
+        raise UsageError(f"{env_id} has action space {envs.single_action_space}; PQN needs a Discrete one")
+    obs_space = envs.single_observation_space
+    if not (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) == 1):
+        envs.close()
+        raise UsageError(f"{env_id} has observation space {obs_space}; this script needs a flat Box")
+    if envs.metadata.get("autoreset_mode") != gym.vector.AutoresetMode.NEXT_STEP:
+        envs.close()
+        raise UsageError(f"{env_id}: the vector env must auto-reset on the next step")
+    return gym.wrappers.vector.RecordEpisodeStatistics(envs)
+
+
+class QNetwork(nn.Module):
+    """MLP with LayerNorm after every hidden layer: the normalisation that lets PQN drop the target network."""
+
+    def __init__(self, obs_dim: int, num_actions: int, hidden_size: int = 128):
+        super().__init__()
+        self.network = nn.Sequential(
+            nn.Linear(obs_dim, hidden_size),
+            nn.LayerNorm(hidden_size),
+            nn.ReLU(),
+            nn.Linear(hidden_size, hidden_size),
+            nn.LayerNorm(hidden_size),
+            nn.ReLU(),
+            nn.Linear(hidden_size, num_actions),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+
+# --- shared: q_lambda_returns ---
+def q_lambda_returns(rewards, terminations, truncations, next_q, gamma, q_lambda):
+    """Peng's Q(lambda) targets, computed backwards over a rollout; all tensors are [T, N].
+
+    next_q[t] = max_a Q(s_{t+1}, a), where s_{t+1} is what step t returned: the final observation
+    when the episode ended at t. Termination cuts the bootstrap; truncation keeps it. At every
+    episode end the lambda-trace is cut, so nothing after it (the reset step) leaks back.
+    """
+    terminations = terminations.float()
+    done = torch.logical_or(terminations.bool(), truncations.bool()).float()
+    returns = torch.empty_like(rewards)
+    returns[-1] = rewards[-1] + gamma * (1.0 - terminations[-1]) * next_q[-1]
+    for t in reversed(range(rewards.shape[0] - 1)):
+        bootstrap = (1.0 - done[t]) * (q_lambda * returns[t + 1] + (1.0 - q_lambda) * next_q[t]) + done[t] * next_q[t]
+        returns[t] = rewards[t] + gamma * (1.0 - terminations[t]) * bootstrap
+    return returns
+# --- end shared: q_lambda_returns ---
+
+
+def td_loss(q_taken: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the real transitions (mask = 1); reset steps (mask = 0) add nothing."""
+    return (mask * (q_taken - returns) ** 2).sum() / mask.sum().clamp(min=1.0)
+
+
+def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> float:
+    if duration <= 0:
+        return end_e
+    return max(end_e, start_e + (end_e - start_e) * t / duration)
+
+
+def rollout(envs, q_network, obs, is_reset, epsilon, num_steps):
+    """Acts epsilon-greedily for `num_steps` steps in every env.
+
+    `obs` is what the first step acts on and `is_reset` marks the envs where it is the final
+    observation of an ended episode, so that step is a reset step (its action is ignored and its
+    transition is not real). Returns the rollout as [T, N] tensors, `next_q` for the Q(lambda)
+    targets, the observation and reset flags the next rollout starts from, and the episodes that
+    ended, as (step index, return, length).
+    """
+    device = obs.device
+    num_envs = obs.shape[0]
+    num_actions = envs.single_action_space.n
+    b = {
+        "obs": torch.zeros((num_steps, *obs.shape), device=device),
+        "actions": torch.zeros((num_steps, num_envs), dtype=torch.long, device=device),
+        "rewards": torch.zeros((num_steps, num_envs), device=device),
+        "terminations": torch.zeros((num_steps, num_envs), device=device),
+        "truncations": torch.zeros((num_steps, num_envs), device=device),
+        "max_q": torch.zeros((num_steps, num_envs), device=device),  # max_a Q(obs[t], a) while acting
+        "is_reset": torch.zeros((num_steps, num_envs), dtype=torch.bool, device=device),
+    }
+    episodes = []
+    for step in range(num_steps):
+        b["obs"][step] = obs
+        b["is_reset"][step] = is_reset
+        with torch.no_grad():
+            q = q_network(obs)
+        max_q, greedy = q.max(dim=1)
+        b["max_q"][step] = max_q
+        explore = torch.rand(num_envs, device=device) < epsilon
+        action = torch.where(explore, torch.randint(num_actions, (num_envs,), device=device), greedy)
+        b["actions"][step] = action
+
+        next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+        b["rewards"][step] = torch.as_tensor(reward, device=device)
+        b["terminations"][step] = torch.as_tensor(terminated, device=device)
+        b["truncations"][step] = torch.as_tensor(truncated, device=device)
+        obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
+        is_reset = torch.as_tensor(np.logical_or(terminated, truncated), device=device)
+        if "episode" in info:
+            ended = info["_episode"]
+            episodes += [(step, r, l) for r, l in zip(info["episode"]["r"][ended], info["episode"]["l"][ended])]
+
+    # The value after the last step bootstraps the last targets; the other next_q come from acting.
+    with torch.no_grad():
+        last_max_q = q_network(obs).max(dim=1).values
+    b["next_q"] = torch.cat([b["max_q"][1:], last_max_q[None]])
+    return b, obs, is_reset, episodes
+
+
+def evaluate(q_network, envs, seed: int) -> np.ndarray:
+    """Returns of one greedy episode per env (one each, so short episodes are not over-counted)."""
+    device = next(q_network.parameters()).device
+    obs, _ = envs.reset(seed=seed)
+    returns = np.zeros(envs.num_envs)
+    finished = np.zeros(envs.num_envs, dtype=bool)
+    while not finished.all():
+        with torch.no_grad():
+            actions = q_network(torch.as_tensor(obs, dtype=torch.float32, device=device)).argmax(dim=1)
+        obs, reward, terminated, truncated, _ = envs.step(actions.cpu().numpy())
+        returns += np.where(finished, 0.0, reward)
+        finished |= terminated | truncated
+    return returns
+
+
+class Progress:
+    """One status line: redrawn in place on a terminal, else printed at every tenth of the run."""
+
+    def __init__(self, total_steps: int):
+        self.total_steps = total_steps
+        self.tty = sys.stdout.isatty()
+        self.last_draw = 0.0
+        self.next_tenth = 1
+
+    def update(self, step: int, sps: float, recent_return: float):
+        line = f"step {step:>10,}/{self.total_steps:,} ({100 * step / self.total_steps:5.1f}%)  SPS {sps:>7,.0f}  return(last 20 ep) {recent_return:8.2f}"
+        if self.tty:
+            if time.time() - self.last_draw > 0.2 or step >= self.total_steps:
+                print("\r" + line, end="\n" if step >= self.total_steps else "", flush=True)
+                self.last_draw = time.time()
+        elif step * 10 >= self.next_tenth * self.total_steps:
+            print(line, flush=True)
+            self.next_tenth = step * 10 // self.total_steps + 1
+
+
+def load_checkpoint(path: str, device: torch.device) -> dict:
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}; write one with `python pqn.py --save-model`")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        return {"args": checkpoint["args"], "q_network": checkpoint["q_network"]}
+    except Exception as e:
+        raise UsageError(f"{path} is not a pqn.py checkpoint ({type(e).__name__}); write one with `python pqn.py --save-model`") from None
+
+
+def eval_checkpoint(args: Args, device: torch.device):
+    checkpoint = load_checkpoint(args.eval_checkpoint, device)
+    env_id = checkpoint["args"]["env_id"]
+    envs = make_envs(env_id, args.eval_episodes)
+    q_network = QNetwork(envs.single_observation_space.shape[0], envs.single_action_space.n).to(device)
+    try:
+        q_network.load_state_dict(checkpoint["q_network"])
+    except RuntimeError as e:
+        raise UsageError(f"{args.eval_checkpoint} does not fit the Q-network for {env_id}: {str(e).splitlines()[0]}") from None
+    returns = evaluate(q_network, envs, seed=args.seed)
+    print(f"{env_id}: greedy return over {len(returns)} episodes {returns.mean():.2f} ± {returns.std():.2f}")
+
+
+def main(args: Args):
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.eval_checkpoint:
+        return eval_checkpoint(args, device)
+
+    envs = make_envs(args.env_id, args.num_envs)
+    eval_envs = make_envs(args.env_id, args.eval_episodes)
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            raise UsageError("--track needs wandb: pip install -r requirements/wandb.txt") from None
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=asdict(args),
+            name=run_name,
+            save_code=True,
+        )
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+
+    q_network = QNetwork(envs.single_observation_space.shape[0], envs.single_action_space.n).to(device)
+    optimizer = torch.optim.RAdam(q_network.parameters(), lr=args.learning_rate, foreach=True)
+
+    def run_evaluation(global_step):
+        returns = evaluate(q_network, eval_envs, seed=args.seed + 1_000_000)
+        writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
+        print(f"eval at step {global_step}: greedy return {returns.mean():.2f} ± {returns.std():.2f} ({len(returns)} episodes)", flush=True)
+
+    obs, _ = envs.reset(seed=args.seed)
+    obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
+    is_reset = torch.zeros(args.num_envs, dtype=torch.bool, device=device)
+    recent_returns = collections.deque(maxlen=20)
+    progress = Progress(args.num_iterations * args.batch_size)
+    global_step = 0
+    start_time = time.time()
+    for iteration in range(1, args.num_iterations + 1):
+        if args.anneal_lr:
+            optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations)
+        epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, global_step)
+        b, obs, is_reset, episodes = rollout(envs, q_network, obs, is_reset, epsilon, args.num_steps)
+        for step, episodic_return, episodic_length in episodes:
+            writer.add_scalar("charts/episodic_return", episodic_return, global_step + (step + 1) * args.num_envs)
+            writer.add_scalar("charts/episodic_length", episodic_length, global_step + (step + 1) * args.num_envs)
+            recent_returns.append(episodic_return)
+        global_step += args.batch_size
+
+        returns = q_lambda_returns(b["rewards"], b["terminations"], b["truncations"], b["next_q"], args.gamma, args.q_lambda)
+        b_obs = b["obs"].reshape(args.batch_size, -1)
+        b_actions = b["actions"].reshape(-1)
+        b_returns = returns.reshape(-1)
+        b_mask = (~b["is_reset"]).reshape(-1).float()  # reset steps are not real transitions
+        losses, q_taken_means = [], []
+        for _ in range(args.update_epochs):
+            order = torch.randperm(args.batch_size, device=device)
+            for start in range(0, args.batch_size, args.minibatch_size):
+                mb = order[start : start + args.minibatch_size]
+                q_taken = q_network(b_obs[mb]).gather(1, b_actions[mb, None]).squeeze(1)
+                loss = td_loss(q_taken, b_returns[mb], b_mask[mb])
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm)
+                optimizer.step()
+                losses.append(loss.detach())
+                q_taken_means.append((q_taken.detach() * b_mask[mb]).sum() / b_mask[mb].sum().clamp(min=1.0))
+
+        sps = global_step / (time.time() - start_time)
+        writer.add_scalar("losses/td_loss", torch.stack(losses).mean().item(), global_step)
+        writer.add_scalar("losses/q_values", torch.stack(q_taken_means).mean().item(), global_step)
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        writer.add_scalar("charts/epsilon", epsilon, global_step)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        progress.update(global_step, sps, float(np.mean(recent_returns)) if recent_returns else float("nan"))
+        if args.eval_frequency and global_step // args.eval_frequency > (global_step - args.batch_size) // args.eval_frequency:
+            if iteration < args.num_iterations:  # the final evaluation follows the loop
+                run_evaluation(global_step)
+
+    run_evaluation(global_step)
+    if args.save_model:
+        path = f"runs/{run_name}/{args.exp_name}.pt"
+        torch.save({"q_network": q_network.state_dict(), "args": asdict(args)}, path)
+        print(f"model saved to {path}")
+    envs.close()
+    eval_envs.close()
+    writer.close()
+
+
+if __name__ == "__main__":
+    try:
+        main(finalize_args(tyro.cli(Args)))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

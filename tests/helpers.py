@@ -1,0 +1,51 @@
+"""Running a script as a user would, and reading back what it logged."""
+
+import glob
+import os
+import subprocess
+import sys
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(script, *flags, cwd, timeout=300):
+    """Runs `python <script> <flags>` in `cwd` (where it writes runs/), without a GPU."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *flags],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_scalars(run_dir):
+    """{tag: [(step, value), ...]} from the TensorBoard event files in run_dir."""
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def read_text(run_dir, tag):
+    acc = EventAccumulator(run_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    return acc.Tensors(f"{tag}/text_summary")[0].tensor_proto.string_val[0].decode()
+
+
+def only_run_dir(cwd):
+    dirs = glob.glob(os.path.join(cwd, "runs", "*"))
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def error_line(result):
+    """The single non-empty line a script prints on stderr for bad input."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1, result.stderr
+    return lines[0]

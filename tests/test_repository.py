@@ -1,0 +1,48 @@
+"""The README's Quickstart is what CI runs, and the pinned requirements agree with pyproject.toml."""
+
+import os
+import re
+import tomllib
+
+from helpers import ROOT
+
+
+def read(path):
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        return f.read()
+
+
+def quickstart_commands():
+    section = read("README.md").split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```(?:bash|sh)?\n(.*?)```", section, re.S)[1]
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_quickstart_is_two_commands_and_ci_runs_the_test_one():
+    train, test = quickstart_commands()
+    assert "python pqn.py" in train and "requirements/" in train
+    assert "pytest" in test and "requirements/test.txt" in test
+    ci_lines = [line.strip() for line in read(".ci/run").splitlines()]
+    assert test in ci_lines
+
+
+def test_pinned_requirements_cover_pyproject_dependencies():
+    project = tomllib.loads(read("pyproject.toml"))["project"]
+
+    def pinned(path):
+        names = set()
+        for line in read(path).splitlines():
+            line = line.split("#")[0].strip()
+            if line.startswith("-r "):
+                names |= pinned(os.path.join(os.path.dirname(path), line[3:]))
+            elif line:
+                assert "==" in line, f"{path}: {line} is not pinned"
+                names.add(line.split("==")[0].lower())
+        return names
+
+    def names(deps):
+        return {re.split(r"[<>=!~\[ ]", d)[0].lower() for d in deps}
+
+    assert names(project["dependencies"]) <= pinned("requirements/base.txt")
+    for extra, deps in project["optional-dependencies"].items():
+        assert names(deps) <= pinned(f"requirements/{extra}.txt"), extra

@@ -1,0 +1,163 @@
+"""Episode boundaries in pqn.py's rollout on a scripted vector env (CONVENTIONS §2)."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import pqn
+
+
+class ScriptedEnvs(gym.vector.VectorEnv):
+    """A vector env with scripted episodes and gymnasium's next-step auto-reset.
+
+    episodes[n] lists env n's episodes as (length, "term" | "trunc"). The observation is
+    (env, episode, step in episode); every real step gives reward 1 + step/10. After an episode
+    ends, the next step ignores the action and returns the first observation of the next episode
+    with reward 0: a reset step.
+    """
+
+    metadata = {"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
+
+    def __init__(self, episodes):
+        self.episodes = episodes
+        self.num_envs = len(episodes)
+        self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)
+        self.single_action_space = gym.spaces.Discrete(2)
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, self.num_envs)
+
+    def _obs(self):
+        return np.stack([np.arange(self.num_envs), self.episode, self.t], axis=1).astype(np.float32)
+
+    def reset(self, seed=None, options=None):
+        self.episode = np.zeros(self.num_envs, dtype=np.int64)
+        self.t = np.zeros(self.num_envs, dtype=np.int64)
+        self.ended = np.zeros(self.num_envs, dtype=bool)
+        return self._obs(), {}
+
+    def step(self, actions):
+        reward = np.zeros(self.num_envs)
+        term = np.zeros(self.num_envs, dtype=bool)
+        trunc = np.zeros(self.num_envs, dtype=bool)
+        for n in range(self.num_envs):
+            if self.ended[n]:
+                self.episode[n] += 1
+                self.t[n] = 0
+                self.ended[n] = False
+                continue
+            self.t[n] += 1
+            reward[n] = 1.0 + self.t[n] / 10
+            length, how = self.episodes[n][self.episode[n]]
+            if self.t[n] == length:
+                self.ended[n] = True
+                term[n], trunc[n] = how == "term", how == "trunc"
+        return self._obs(), reward, term, trunc, {}
+
+
+class ObsValueQ(torch.nn.Module):
+    """Q(s) = s @ W: a fixed function of the observation, different for every observation."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([[0.5, -0.3], [1.0, 2.0], [0.25, 0.75]]))
+
+    def forward(self, x):
+        return x @ self.w
+
+
+SCRIPT = [
+    [(3, "term"), (4, "trunc"), (50, "term")],  # ends at steps 2 and 7; resets at 3 and 8
+    [(5, "trunc"), (50, "term")],  # ends at step 4 (last step of the first rollout); reset at 5
+    [(50, "term")],  # never ends
+]
+
+
+def start(envs):
+    obs, _ = envs.reset(seed=0)
+    return torch.as_tensor(obs), torch.zeros(envs.num_envs, dtype=torch.bool)
+
+
+def test_reset_steps_are_marked_and_masked_across_rollouts():
+    envs = gym.wrappers.vector.RecordEpisodeStatistics(ScriptedEnvs(SCRIPT))
+    obs, is_reset = start(envs)
+    b1, obs, is_reset, eps1 = pqn.rollout(envs, ObsValueQ(), obs, is_reset, epsilon=0.0, num_steps=5)
+    b2, obs, is_reset, eps2 = pqn.rollout(envs, ObsValueQ(), obs, is_reset, epsilon=0.0, num_steps=5)
+    resets = torch.cat([b1["is_reset"], b2["is_reset"]])
+    expected = torch.zeros(10, 3, dtype=torch.bool)
+    expected[3, 0] = expected[8, 0] = expected[5, 1] = True
+    assert torch.equal(resets, expected)
+    # A reset step acts on the final observation of the ended episode...
+    assert b1["obs"][3, 0].tolist() == [0, 0, 3]
+    assert b2["obs"][0, 1].tolist() == [1, 0, 5]
+    # ...and its transition (reward 0, into the first observation of the next episode) is not real.
+    assert b1["rewards"][3, 0] == 0 and b1["terminations"][3, 0] == 0 and b1["truncations"][3, 0] == 0
+    # Episodes are logged once each, with their real length (the reset step does not count).
+    assert [(s, l) for s, _, l in eps1] == [(2, 3), (4, 5)]
+    assert [(s, l) for s, _, l in eps2] == [(2, 4)]
+    assert eps1[0][1] == pytest.approx(1.1 + 1.2 + 1.3)
+
+
+def test_td_loss_ignores_masked_steps():
+    g = torch.Generator().manual_seed(0)
+    q, returns = torch.randn(20, generator=g), torch.randn(20, generator=g)
+    mask = (torch.arange(20) % 3 != 0).float()
+    loss = pqn.td_loss(q, returns, mask)
+    assert loss.item() == pytest.approx(((q - returns)[mask.bool()] ** 2).mean().item())
+    q2, returns2 = q.clone(), returns.clone()
+    q2[~mask.bool()] += 1e3
+    returns2[~mask.bool()] -= 1e3
+    assert pqn.td_loss(q2, returns2, mask).item() == pytest.approx(loss.item())
+    # Masked-out steps get no gradient.
+    q3 = q.clone().requires_grad_()
+    pqn.td_loss(q3, returns, mask).backward()
+    assert torch.all(q3.grad[~mask.bool()] == 0) and torch.all(q3.grad[mask.bool()] != 0)
+
+
+def test_truncation_bootstraps_from_the_final_observation_and_termination_does_not():
+    envs = gym.wrappers.vector.RecordEpisodeStatistics(ScriptedEnvs(SCRIPT))
+    q_network = ObsValueQ()
+    obs, is_reset = start(envs)
+    b, *_ = pqn.rollout(envs, q_network, obs, is_reset, epsilon=0.0, num_steps=10)
+    gamma = 0.9
+    returns = pqn.q_lambda_returns(b["rewards"], b["terminations"], b["truncations"], b["next_q"], gamma, 0.65)
+    with torch.no_grad():
+        def max_q(*o):
+            return q_network(torch.tensor([o], dtype=torch.float32)).max().item()
+
+        # Env 0, step 7: the second episode is truncated after 4 steps; final obs (0, 1, 4).
+        assert b["truncations"][7, 0] == 1
+        assert b["next_q"][7, 0].item() == pytest.approx(max_q(0, 1, 4))
+        assert returns[7, 0].item() == pytest.approx(1.4 + gamma * max_q(0, 1, 4))
+        # Env 1, step 4: truncated after 5 steps.
+        assert returns[4, 1].item() == pytest.approx(1.5 + gamma * max_q(1, 0, 5))
+        # Env 0, step 2: terminated, no bootstrap.
+        assert b["terminations"][2, 0] == 1
+        assert returns[2, 0].item() == pytest.approx(1.3)
+        # Env 2 never ends: the last target bootstraps from the observation after the rollout.
+        assert b["next_q"][9, 2].item() == pytest.approx(max_q(2, 0, 10))
+
+
+def test_epsilon_one_acts_randomly_and_zero_greedily():
+    envs = ScriptedEnvs([[(100, "term")]] * 64)
+    obs, is_reset = start(envs)
+    torch.manual_seed(0)
+    b, *_ = pqn.rollout(envs, ObsValueQ(), obs, is_reset, epsilon=0.0, num_steps=4)
+    greedy = (b["obs"].reshape(-1, 3) @ ObsValueQ().w).argmax(1)
+    assert torch.equal(b["actions"].reshape(-1), greedy)
+    b, *_ = pqn.rollout(envs, ObsValueQ(), obs, is_reset, epsilon=1.0, num_steps=4)
+    assert 0.3 < b["actions"].float().mean().item() < 0.7
+
+
+def test_cartpole_truncates_at_500_steps():
+    # The real env: a time limit is a truncation, not a termination, so PQN bootstraps there.
+    envs = pqn.make_envs("CartPole-v1", 1)
+    envs.reset(seed=0)
+    envs.unwrapped.state[:] = 0.0
+    for _ in range(499):
+        envs.unwrapped.state[:] = 0.0  # hold the pole upright
+        _, _, term, trunc, _ = envs.step(np.zeros(1, dtype=np.int64))
+        assert not term[0] and not trunc[0]
+    envs.unwrapped.state[:] = 0.0
+    _, _, term, trunc, _ = envs.step(np.zeros(1, dtype=np.int64))
+    assert trunc[0] and not term[0]
