@@ -223,6 +223,30 @@ def rollout(envs, q_network, obs, is_reset, epsilon, num_steps):
     return b, obs, is_reset, episodes
 
 
+def update(q_network, optimizer, b, returns, update_epochs, minibatch_size, max_grad_norm):
+    """`update_epochs` passes over the rollout in shuffled minibatches of TD regression to the
+    Q(lambda) targets. Returns the mean TD loss and the mean Q of the actions taken."""
+    obs = b["obs"].flatten(0, 1)
+    actions = b["actions"].flatten()
+    returns = returns.flatten()
+    mask = (~b["is_reset"]).flatten().float()  # reset steps are not real transitions
+    batch_size = len(actions)
+    losses, q_taken_means = [], []
+    for _ in range(update_epochs):
+        order = torch.randperm(batch_size, device=obs.device)
+        for start in range(0, batch_size, minibatch_size):
+            mb = order[start : start + minibatch_size]
+            q_taken = q_network(obs[mb]).gather(1, actions[mb, None]).squeeze(1)
+            loss = td_loss(q_taken, returns[mb], mask[mb])
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(q_network.parameters(), max_grad_norm)
+            optimizer.step()
+            losses.append(loss.detach())
+            q_taken_means.append((q_taken.detach() * mask[mb]).sum() / mask[mb].sum().clamp(min=1.0))
+    return torch.stack(losses).mean().item(), torch.stack(q_taken_means).mean().item()
+
+
 def evaluate(q_network, envs, seed: int) -> np.ndarray:
     """Returns of one greedy episode per env (one each, so short episodes are not over-counted)."""
     device = next(q_network.parameters()).device
@@ -336,27 +360,13 @@ def main(args: Args):
         global_step += args.batch_size
 
         returns = q_lambda_returns(b["rewards"], b["terminations"], b["truncations"], b["next_q"], args.gamma, args.q_lambda)
-        b_obs = b["obs"].reshape(args.batch_size, -1)
-        b_actions = b["actions"].reshape(-1)
-        b_returns = returns.reshape(-1)
-        b_mask = (~b["is_reset"]).reshape(-1).float()  # reset steps are not real transitions
-        losses, q_taken_means = [], []
-        for _ in range(args.update_epochs):
-            order = torch.randperm(args.batch_size, device=device)
-            for start in range(0, args.batch_size, args.minibatch_size):
-                mb = order[start : start + args.minibatch_size]
-                q_taken = q_network(b_obs[mb]).gather(1, b_actions[mb, None]).squeeze(1)
-                loss = td_loss(q_taken, b_returns[mb], b_mask[mb])
-                optimizer.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm)
-                optimizer.step()
-                losses.append(loss.detach())
-                q_taken_means.append((q_taken.detach() * b_mask[mb]).sum() / b_mask[mb].sum().clamp(min=1.0))
+        td_loss_mean, q_values_mean = update(
+            q_network, optimizer, b, returns, args.update_epochs, args.minibatch_size, args.max_grad_norm
+        )
 
         sps = global_step / (time.time() - start_time)
-        writer.add_scalar("losses/td_loss", torch.stack(losses).mean().item(), global_step)
-        writer.add_scalar("losses/q_values", torch.stack(q_taken_means).mean().item(), global_step)
+        writer.add_scalar("losses/td_loss", td_loss_mean, global_step)
+        writer.add_scalar("losses/q_values", q_values_mean, global_step)
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         writer.add_scalar("charts/epsilon", epsilon, global_step)
         writer.add_scalar("charts/SPS", sps, global_step)

@@ -161,3 +161,25 @@ def test_cartpole_truncates_at_500_steps():
     envs.unwrapped.state[:] = 0.0
     _, _, term, trunc, _ = envs.step(np.zeros(1, dtype=np.int64))
     assert trunc[0] and not term[0]
+
+
+def updated_parameters(b, returns):
+    torch.manual_seed(0)
+    q_network = pqn.QNetwork(3, 2)
+    optimizer = torch.optim.RAdam(q_network.parameters(), lr=1e-2)
+    pqn.update(q_network, optimizer, b, returns, update_epochs=2, minibatch_size=10, max_grad_norm=10.0)
+    return torch.cat([p.detach().flatten() for p in q_network.parameters()])
+
+
+def test_update_leaves_reset_steps_out_of_the_loss():
+    envs = gym.wrappers.vector.RecordEpisodeStatistics(ScriptedEnvs(SCRIPT))
+    obs, is_reset = start(envs)
+    b, *_ = pqn.rollout(envs, ObsValueQ(), obs, is_reset, epsilon=0.5, num_steps=10)
+    returns = pqn.q_lambda_returns(b["rewards"], b["terminations"], b["truncations"], b["next_q"], 0.99, 0.65)
+    reference = updated_parameters(b, returns)
+    # Whatever the targets of the reset steps are, the update is the same...
+    assert torch.equal(updated_parameters(b, torch.where(b["is_reset"], returns + 1e3, returns)), reference)
+    # ...while a real step's target does change it.
+    changed = returns.clone()
+    changed[0, 2] += 1.0
+    assert not torch.allclose(updated_parameters(b, changed), reference)
