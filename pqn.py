@@ -127,10 +127,17 @@ def make_envs(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
 class QNetwork(nn.Module):
     """MLP with LayerNorm after every hidden layer: the normalisation that lets PQN drop the target network."""
 
-    def __init__(self, obs_dim: int, num_actions: int, hidden_size: int = 128):
+    def __init__(self, observation_space: gym.spaces.Box, num_actions: int, hidden_size: int = 128):
         super().__init__()
+        # Observations are scaled to [-1, 1] by the bounds of their space where those are finite:
+        # MountainCar's velocity lives in [-0.07, 0.07] and would be all but invisible otherwise.
+        finite = np.isfinite(observation_space.low) & np.isfinite(observation_space.high)
+        low = np.where(finite, observation_space.low, -1.0)  # unbounded dimensions pass through as they are
+        high = np.where(finite, observation_space.high, 1.0)
+        self.register_buffer("obs_center", torch.tensor((high + low) / 2, dtype=torch.float32))
+        self.register_buffer("obs_scale", torch.tensor((high - low) / 2, dtype=torch.float32))
         self.network = nn.Sequential(
-            nn.Linear(obs_dim, hidden_size),
+            nn.Linear(observation_space.shape[0], hidden_size),
             nn.LayerNorm(hidden_size),
             nn.ReLU(),
             nn.Linear(hidden_size, hidden_size),
@@ -140,7 +147,7 @@ class QNetwork(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x)
+        return self.network((x - self.obs_center) / self.obs_scale)
 
 
 # --- shared: q_lambda_returns ---
@@ -296,7 +303,7 @@ def eval_checkpoint(args: Args, device: torch.device):
     checkpoint = load_checkpoint(args.eval_checkpoint, device)
     env_id = checkpoint["args"]["env_id"]
     envs = make_envs(env_id, args.eval_episodes)
-    q_network = QNetwork(envs.single_observation_space.shape[0], envs.single_action_space.n).to(device)
+    q_network = QNetwork(envs.single_observation_space, envs.single_action_space.n).to(device)
     try:
         q_network.load_state_dict(checkpoint["q_network"])
     except RuntimeError as e:
@@ -333,7 +340,7 @@ def main(args: Args):
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
-    q_network = QNetwork(envs.single_observation_space.shape[0], envs.single_action_space.n).to(device)
+    q_network = QNetwork(envs.single_observation_space, envs.single_action_space.n).to(device)
     optimizer = torch.optim.RAdam(q_network.parameters(), lr=args.learning_rate, foreach=True)
 
     def run_evaluation(global_step):

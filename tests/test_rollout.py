@@ -165,7 +165,7 @@ def test_cartpole_truncates_at_500_steps():
 
 def updated_parameters(b, returns):
     torch.manual_seed(0)
-    q_network = pqn.QNetwork(3, 2)
+    q_network = pqn.QNetwork(gym.spaces.Box(-np.inf, np.inf, (3,)), 2)
     optimizer = torch.optim.RAdam(q_network.parameters(), lr=1e-2)
     pqn.update(q_network, optimizer, b, returns, update_epochs=2, minibatch_size=10, max_grad_norm=10.0)
     return torch.cat([p.detach().flatten() for p in q_network.parameters()])
@@ -183,3 +183,12 @@ def test_update_leaves_reset_steps_out_of_the_loss():
     changed = returns.clone()
     changed[0, 2] += 1.0
     assert not torch.allclose(updated_parameters(b, changed), reference)
+
+
+def test_q_network_scales_bounded_observations_to_unit_range():
+    space = gym.spaces.Box(np.array([-1.2, -0.07, -np.inf], np.float32), np.array([0.6, 0.07, np.inf], np.float32))
+    q_network = pqn.QNetwork(space, 3)
+    seen = []
+    q_network.network[0].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    q_network(torch.tensor([[0.6, -0.07, 5.0], [-0.3, 0.0, -2.0]]))
+    torch.testing.assert_close(seen[0], torch.tensor([[1.0, -1.0, 5.0], [0.0, 0.0, -2.0]]))
