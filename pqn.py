@@ -169,11 +169,6 @@ def q_lambda_returns(rewards, terminations, truncations, next_q, gamma, q_lambda
 # --- end shared: q_lambda_returns ---
 
 
-def td_loss(q_taken: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the real transitions (mask = 1); reset steps (mask = 0) add nothing."""
-    return (mask * (q_taken - returns) ** 2).sum() / mask.sum().clamp(min=1.0)
-
-
 def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> float:
     if duration <= 0:
         return end_e
@@ -221,13 +216,19 @@ def rollout(envs, q_network, obs, is_reset, epsilon, num_steps):
         is_reset = torch.as_tensor(np.logical_or(terminated, truncated), device=device)
         if "episode" in info:
             ended = info["_episode"]
-            episodes += [(step, r, l) for r, l in zip(info["episode"]["r"][ended], info["episode"]["l"][ended])]
+            episodes += [(step, ret, length) for ret, length in zip(info["episode"]["r"][ended], info["episode"]["l"][ended])]
 
     # The value after the last step bootstraps the last targets; the other next_q come from acting.
     with torch.no_grad():
         last_max_q = q_network(obs).max(dim=1).values
     b["next_q"] = torch.cat([b["max_q"][1:], last_max_q[None]])
     return b, obs, is_reset, episodes
+
+
+# --- shared: pqn_update ---
+def td_loss(q_taken: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the real transitions (mask = 1); reset steps (mask = 0) add nothing."""
+    return (mask * (q_taken - returns) ** 2).sum() / mask.sum().clamp(min=1.0)
 
 
 def update(q_network, optimizer, b, returns, update_epochs, minibatch_size, max_grad_norm):
@@ -252,6 +253,7 @@ def update(q_network, optimizer, b, returns, update_epochs, minibatch_size, max_
             losses.append(loss.detach())
             q_taken_means.append((q_taken.detach() * mask[mb]).sum() / mask[mb].sum().clamp(min=1.0))
     return torch.stack(losses).mean().item(), torch.stack(q_taken_means).mean().item()
+# --- end shared: pqn_update ---
 
 
 def evaluate(q_network, envs, seed: int) -> np.ndarray:
@@ -269,6 +271,7 @@ def evaluate(q_network, envs, seed: int) -> np.ndarray:
     return returns
 
 
+# --- shared: progress ---
 class Progress:
     """One status line: redrawn in place on a terminal, else printed at every tenth of the run."""
 
@@ -287,6 +290,7 @@ class Progress:
         elif step * 10 >= self.next_tenth * self.total_steps:
             print(line, flush=True)
             self.next_tenth = step * 10 // self.total_steps + 1
+# --- end shared: progress ---
 
 
 def load_checkpoint(path: str, device: torch.device) -> dict:
