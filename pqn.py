@@ -50,7 +50,7 @@ class Args:
     """the number of steps each env runs per rollout"""
     num_minibatches: int = 16
     """the number of minibatches a rollout is split into"""
-    update_epochs: int = 4
+    update_epochs: int = 8
     """the number of passes over each rollout"""
     gamma: float = 0.99
     """the discount factor"""

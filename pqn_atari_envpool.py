@@ -235,7 +235,7 @@ def rollout(envs, q_network, obs, is_reset, epsilon, num_steps, game_stats):
     """
     device = obs.device
     num_envs = obs.shape[0]
-    num_actions = envs.action_space.n
+    num_actions = int(envs.action_space.n)
     b = {
         "obs": torch.zeros((num_steps, *obs.shape), dtype=torch.uint8, device=device),
         "actions": torch.zeros((num_steps, num_envs), dtype=torch.long, device=device),
@@ -396,7 +396,7 @@ def main(args: Args):
 
     envs = make_atari_envs(args.env_id, args.num_envs, args.seed, 4, args)
     eval_envs = make_atari_envs(args.env_id, args.eval_episodes, args.seed + 1_000_000, 4, args, evaluation=True)
-    num_actions = envs.action_space.n
+    num_actions = int(envs.action_space.n)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     if args.track:
         try:

@@ -1,0 +1,158 @@
+"""pqn_atari_envpool.py: episode boundaries and game scores on real envpool Breakout, logging, saving, bad input."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import pqn_atari_envpool as atari
+from helpers import error_line, only_run_dir, read_scalars, run_script
+from test_pqn_cli import CONVENTION_SCALARS
+
+TINY = ["--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2", "--eval-episodes", "2", "--no-cuda"]
+
+
+def tiny_args(**overrides):
+    args = atari.Args(num_envs=4, num_steps=16, num_minibatches=2, total_timesteps=64, max_episode_steps=150)
+    for name, value in overrides.items():
+        setattr(args, name, value)
+    return atari.finalize_args(args)
+
+
+class Recorder:
+    """Passes steps through to the envs and keeps what each step returned."""
+
+    def __init__(self, envs):
+        self.envs = envs
+        self.action_space = envs.action_space
+        self.steps = []
+
+    def step(self, actions):
+        out = self.envs.step(actions)
+        self.steps.append(out)
+        return out
+
+
+def random_rollout(num_steps, **overrides):
+    args = tiny_args(**overrides)
+    envs = Recorder(atari.make_atari_envs(args.env_id, args.num_envs, 0, 4, args))
+    obs, _ = envs.envs.reset()
+    torch.manual_seed(0)
+    q_network = atari.QNetwork(4, envs.action_space.n)
+    b, _, _, games = atari.rollout(
+        envs, q_network, torch.as_tensor(obs), torch.zeros(args.num_envs, dtype=torch.bool), 1.0, num_steps, atari.GameStats(args.num_envs)
+    )
+    return b, games, envs.steps
+
+
+def test_reset_steps_are_exactly_the_steps_after_life_losses_and_game_overs():
+    b, _, steps = random_rollout(400)
+    lives = np.stack([info["lives"] for *_, info in steps])
+    game_over = np.stack([info["terminated"] == 1 for *_, info in steps])
+    truncated = np.stack([trunc for _, _, _, trunc, _ in steps])
+    elapsed = np.stack([info["elapsed_step"] for *_, info in steps])
+    life_lost = np.zeros_like(game_over)
+    life_lost[1:] = lives[1:] < lives[:-1]
+    # (The first step has no previous lives count; Breakout cannot lose a life on its first step.)
+    ended = life_lost | game_over | truncated
+    expected = np.zeros_like(ended)
+    expected[1:] = ended[:-1]
+    assert ended.sum() >= 8 and game_over.sum() >= 1 and truncated.sum() >= 1  # all three kinds happen
+    assert np.array_equal(b["is_reset"].numpy(), expected)
+    # envpool's side of the rule: a reset step pays nothing and takes no game time...
+    reset = expected[1:]
+    assert np.all(b["rewards"].numpy()[1:][reset] == 0)
+    after_life_loss = reset & ~(game_over | truncated)[:-1]
+    assert np.array_equal(elapsed[1:][after_life_loss], elapsed[:-1][after_life_loss])
+    # ...and a reset step never ends an episode itself.
+    assert not (b["terminations"].bool() | b["truncations"].bool())[b["is_reset"]].any()
+    # Truncation is not termination: the time limit bootstraps.
+    assert not b["terminations"].numpy()[truncated].any()
+
+
+def test_each_finished_game_is_logged_once_with_its_unclipped_score():
+    b, games, steps = random_rollout(400)
+    rewards = np.stack([info["reward"] for *_, info in steps])
+    over = np.stack([(info["terminated"] == 1) | trunc for _, _, _, trunc, info in steps])
+    expected = []
+    for t in range(len(steps)):
+        for n in np.flatnonzero(over[t]):
+            start = max([s + 1 for s in range(t) if over[s, n]], default=0)
+            expected.append((t, rewards[start : t + 1, n].sum(), steps[t][4]["elapsed_step"][n]))
+    assert len(games) == over.sum() >= 4
+    assert sorted(games) == sorted(expected)
+
+
+def test_game_stats_sums_unclipped_rewards_over_lives():
+    stats = atari.GameStats(2)
+    info = lambda reward, terminated, elapsed: {  # noqa: E731
+        "reward": np.array(reward, dtype=float),
+        "terminated": np.array(terminated),
+        "elapsed_step": np.array(elapsed),
+    }
+    no_trunc = np.array([False, False])
+    assert stats.step(info([4.0, 1.0], [0, 0], [1, 1]), no_trunc) == []
+    # Env 0 loses a life (the episode ends, the game does not); reset step pays 0.
+    assert stats.step(info([7.0, 0.0], [0, 0], [2, 2]), no_trunc) == []
+    assert stats.step(info([0.0, 0.0], [0, 0], [2, 3]), no_trunc) == []
+    # Env 0's game is over; env 1's is truncated by the time limit.
+    ended = stats.step(info([1.0, 2.0], [1, 0], [3, 4]), np.array([False, True]))
+    assert ended == [(12.0, 3), (3.0, 4)]
+    assert stats.step(info([0.0, 0.0], [0, 0], [0, 0]), no_trunc) == []
+    assert stats.step(info([5.0, 0.0], [1, 0], [1, 1]), no_trunc) == [(5.0, 1)]
+
+
+def test_q_network_shapes_and_uint8_input():
+    q_network = atari.QNetwork(4, 6)
+    frames = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8)
+    q = q_network(frames)
+    assert q.shape == (3, 6)
+    torch.testing.assert_close(q, q_network.network(frames.float() / 255.0))
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("atari")
+    result = run_script(
+        "pqn_atari_envpool.py", *TINY, "--total-timesteps", "192", "--max-episode-steps", "40", "--save-model", cwd=cwd
+    )
+    assert result.returncode == 0, result.stderr
+    return cwd
+
+
+def test_tiny_run_logs_the_convention_scalars(saved_run):
+    scalars = read_scalars(only_run_dir(saved_run))
+    assert CONVENTION_SCALARS <= set(scalars)
+    assert [s for s, _ in scalars["losses/td_loss"]] == [64, 128, 192]
+    # Games truncated at 40 steps: every env finishes games; lengths never exceed the limit.
+    assert len(scalars["charts/episodic_length"]) >= 4
+    assert all(0 < v <= 40 for _, v in scalars["charts/episodic_length"])
+
+
+def test_saved_model_is_the_documented_format_and_loads(saved_run):
+    path = os.path.join(only_run_dir(saved_run), "pqn_atari_envpool.pt")
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["format"] == atari.CHECKPOINT_FORMAT
+    assert checkpoint["env_id"] == "Breakout-v5" and checkpoint["num_actions"] == 4
+    assert checkpoint["observation_shape"] == [4, 84, 84] and checkpoint["args"]["num_envs"] == 4
+    atari.QNetwork(4, checkpoint["num_actions"]).load_state_dict(checkpoint["q_network"])
+    result = run_script("pqn_atari_envpool.py", "--eval-checkpoint", path, "--eval-episodes", "1", "--max-episode-steps", "30", "--no-cuda", cwd=saved_run)
+    assert result.returncode == 0, result.stderr
+    assert "Breakout-v5: greedy score over 1 games" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--env-id", "NoSuchGame-v5"], "unknown envpool env id 'NoSuchGame-v5'"),
+        (["--env-id", "CartPole-v1"], "CartPole-v1 is not an Atari env"),
+        (["--num-minibatches", "3"], "not divisible by --num-minibatches 3"),
+        (["--total-timesteps", "10"], "smaller than one batch"),
+        (["--q-lambda", "2"], "--q-lambda must be in [0, 1]"),
+        (["--eval-checkpoint", "nothing.pt"], "no checkpoint at nothing.pt"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
+    line = error_line(run_script("pqn_atari_envpool.py", *TINY, *flags, cwd=tmp_path))
+    assert line.startswith("error: ") and message in line
