@@ -225,12 +225,14 @@ def rollout(envs, q_network, obs, is_reset, epsilon, num_steps):
     return b, obs, is_reset, episodes
 
 
-# --- shared: pqn_update ---
+# --- shared: td_loss ---
 def td_loss(q_taken: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the real transitions (mask = 1); reset steps (mask = 0) add nothing."""
     return (mask * (q_taken - returns) ** 2).sum() / mask.sum().clamp(min=1.0)
+# --- end shared: td_loss ---
 
 
+# --- shared: pqn_update ---
 def update(q_network, optimizer, b, returns, update_epochs, minibatch_size, max_grad_norm):
     """`update_epochs` passes over the rollout in shuffled minibatches of TD regression to the
     Q(lambda) targets. Returns the mean TD loss and the mean Q of the actions taken."""

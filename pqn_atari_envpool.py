@@ -165,38 +165,45 @@ class GameStats:
 # --- end shared: envpool_atari ---
 
 
-# --- shared: nature_cnn_q_network ---
+# --- shared: nature_cnn ---
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     nn.init.orthogonal_(layer.weight, std)
     nn.init.constant_(layer.bias, bias_const)
     return layer
 
 
+def nature_cnn(in_channels: int) -> nn.Sequential:
+    """The Nature DQN torso for 84x84 frames, with LayerNorm after every layer: [B, C, 84, 84] -> [B, 512]."""
+    return nn.Sequential(
+        layer_init(nn.Conv2d(in_channels, 32, 8, stride=4)),
+        nn.LayerNorm([32, 20, 20]),
+        nn.ReLU(),
+        layer_init(nn.Conv2d(32, 64, 4, stride=2)),
+        nn.LayerNorm([64, 9, 9]),
+        nn.ReLU(),
+        layer_init(nn.Conv2d(64, 64, 3, stride=1)),
+        nn.LayerNorm([64, 7, 7]),
+        nn.ReLU(),
+        nn.Flatten(),
+        layer_init(nn.Linear(64 * 7 * 7, 512)),
+        nn.LayerNorm(512),
+        nn.ReLU(),
+    )
+# --- end shared: nature_cnn ---
+
+
+# --- shared: pqn_atari_q_network ---
 class QNetwork(nn.Module):
-    """Nature CNN with LayerNorm after every hidden layer; takes uint8 frames [B, stack, 84, 84]."""
+    """PQN's Atari Q-network: Nature CNN with LayerNorm and a linear head; takes uint8 frames [B, stack, 84, 84]."""
 
     def __init__(self, stack_num: int, num_actions: int):
         super().__init__()
-        self.network = nn.Sequential(
-            layer_init(nn.Conv2d(stack_num, 32, 8, stride=4)),
-            nn.LayerNorm([32, 20, 20]),
-            nn.ReLU(),
-            layer_init(nn.Conv2d(32, 64, 4, stride=2)),
-            nn.LayerNorm([64, 9, 9]),
-            nn.ReLU(),
-            layer_init(nn.Conv2d(64, 64, 3, stride=1)),
-            nn.LayerNorm([64, 7, 7]),
-            nn.ReLU(),
-            nn.Flatten(),
-            layer_init(nn.Linear(64 * 7 * 7, 512)),
-            nn.LayerNorm(512),
-            nn.ReLU(),
-            layer_init(nn.Linear(512, num_actions), std=1.0),
-        )
+        self.torso = nature_cnn(stack_num)
+        self.q_head = layer_init(nn.Linear(512, num_actions), std=1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x / 255.0)
-# --- end shared: nature_cnn_q_network ---
+        return self.q_head(self.torso(x / 255.0))
+# --- end shared: pqn_atari_q_network ---
 
 
 # --- shared: q_lambda_returns ---
@@ -272,12 +279,14 @@ def rollout(envs, q_network, obs, is_reset, epsilon, num_steps, game_stats):
     return b, obs, is_reset, games
 
 
-# --- shared: pqn_update ---
+# --- shared: td_loss ---
 def td_loss(q_taken: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the real transitions (mask = 1); reset steps (mask = 0) add nothing."""
     return (mask * (q_taken - returns) ** 2).sum() / mask.sum().clamp(min=1.0)
+# --- end shared: td_loss ---
 
 
+# --- shared: pqn_update ---
 def update(q_network, optimizer, b, returns, update_epochs, minibatch_size, max_grad_norm):
     """`update_epochs` passes over the rollout in shuffled minibatches of TD regression to the
     Q(lambda) targets. Returns the mean TD loss and the mean Q of the actions taken."""

@@ -108,7 +108,7 @@ def test_q_network_shapes_and_uint8_input():
     frames = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8)
     q = q_network(frames)
     assert q.shape == (3, 6)
-    torch.testing.assert_close(q, q_network.network(frames.float() / 255.0))
+    torch.testing.assert_close(q, q_network.q_head(q_network.torso(frames.float() / 255.0)))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,523 @@
+"""Recurrent PQN (Gallici et al., "Simplifying Deep Temporal Difference Learning", ICLR 2025): an LSTM Q-network on single Atari frames through envpool."""
+
+import collections
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import envpool
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """make torch use deterministic algorithms"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+    track: bool = False
+    """log to Weights & Biases (needs `pip install -r requirements/wandb.txt` and an account)"""
+    wandb_project_name: str = "pqn"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    save_model: bool = False
+    """save the Q-network and these Args to runs/{run_name}/{exp_name}.pt at the end"""
+    eval_checkpoint: str | None = None
+    """evaluate this saved model greedily for `eval_episodes` games and exit, without training"""
+
+    env_id: str = "Breakout-v5"
+    """the id of an envpool Atari env (`*-v5`)"""
+    repeat_action_probability: float = 0.0
+    """sticky actions: the probability that the emulator repeats the previous action"""
+    noop_max: int = 30
+    """at most this many no-op actions at the start of a game"""
+    episodic_life: bool = True
+    """end the training episode (terminate, no bootstrap) at every lost life"""
+    reward_clip: bool = True
+    """train on rewards clipped to their sign"""
+    max_episode_steps: int = 27_000
+    """truncate a game after this many agent steps (4 frames each), in training and evaluation"""
+    total_timesteps: int = 10_000_000
+    """total environment steps (agent steps, summed over all envs)"""
+    learning_rate: float = 2.5e-4
+    """the learning rate of the RAdam optimizer"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to 0 over training"""
+    num_envs: int = 128
+    """the number of parallel environments"""
+    num_steps: int = 32
+    """the number of steps each env runs per rollout"""
+    num_minibatches: int = 32
+    """the number of minibatches a rollout is split into (groups of whole envs: it must divide num_envs)"""
+    update_epochs: int = 2
+    """the number of passes over each rollout"""
+    gamma: float = 0.99
+    """the discount factor"""
+    q_lambda: float = 0.65
+    """the lambda of Peng's Q(lambda) targets"""
+    start_e: float = 1.0
+    """the starting epsilon of the epsilon-greedy behaviour policy"""
+    end_e: float = 0.001
+    """the final epsilon"""
+    exploration_fraction: float = 0.1
+    """the fraction of `total_timesteps` over which epsilon decays linearly to `end_e`"""
+    max_grad_norm: float = 10.0
+    """the maximum global norm of the gradients"""
+    eval_frequency: int = 0
+    """evaluate the greedy policy every this many env steps (0: only at the end of training)"""
+    eval_episodes: int = 8
+    """the number of greedy evaluation games (one per eval env; each at most `max_episode_steps` steps)"""
+
+    # Computed from the above after parsing.
+    batch_size: int = field(default=0, init=False)
+    minibatch_size: int = field(default=0, init=False)
+    num_iterations: int = field(default=0, init=False)
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr, exit status 2."""
+
+
+def finalize_args(args: Args) -> Args:
+    """Checks the flags and fills in the derived sizes."""
+    for name in ["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes", "max_episode_steps"]:
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.learning_rate <= 0:
+        raise UsageError(f"--learning-rate must be positive, got {args.learning_rate}")
+    if args.eval_frequency < 0 or args.noop_max < 0:
+        raise UsageError("--eval-frequency and --noop-max must not be negative")
+    for name in ["gamma", "q_lambda", "start_e", "end_e", "exploration_fraction", "repeat_action_probability"]:
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    args.batch_size = args.num_envs * args.num_steps
+    if args.num_envs % args.num_minibatches != 0:
+        raise UsageError(
+            f"--num-envs {args.num_envs} is not divisible by --num-minibatches {args.num_minibatches} (minibatches are groups of whole envs)"
+        )
+    if args.total_timesteps < args.batch_size:
+        raise UsageError(
+            f"--total-timesteps {args.total_timesteps} is smaller than one batch (num_envs * num_steps = {args.batch_size})"
+        )
+    args.minibatch_size = args.batch_size // args.num_minibatches  # = (num_envs // num_minibatches) sequences of num_steps
+    args.num_iterations = args.total_timesteps // args.batch_size
+    return args
+
+
+# --- shared: envpool_atari ---
+def make_atari_envs(env_id, num_envs, seed, stack_num, args, evaluation=False):
+    """envpool Atari envs: 84x84 grayscale, frame skip 4, `stack_num` stacked frames, uint8.
+
+    Evaluation envs play whole games (no episodic life) with unclipped rewards, so their returns
+    are game scores. envpool resets an env on the step after its episode ended; `info["reward"]` is
+    the unclipped reward and `info["terminated"]` marks game over (`terminated` alone may be a
+    lost life).
+    """
+    if env_id not in envpool.list_all_envs():
+        raise UsageError(f"unknown envpool env id {env_id!r} (Atari ids look like 'Breakout-v5')")
+    if type(envpool.make_spec(env_id)).__name__ != "AtariEnvSpec":
+        raise UsageError(f"{env_id} is not an Atari env; this script needs an envpool Atari id such as 'Breakout-v5'")
+    return envpool.make(
+        env_id,
+        env_type="gymnasium",
+        num_envs=num_envs,
+        seed=seed,
+        stack_num=stack_num,
+        img_height=84,
+        img_width=84,
+        frame_skip=4,
+        repeat_action_probability=args.repeat_action_probability,
+        noop_max=args.noop_max,
+        max_episode_steps=args.max_episode_steps,
+        episodic_life=args.episodic_life and not evaluation,
+        reward_clip=args.reward_clip and not evaluation,
+    )
+
+
+class GameStats:
+    """Score (sum of unclipped rewards) and length in agent steps of the game each env plays.
+
+    With episodic_life a game spans several training episodes; it is over when the last life is
+    lost (`info["terminated"]`) or the time limit truncates it.
+    """
+
+    def __init__(self, num_envs):
+        self.score = np.zeros(num_envs)
+
+    def step(self, info, truncated):
+        """Adds one step; returns (score, length) of each game that ended with it."""
+        self.score += info["reward"]
+        over = (info["terminated"] == 1) | truncated
+        ended = list(zip(self.score[over], info["elapsed_step"][over]))
+        self.score[over] = 0.0
+        return ended
+# --- end shared: envpool_atari ---
+
+
+# --- shared: nature_cnn ---
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+def nature_cnn(in_channels: int) -> nn.Sequential:
+    """The Nature DQN torso for 84x84 frames, with LayerNorm after every layer: [B, C, 84, 84] -> [B, 512]."""
+    return nn.Sequential(
+        layer_init(nn.Conv2d(in_channels, 32, 8, stride=4)),
+        nn.LayerNorm([32, 20, 20]),
+        nn.ReLU(),
+        layer_init(nn.Conv2d(32, 64, 4, stride=2)),
+        nn.LayerNorm([64, 9, 9]),
+        nn.ReLU(),
+        layer_init(nn.Conv2d(64, 64, 3, stride=1)),
+        nn.LayerNorm([64, 7, 7]),
+        nn.ReLU(),
+        nn.Flatten(),
+        layer_init(nn.Linear(64 * 7 * 7, 512)),
+        nn.LayerNorm(512),
+        nn.ReLU(),
+    )
+# --- end shared: nature_cnn ---
+
+
+class RecurrentQNetwork(nn.Module):
+    """Nature CNN (LayerNorm) on one uint8 frame -> LSTM(512 -> 128) -> linear Q head."""
+
+    def __init__(self, num_actions: int):
+        super().__init__()
+        self.torso = nature_cnn(1)
+        self.lstm = nn.LSTM(512, 128)
+        for name, param in self.lstm.named_parameters():
+            if "bias" in name:
+                nn.init.constant_(param, 0.0)
+            else:
+                nn.init.orthogonal_(param, 1.0)
+        self.q_head = layer_init(nn.Linear(128, num_actions), std=1.0)
+
+    def initial_state(self, num_envs: int, device=None):
+        return (torch.zeros(1, num_envs, 128, device=device), torch.zeros(1, num_envs, 128, device=device))
+
+    def forward(self, frames, state, episode_start):
+        """frames [T, B, 1, 84, 84] uint8, state (h, c) of [1, B, 128], episode_start [T, B] bool.
+
+        The state is zeroed right before each step whose frame starts a new episode, so no memory
+        crosses an episode boundary. Returns Q-values [T, B, A] and the state after the last step.
+        """
+        T, B = episode_start.shape
+        features = self.torso(frames.flatten(0, 1) / 255.0).view(T, B, 512)
+        h, c = state
+        outputs = []
+        for t in range(T):
+            keep = (~episode_start[t]).float().view(1, B, 1)
+            out, (h, c) = self.lstm(features[t : t + 1], (h * keep, c * keep))
+            outputs.append(out)
+        return self.q_head(torch.cat(outputs)), (h, c)
+
+
+# --- shared: q_lambda_returns ---
+def q_lambda_returns(rewards, terminations, truncations, next_q, gamma, q_lambda):
+    """Peng's Q(lambda) targets, computed backwards over a rollout; all tensors are [T, N].
+
+    next_q[t] = max_a Q(s_{t+1}, a), where s_{t+1} is what step t returned: the final observation
+    when the episode ended at t. Termination cuts the bootstrap; truncation keeps it. At every
+    episode end the lambda-trace is cut, so nothing after it (the reset step) leaks back.
+    """
+    terminations = terminations.float()
+    done = torch.logical_or(terminations.bool(), truncations.bool()).float()
+    returns = torch.empty_like(rewards)
+    returns[-1] = rewards[-1] + gamma * (1.0 - terminations[-1]) * next_q[-1]
+    for t in reversed(range(rewards.shape[0] - 1)):
+        bootstrap = (1.0 - done[t]) * (q_lambda * returns[t + 1] + (1.0 - q_lambda) * next_q[t]) + done[t] * next_q[t]
+        returns[t] = rewards[t] + gamma * (1.0 - terminations[t]) * bootstrap
+    return returns
+# --- end shared: q_lambda_returns ---
+
+
+def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> float:
+    if duration <= 0:
+        return end_e
+    return max(end_e, start_e + (end_e - start_e) * t / duration)
+
+
+def rollout(envs, q_network, carry, epsilon, num_steps, game_stats):
+    """Acts epsilon-greedily for `num_steps` steps in every env, carrying the recurrent state.
+
+    `carry` is what the previous rollout left: the observation the first step acts on, `is_reset`
+    (that observation is the final one of an ended episode, so this step is a reset step: envpool
+    ignores its action and its transition is not real), `episode_start` (that observation is the
+    first of a new episode: the state is zeroed before it) and the recurrent `state`. The final
+    observation is still seen with its own episode's state, so its value (the bootstrap of a
+    truncated episode) is right. Returns the rollout as [T, N] tensors, with the state it started
+    from (training replays the sequences from there), the new carry, and the games that ended.
+    """
+    obs, is_reset, episode_start, state = carry
+    device = obs.device
+    num_envs = obs.shape[0]
+    num_actions = int(envs.action_space.n)
+    b = {
+        "obs": torch.zeros((num_steps, *obs.shape), dtype=torch.uint8, device=device),
+        "actions": torch.zeros((num_steps, num_envs), dtype=torch.long, device=device),
+        "rewards": torch.zeros((num_steps, num_envs), device=device),
+        "terminations": torch.zeros((num_steps, num_envs), device=device),
+        "truncations": torch.zeros((num_steps, num_envs), device=device),
+        "max_q": torch.zeros((num_steps, num_envs), device=device),  # max_a Q(obs[t], a) while acting
+        "is_reset": torch.zeros((num_steps, num_envs), dtype=torch.bool, device=device),
+        "episode_start": torch.zeros((num_steps, num_envs), dtype=torch.bool, device=device),
+        "initial_state": state,
+    }
+    games = []
+    for step in range(num_steps):
+        b["obs"][step] = obs
+        b["is_reset"][step] = is_reset
+        b["episode_start"][step] = episode_start
+        with torch.no_grad():
+            q, state = q_network(obs[None], state, episode_start[None])
+        max_q, greedy = q[0].max(dim=1)
+        b["max_q"][step] = max_q
+        explore = torch.rand(num_envs, device=device) < epsilon
+        action = torch.where(explore, torch.randint(num_actions, (num_envs,), device=device), greedy)
+        b["actions"][step] = action
+
+        next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+        b["rewards"][step] = torch.as_tensor(reward, device=device)
+        b["terminations"][step] = torch.as_tensor(terminated, device=device)
+        b["truncations"][step] = torch.as_tensor(truncated, device=device)
+        obs = torch.as_tensor(next_obs, device=device)
+        episode_start = is_reset  # a reset step returns the first observation of the next episode
+        is_reset = torch.as_tensor(np.logical_or(terminated, truncated), device=device)
+        games += [(step, score, length) for score, length in game_stats.step(info, truncated)]
+
+    # The value after the last step bootstraps the last targets; the other next_q come from acting.
+    with torch.no_grad():
+        last_q, _ = q_network(obs[None], state, episode_start[None])
+    b["next_q"] = torch.cat([b["max_q"][1:], last_q[0].max(dim=1).values[None]])
+    return b, (obs, is_reset, episode_start, state), games
+
+
+# --- shared: td_loss ---
+def td_loss(q_taken: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the real transitions (mask = 1); reset steps (mask = 0) add nothing."""
+    return (mask * (q_taken - returns) ** 2).sum() / mask.sum().clamp(min=1.0)
+# --- end shared: td_loss ---
+
+
+def update(q_network, optimizer, b, returns, update_epochs, num_minibatches, max_grad_norm):
+    """`update_epochs` passes over the rollout in minibatches of whole envs: each env's sequence
+    is replayed in time order from the state the rollout started with, with the same episode
+    starts, and regressed to the Q(lambda) targets. Returns the mean TD loss and mean Q taken."""
+    num_envs = b["actions"].shape[1]
+    envs_per_minibatch = num_envs // num_minibatches
+    mask = (~b["is_reset"]).float()  # reset steps are not real transitions
+    h0, c0 = b["initial_state"]
+    losses, q_taken_means = [], []
+    for _ in range(update_epochs):
+        order = torch.randperm(num_envs, device=returns.device)
+        for start in range(0, num_envs, envs_per_minibatch):
+            mb = order[start : start + envs_per_minibatch]
+            q, _ = q_network(b["obs"][:, mb], (h0[:, mb], c0[:, mb]), b["episode_start"][:, mb])
+            q_taken = q.gather(2, b["actions"][:, mb, None]).squeeze(2)
+            loss = td_loss(q_taken, returns[:, mb], mask[:, mb])
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(q_network.parameters(), max_grad_norm)
+            optimizer.step()
+            losses.append(loss.detach())
+            q_taken_means.append((q_taken.detach() * mask[:, mb]).sum() / mask[:, mb].sum().clamp(min=1.0))
+    return torch.stack(losses).mean().item(), torch.stack(q_taken_means).mean().item()
+
+
+def evaluate(q_network, envs, episodic_life: bool) -> np.ndarray:
+    """Scores of one greedy game per eval env (whole games, unclipped rewards, time-limited).
+
+    The state starts at zero and, if training ended episodes at lost lives, is zeroed at each new
+    life as it was in training.
+    """
+    device = next(q_network.parameters()).device
+    obs, info = envs.reset()
+    num_envs = len(obs)
+    state = q_network.initial_state(num_envs, device)
+    episode_start = torch.ones(num_envs, dtype=torch.bool, device=device)
+    lives = info["lives"]
+    scores = np.zeros(num_envs)
+    finished = np.zeros(num_envs, dtype=bool)
+    while not finished.all():
+        with torch.no_grad():
+            q, state = q_network(torch.as_tensor(obs, device=device)[None], state, episode_start[None])
+        obs, _, terminated, truncated, info = envs.step(q[0].argmax(dim=1).cpu().numpy())
+        scores += np.where(finished, 0.0, info["reward"])
+        finished |= terminated | truncated
+        episode_start = torch.as_tensor(episodic_life & (info["lives"] < lives), device=device)
+        lives = info["lives"]
+    return scores
+
+
+# --- shared: progress ---
+class Progress:
+    """One status line: redrawn in place on a terminal, else printed at every tenth of the run."""
+
+    def __init__(self, total_steps: int):
+        self.total_steps = total_steps
+        self.tty = sys.stdout.isatty()
+        self.last_draw = 0.0
+        self.next_tenth = 1
+
+    def update(self, step: int, sps: float, recent_return: float):
+        line = f"step {step:>10,}/{self.total_steps:,} ({100 * step / self.total_steps:5.1f}%)  SPS {sps:>7,.0f}  return(last 20 ep) {recent_return:8.2f}"
+        if self.tty:
+            if time.time() - self.last_draw > 0.2 or step >= self.total_steps:
+                print("\r" + line, end="\n" if step >= self.total_steps else "", flush=True)
+                self.last_draw = time.time()
+        elif step * 10 >= self.next_tenth * self.total_steps:
+            print(line, flush=True)
+            self.next_tenth = step * 10 // self.total_steps + 1
+# --- end shared: progress ---
+
+
+CHECKPOINT_FORMAT = "pqn_atari_envpool_lstm/recurrent_q_network/v1"
+
+
+def save_checkpoint(path: str, q_network: RecurrentQNetwork, args: Args, num_actions: int):
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "env_id": args.env_id,
+            "num_actions": num_actions,
+            "observation_shape": [1, 84, 84],
+            "q_network": q_network.state_dict(),
+            "args": asdict(args),
+        },
+        path,
+    )
+
+
+def load_checkpoint(path: str, device: torch.device) -> dict:
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}; write one with `python pqn_atari_envpool_lstm.py --save-model`")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UsageError(f"{path} is not a torch checkpoint ({type(e).__name__})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"{path} is not a pqn_atari_envpool_lstm.py checkpoint (format {CHECKPOINT_FORMAT})")
+    return checkpoint
+
+
+def eval_checkpoint(args: Args, device: torch.device):
+    checkpoint = load_checkpoint(args.eval_checkpoint, device)
+    env_id = checkpoint["env_id"]
+    envs = make_atari_envs(env_id, args.eval_episodes, args.seed, 1, args, evaluation=True)
+    if envs.action_space.n != checkpoint["num_actions"]:
+        raise UsageError(f"{args.eval_checkpoint} has {checkpoint['num_actions']} actions, {env_id} has {envs.action_space.n}")
+    q_network = RecurrentQNetwork(checkpoint["num_actions"]).to(device)
+    try:
+        q_network.load_state_dict(checkpoint["q_network"])
+    except RuntimeError as e:
+        raise UsageError(f"{args.eval_checkpoint} does not fit the Q-network: {str(e).splitlines()[0]}") from None
+    scores = evaluate(q_network, envs, checkpoint["args"]["episodic_life"])
+    print(f"{env_id}: greedy score over {len(scores)} games {scores.mean():.2f} ± {scores.std():.2f}")
+
+
+def main(args: Args):
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.eval_checkpoint:
+        return eval_checkpoint(args, device)
+
+    envs = make_atari_envs(args.env_id, args.num_envs, args.seed, 1, args)
+    eval_envs = make_atari_envs(args.env_id, args.eval_episodes, args.seed + 1_000_000, 1, args, evaluation=True)
+    num_actions = int(envs.action_space.n)
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            raise UsageError("--track needs wandb: pip install -r requirements/wandb.txt") from None
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=asdict(args),
+            name=run_name,
+            save_code=True,
+        )
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+
+    q_network = RecurrentQNetwork(num_actions).to(device)
+    optimizer = torch.optim.RAdam(q_network.parameters(), lr=args.learning_rate, foreach=True)
+
+    def run_evaluation(global_step):
+        scores = evaluate(q_network, eval_envs, args.episodic_life)
+        writer.add_scalar("eval/episodic_return", scores.mean(), global_step)
+        print(f"eval at step {global_step}: greedy score {scores.mean():.2f} ± {scores.std():.2f} ({len(scores)} games)", flush=True)
+
+    obs, _ = envs.reset()
+    carry = (
+        torch.as_tensor(obs, device=device),
+        torch.zeros(args.num_envs, dtype=torch.bool, device=device),  # is_reset
+        torch.ones(args.num_envs, dtype=torch.bool, device=device),  # episode_start
+        q_network.initial_state(args.num_envs, device),
+    )
+    game_stats = GameStats(args.num_envs)
+    recent_scores = collections.deque(maxlen=20)
+    progress = Progress(args.num_iterations * args.batch_size)
+    global_step = 0
+    start_time = time.time()
+    for iteration in range(1, args.num_iterations + 1):
+        if args.anneal_lr:
+            optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations)
+        epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, global_step)
+        b, carry, games = rollout(envs, q_network, carry, epsilon, args.num_steps, game_stats)
+        for step, score, length in games:
+            writer.add_scalar("charts/episodic_return", score, global_step + (step + 1) * args.num_envs)
+            writer.add_scalar("charts/episodic_length", length, global_step + (step + 1) * args.num_envs)
+            recent_scores.append(score)
+        global_step += args.batch_size
+
+        returns = q_lambda_returns(b["rewards"], b["terminations"], b["truncations"], b["next_q"], args.gamma, args.q_lambda)
+        td_loss_mean, q_values_mean = update(
+            q_network, optimizer, b, returns, args.update_epochs, args.num_minibatches, args.max_grad_norm
+        )
+
+        sps = global_step / (time.time() - start_time)
+        writer.add_scalar("losses/td_loss", td_loss_mean, global_step)
+        writer.add_scalar("losses/q_values", q_values_mean, global_step)
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        writer.add_scalar("charts/epsilon", epsilon, global_step)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        progress.update(global_step, sps, float(np.mean(recent_scores)) if recent_scores else float("nan"))
+        if args.eval_frequency and global_step // args.eval_frequency > (global_step - args.batch_size) // args.eval_frequency:
+            if iteration < args.num_iterations:  # the final evaluation follows the loop
+                run_evaluation(global_step)
+
+    run_evaluation(global_step)
+    if args.save_model:
+        path = f"runs/{run_name}/{args.exp_name}.pt"
+        save_checkpoint(path, q_network, args, num_actions)
+        print(f"model saved to {path}")
+    envs.close()
+    eval_envs.close()
+    writer.close()
+
+
+if __name__ == "__main__":
+    try:
+        main(finalize_args(tyro.cli(Args)))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,164 @@
+"""pqn_atari_envpool_lstm.py: recurrent state handling, replay equivalence, logging, bad input."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import pqn_atari_envpool_lstm as lstm
+from helpers import error_line, only_run_dir, read_scalars, run_script
+from test_pqn_cli import CONVENTION_SCALARS
+
+TINY = ["--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2", "--eval-episodes", "2", "--no-cuda"]
+
+
+def tiny_args(**overrides):
+    args = lstm.Args(num_envs=4, num_steps=16, num_minibatches=2, total_timesteps=64, max_episode_steps=60)
+    for name, value in overrides.items():
+        setattr(args, name, value)
+    return lstm.finalize_args(args)
+
+
+def start_carry(envs, q_network, num_envs):
+    obs, _ = envs.reset()
+    return (
+        torch.as_tensor(obs),
+        torch.zeros(num_envs, dtype=torch.bool),
+        torch.ones(num_envs, dtype=torch.bool),
+        q_network.initial_state(num_envs),
+    )
+
+
+@pytest.fixture(scope="module")
+def two_rollouts():
+    """Two consecutive random rollouts on real Breakout, with lost lives, game overs and truncations."""
+    args = tiny_args()
+    envs = lstm.make_atari_envs(args.env_id, args.num_envs, 0, 1, args)
+    torch.manual_seed(0)
+    q_network = lstm.RecurrentQNetwork(int(envs.action_space.n))
+    carry = start_carry(envs, q_network, args.num_envs)
+    stats = lstm.GameStats(args.num_envs)
+    b1, carry, _ = lstm.rollout(envs, q_network, carry, 0.5, 150, stats)
+    b2, carry, _ = lstm.rollout(envs, q_network, carry, 0.5, 150, stats)
+    return q_network, b1, b2
+
+
+def test_replay_reproduces_the_acting_q_values(two_rollouts):
+    q_network, b1, b2 = two_rollouts
+    for b in (b1, b2):
+        assert b["episode_start"][1:].sum() >= 4  # episodes start inside the rollout
+        with torch.no_grad():
+            q, _ = q_network(b["obs"], b["initial_state"], b["episode_start"])
+        torch.testing.assert_close(q.max(dim=2).values, b["max_q"], rtol=0, atol=1e-5)
+        # The same holds for a minibatch of envs, as the update replays them.
+        envs = torch.tensor([3, 1])
+        with torch.no_grad():
+            q_mb, _ = q_network(b["obs"][:, envs], tuple(s[:, envs] for s in b["initial_state"]), b["episode_start"][:, envs])
+        torch.testing.assert_close(q_mb.max(dim=2).values, b["max_q"][:, envs], rtol=0, atol=1e-5)
+
+
+def test_episode_starts_follow_reset_steps_across_rollouts(two_rollouts):
+    _, b1, b2 = two_rollouts
+    is_reset = torch.cat([b1["is_reset"], b2["is_reset"]])
+    starts = torch.cat([b1["episode_start"], b2["episode_start"]])
+    assert starts[0].all()  # the first observation after envs.reset()
+    assert torch.equal(starts[1:], is_reset[:-1])
+    # A reset step still sees its ended episode's state; only the observation it returns is a start.
+    assert not (starts & is_reset).any()
+
+
+def test_state_is_zeroed_exactly_at_episode_starts():
+    torch.manual_seed(0)
+    q_network = lstm.RecurrentQNetwork(4)
+    T, B = 10, 3
+    frames = torch.randint(0, 256, (T, B, 1, 84, 84), dtype=torch.uint8)
+    state = tuple(torch.randn(1, B, 128) for _ in range(2))
+    starts = torch.zeros(T, B, dtype=torch.bool)
+    starts[4, 0] = starts[7, 0] = starts[2, 2] = True
+    with torch.no_grad():
+        q, _ = q_network(frames, state, starts)
+        for n, segments in [(0, [(0, 4), (4, 7), (7, 10)]), (1, [(0, 10)]), (2, [(0, 2), (2, 10)])]:
+            for begin, end in segments:
+                # Each segment from an episode start equals a fresh run from the zero state...
+                seg_state = tuple(s[:, n : n + 1] for s in state) if begin == 0 else q_network.initial_state(1)
+                expected, _ = q_network(frames[begin:end, n : n + 1], seg_state, torch.zeros(end - begin, 1, dtype=torch.bool))
+                torch.testing.assert_close(q[begin:end, n : n + 1], expected, rtol=0, atol=1e-6)
+        # ...and nowhere else: without the start at t=4, env 0's Q-values after it change.
+        no_start = starts.clone()
+        no_start[4, 0] = False
+        q_other, _ = q_network(frames, state, no_start)
+        assert not torch.allclose(q_other[4:7, 0], q[4:7, 0])
+        torch.testing.assert_close(q_other[7:, 0], q[7:, 0])
+
+
+def test_update_leaves_reset_steps_out_of_the_loss(two_rollouts):
+    _, b, _ = two_rollouts
+    returns = lstm.q_lambda_returns(b["rewards"], b["terminations"], b["truncations"], b["next_q"], 0.99, 0.65)
+
+    def updated(returns):
+        torch.manual_seed(1)
+        q_network = lstm.RecurrentQNetwork(4)
+        optimizer = torch.optim.RAdam(q_network.parameters(), lr=1e-3)
+        lstm.update(q_network, optimizer, b, returns, update_epochs=1, num_minibatches=2, max_grad_norm=10.0)
+        return torch.cat([p.detach().flatten() for p in q_network.parameters()])
+
+    assert b["is_reset"].any()
+    reference = updated(returns)
+    assert torch.equal(updated(torch.where(b["is_reset"], returns + 1e3, returns)), reference)
+    changed = returns.clone()
+    changed[~b["is_reset"]] += 1.0
+    assert not torch.allclose(updated(changed), reference)
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("lstm")
+    result = run_script(
+        "pqn_atari_envpool_lstm.py", *TINY, "--total-timesteps", "192", "--max-episode-steps", "40", "--save-model", cwd=cwd
+    )
+    assert result.returncode == 0, result.stderr
+    return cwd
+
+
+def test_tiny_run_logs_the_convention_scalars(saved_run):
+    scalars = read_scalars(only_run_dir(saved_run))
+    assert CONVENTION_SCALARS <= set(scalars)
+    assert [s for s, _ in scalars["losses/td_loss"]] == [64, 128, 192]
+    assert all(0 < v <= 40 for _, v in scalars["charts/episodic_length"])
+
+
+def test_saved_model_loads_and_evaluates(saved_run):
+    path = os.path.join(only_run_dir(saved_run), "pqn_atari_envpool_lstm.pt")
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["format"] == lstm.CHECKPOINT_FORMAT and checkpoint["observation_shape"] == [1, 84, 84]
+    lstm.RecurrentQNetwork(checkpoint["num_actions"]).load_state_dict(checkpoint["q_network"])
+    result = run_script("pqn_atari_envpool_lstm.py", "--eval-checkpoint", path, "--eval-episodes", "1", "--max-episode-steps", "30", "--no-cuda", cwd=saved_run)
+    assert result.returncode == 0, result.stderr
+    assert "Breakout-v5: greedy score over 1 games" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num-minibatches", "3"], "--num-envs 4 is not divisible by --num-minibatches 3"),
+        (["--num-envs", "6", "--num-minibatches", "4", "--num-steps", "2"], "--num-envs 6 is not divisible by --num-minibatches 4"),
+        (["--env-id", "Acrobot-v1"], "Acrobot-v1 is not an Atari env"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
+    line = error_line(run_script("pqn_atari_envpool_lstm.py", *TINY, *flags, cwd=tmp_path))
+    assert line.startswith("error: ") and message in line
+
+
+def test_lstm_initialisation():
+    q_network = lstm.RecurrentQNetwork(4)
+    for name, param in q_network.lstm.named_parameters():
+        if "bias" in name:
+            assert torch.all(param == 0)
+        else:  # orthogonal, gain 1: each 128-row gate block has orthonormal rows
+            w = param.detach()
+            assert w.shape[0] == 4 * 128
+            gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+            torch.testing.assert_close(gram, torch.eye(gram.shape[0]), rtol=0, atol=1e-4)
+    assert torch.all(q_network.q_head.bias.detach() == 0)
