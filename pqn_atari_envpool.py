@@ -47,7 +47,7 @@ class Args:
     reward_clip: bool = True
     """train on rewards clipped to their sign"""
     max_episode_steps: int = 27_000
-    """truncate a game after this many agent steps (4 frames each), in training and evaluation"""
+    """truncate a training game after this many agent steps (4 frames each)"""
     total_timesteps: int = 10_000_000
     """total environment steps (agent steps, summed over all envs)"""
     learning_rate: float = 2.5e-4
@@ -77,7 +77,9 @@ class Args:
     eval_frequency: int = 0
     """evaluate the greedy policy every this many env steps (0: only at the end of training)"""
     eval_episodes: int = 8
-    """the number of greedy evaluation games (one per eval env; each at most `max_episode_steps` steps)"""
+    """the number of greedy evaluation games, played at once, one per eval env"""
+    eval_max_steps: int = 27_000
+    """truncate an evaluation game after this many agent steps: this bounds how long an evaluation takes"""
 
     # Computed from the above after parsing.
     batch_size: int = field(default=0, init=False)
@@ -91,7 +93,7 @@ class UsageError(Exception):
 
 def finalize_args(args: Args) -> Args:
     """Checks the flags and fills in the derived sizes."""
-    for name in ["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes", "max_episode_steps"]:
+    for name in ["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes", "max_episode_steps", "eval_max_steps"]:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.learning_rate <= 0:
@@ -119,8 +121,8 @@ def finalize_args(args: Args) -> Args:
 def make_atari_envs(env_id, num_envs, seed, stack_num, args, evaluation=False):
     """envpool Atari envs: 84x84 grayscale, frame skip 4, `stack_num` stacked frames, uint8.
 
-    Evaluation envs play whole games (no episodic life) with unclipped rewards, so their returns
-    are game scores. envpool resets an env on the step after its episode ended; `info["reward"]` is
+    Evaluation envs play whole games (no episodic life, `eval_max_steps` at most) with unclipped
+    rewards, so their returns are game scores. envpool resets an env on the step after its episode ended; `info["reward"]` is
     the unclipped reward and `info["terminated"]` marks game over (`terminated` alone may be a
     lost life).
     """
@@ -139,7 +141,7 @@ def make_atari_envs(env_id, num_envs, seed, stack_num, args, evaluation=False):
         frame_skip=4,
         repeat_action_probability=args.repeat_action_probability,
         noop_max=args.noop_max,
-        max_episode_steps=args.max_episode_steps,
+        max_episode_steps=args.eval_max_steps if evaluation else args.max_episode_steps,
         episodic_life=args.episodic_life and not evaluation,
         reward_clip=args.reward_clip and not evaluation,
     )

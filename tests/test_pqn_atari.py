@@ -115,7 +115,7 @@ def test_q_network_shapes_and_uint8_input():
 def saved_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("atari")
     result = run_script(
-        "pqn_atari_envpool.py", *TINY, "--total-timesteps", "192", "--max-episode-steps", "40", "--save-model", cwd=cwd
+        "pqn_atari_envpool.py", *TINY, "--total-timesteps", "192", "--max-episode-steps", "40", "--eval-max-steps", "50", "--save-model", cwd=cwd
     )
     assert result.returncode == 0, result.stderr
     return cwd
@@ -137,7 +137,7 @@ def test_saved_model_is_the_documented_format_and_loads(saved_run):
     assert checkpoint["env_id"] == "Breakout-v5" and checkpoint["num_actions"] == 4
     assert checkpoint["observation_shape"] == [4, 84, 84] and checkpoint["args"]["num_envs"] == 4
     atari.QNetwork(4, checkpoint["num_actions"]).load_state_dict(checkpoint["q_network"])
-    result = run_script("pqn_atari_envpool.py", "--eval-checkpoint", path, "--eval-episodes", "1", "--max-episode-steps", "30", "--no-cuda", cwd=saved_run)
+    result = run_script("pqn_atari_envpool.py", "--eval-checkpoint", path, "--eval-episodes", "1", "--eval-max-steps", "30", "--no-cuda", cwd=saved_run)
     assert result.returncode == 0, result.stderr
     assert "Breakout-v5: greedy score over 1 games" in result.stdout
 
@@ -156,3 +156,32 @@ def test_saved_model_is_the_documented_format_and_loads(saved_run):
 def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
     line = error_line(run_script("pqn_atari_envpool.py", *TINY, *flags, cwd=tmp_path))
     assert line.startswith("error: ") and message in line
+
+
+def test_training_and_evaluation_envs_are_configured_as_documented():
+    args = tiny_args(eval_max_steps=77, repeat_action_probability=0.25, noop_max=5)
+    train = atari.make_atari_envs(args.env_id, 2, 0, 4, args).config
+    evaluation = atari.make_atari_envs(args.env_id, 2, 0, 4, args, evaluation=True).config
+    for config in (train, evaluation):
+        assert (config["img_height"], config["img_width"], config["stack_num"], config["frame_skip"]) == (84, 84, 4, 4)
+        assert config["repeat_action_probability"] == 0.25 and config["noop_max"] == 5
+    assert train["episodic_life"] and train["reward_clip"] and train["max_episode_steps"] == 150
+    assert not evaluation["episodic_life"] and not evaluation["reward_clip"] and evaluation["max_episode_steps"] == 77
+
+
+def test_evaluation_of_a_stuck_policy_ends_at_the_step_limit():
+    # Always NOOP: after the first lost ball Breakout waits for FIRE forever; the limit ends the game.
+    class Noop(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return torch.tensor([[1.0, 0.0, 0.0, 0.0]]).expand(len(x), 4)
+
+    args = tiny_args(eval_max_steps=300)
+    envs = Recorder(atari.make_atari_envs(args.env_id, 2, 0, 4, args, evaluation=True))
+    envs.reset, envs.config = envs.envs.reset, envs.envs.config
+    scores = atari.evaluate(Noop(), envs)
+    assert len(envs.steps) == 300 and scores.shape == (2,)
+    assert all(trunc.all() for _, _, _, trunc, _ in envs.steps[-1:])

@@ -115,7 +115,7 @@ def test_update_leaves_reset_steps_out_of_the_loss(two_rollouts):
 def saved_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("lstm")
     result = run_script(
-        "pqn_atari_envpool_lstm.py", *TINY, "--total-timesteps", "192", "--max-episode-steps", "40", "--save-model", cwd=cwd
+        "pqn_atari_envpool_lstm.py", *TINY, "--total-timesteps", "192", "--max-episode-steps", "40", "--eval-max-steps", "50", "--save-model", cwd=cwd
     )
     assert result.returncode == 0, result.stderr
     return cwd
@@ -133,7 +133,7 @@ def test_saved_model_loads_and_evaluates(saved_run):
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["format"] == lstm.CHECKPOINT_FORMAT and checkpoint["observation_shape"] == [1, 84, 84]
     lstm.RecurrentQNetwork(checkpoint["num_actions"]).load_state_dict(checkpoint["q_network"])
-    result = run_script("pqn_atari_envpool_lstm.py", "--eval-checkpoint", path, "--eval-episodes", "1", "--max-episode-steps", "30", "--no-cuda", cwd=saved_run)
+    result = run_script("pqn_atari_envpool_lstm.py", "--eval-checkpoint", path, "--eval-episodes", "1", "--eval-max-steps", "30", "--no-cuda", cwd=saved_run)
     assert result.returncode == 0, result.stderr
     assert "Breakout-v5: greedy score over 1 games" in result.stdout
 
