@@ -314,6 +314,7 @@ def update(q_network, optimizer, b, returns, update_epochs, minibatch_size, max_
 # --- end shared: pqn_update ---
 
 
+# --- shared: atari_evaluate ---
 def evaluate(q_network, envs) -> np.ndarray:
     """Scores of one greedy game per eval env (whole games, unclipped rewards, time-limited)."""
     device = next(q_network.parameters()).device
@@ -327,6 +328,7 @@ def evaluate(q_network, envs) -> np.ndarray:
         scores += np.where(finished, 0.0, info["reward"])
         finished |= terminated | truncated
     return scores
+# --- end shared: atari_evaluate ---
 
 
 # --- shared: progress ---

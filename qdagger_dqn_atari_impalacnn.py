@@ -1,0 +1,641 @@
+"""QDagger (Agarwal et al., "Reincarnating Reinforcement Learning", NeurIPS 2022): a DQN student with an IMPALA CNN, distilled from a PQN teacher, on Atari through envpool."""
+
+import collections
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import envpool
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """make torch use deterministic algorithms"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+    track: bool = False
+    """log to Weights & Biases (needs `pip install -r requirements/wandb.txt` and an account)"""
+    wandb_project_name: str = "pqn"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    save_model: bool = False
+    """save the student and these Args to runs/{run_name}/{exp_name}.pt at the end"""
+
+    teacher_model_path: str | None = None
+    """the teacher: a checkpoint written by `pqn_atari_envpool.py --save-model` for the same env"""
+    teacher_eval_episodes: int = 10
+    """the number of greedy games that measure the teacher's score"""
+    teacher_steps: int = 500_000
+    """phase 1: env steps the teacher plays (epsilon-greedy) to fill the teacher replay buffer"""
+    offline_steps: int = 500_000
+    """phase 2: gradient steps of the student on the teacher buffer"""
+    offline_eval_frequency: int = 100_000
+    """evaluate the student every this many offline gradient steps"""
+    temperature: float = 1.0
+    """the softmax temperature of the distillation loss"""
+
+    env_id: str = "Breakout-v5"
+    """the id of an envpool Atari env (`*-v5`)"""
+    repeat_action_probability: float = 0.0
+    """sticky actions: the probability that the emulator repeats the previous action"""
+    noop_max: int = 30
+    """at most this many no-op actions at the start of a game"""
+    episodic_life: bool = True
+    """end the training episode (terminate, no bootstrap) at every lost life"""
+    reward_clip: bool = True
+    """train on rewards clipped to their sign"""
+    max_episode_steps: int = 27_000
+    """truncate a training game after this many agent steps (4 frames each)"""
+    total_timesteps: int = 10_000_000
+    """phase 3: env steps of the student (summed over all envs)"""
+    learning_rate: float = 1e-4
+    """the learning rate of the Adam optimizer"""
+    num_envs: int = 1
+    """the number of parallel environments"""
+    buffer_size: int = 1_000_000
+    """the capacity of the student's replay buffer, in transitions"""
+    gamma: float = 0.99
+    """the discount factor"""
+    target_network_frequency: int = 1000
+    """copy the student into the target network every this many env steps"""
+    batch_size: int = 32
+    """the number of transitions per gradient step"""
+    start_e: float = 1.0
+    """the starting epsilon of the epsilon-greedy behaviour policy (teacher and student)"""
+    end_e: float = 0.01
+    """the final epsilon"""
+    exploration_fraction: float = 0.10
+    """the fraction of a phase's env steps over which epsilon decays linearly to `end_e`"""
+    learning_starts: int = 80_000
+    """phase 3: env steps before the student starts learning from its own buffer"""
+    train_frequency: int = 4
+    """one gradient step every this many env steps"""
+    eval_frequency: int = 0
+    """evaluate the greedy student every this many env steps of phase 3 (0: only at the end)"""
+    eval_episodes: int = 8
+    """the number of greedy evaluation games, played at once, one per eval env"""
+    eval_max_steps: int = 27_000
+    """truncate an evaluation game after this many agent steps: this bounds how long an evaluation takes"""
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr, exit status 2."""
+
+
+def finalize_args(args: Args) -> Args:
+    """Checks the flags."""
+    positive = ["teacher_eval_episodes", "teacher_steps", "total_timesteps", "num_envs", "buffer_size", "batch_size",
+                "target_network_frequency", "train_frequency", "eval_episodes", "eval_max_steps", "max_episode_steps",
+                "offline_eval_frequency"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["learning_rate", "temperature"]:
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["offline_steps", "learning_starts", "eval_frequency", "noop_max"]:
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    for name in ["gamma", "start_e", "end_e", "exploration_fraction", "repeat_action_probability"]:
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if args.buffer_size < args.num_envs or args.teacher_steps < args.num_envs:
+        raise UsageError("--buffer-size and --teacher-steps must hold at least one step of every env")
+    if args.teacher_model_path is None:
+        raise UsageError(f"--teacher-model-path is required; {TEACHER_HINT.format(env_id=args.env_id)}")
+    return args
+
+
+TEACHER_HINT = "produce a teacher with `python pqn_atari_envpool.py --env-id {env_id} --save-model` (it writes runs/<run_name>/pqn_atari_envpool.pt)"
+
+
+# --- shared: envpool_atari ---
+def make_atari_envs(env_id, num_envs, seed, stack_num, args, evaluation=False):
+    """envpool Atari envs: 84x84 grayscale, frame skip 4, `stack_num` stacked frames, uint8.
+
+    Evaluation envs play whole games (no episodic life, `eval_max_steps` at most) with unclipped
+    rewards, so their returns are game scores. envpool resets an env on the step after its episode ended; `info["reward"]` is
+    the unclipped reward and `info["terminated"]` marks game over (`terminated` alone may be a
+    lost life).
+    """
+    if env_id not in envpool.list_all_envs():
+        raise UsageError(f"unknown envpool env id {env_id!r} (Atari ids look like 'Breakout-v5')")
+    if type(envpool.make_spec(env_id)).__name__ != "AtariEnvSpec":
+        raise UsageError(f"{env_id} is not an Atari env; this script needs an envpool Atari id such as 'Breakout-v5'")
+    return envpool.make(
+        env_id,
+        env_type="gymnasium",
+        num_envs=num_envs,
+        seed=seed,
+        stack_num=stack_num,
+        img_height=84,
+        img_width=84,
+        frame_skip=4,
+        repeat_action_probability=args.repeat_action_probability,
+        noop_max=args.noop_max,
+        max_episode_steps=args.eval_max_steps if evaluation else args.max_episode_steps,
+        episodic_life=args.episodic_life and not evaluation,
+        reward_clip=args.reward_clip and not evaluation,
+    )
+
+
+class GameStats:
+    """Score (sum of unclipped rewards) and length in agent steps of the game each env plays.
+
+    With episodic_life a game spans several training episodes; it is over when the last life is
+    lost (`info["terminated"]`) or the time limit truncates it.
+    """
+
+    def __init__(self, num_envs):
+        self.score = np.zeros(num_envs)
+
+    def step(self, info, truncated):
+        """Adds one step; returns (score, length) of each game that ended with it."""
+        self.score += info["reward"]
+        over = (info["terminated"] == 1) | truncated
+        ended = list(zip(self.score[over], info["elapsed_step"][over]))
+        self.score[over] = 0.0
+        return ended
+# --- end shared: envpool_atari ---
+
+
+# --- shared: nature_cnn ---
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+def nature_cnn(in_channels: int) -> nn.Sequential:
+    """The Nature DQN torso for 84x84 frames, with LayerNorm after every layer: [B, C, 84, 84] -> [B, 512]."""
+    return nn.Sequential(
+        layer_init(nn.Conv2d(in_channels, 32, 8, stride=4)),
+        nn.LayerNorm([32, 20, 20]),
+        nn.ReLU(),
+        layer_init(nn.Conv2d(32, 64, 4, stride=2)),
+        nn.LayerNorm([64, 9, 9]),
+        nn.ReLU(),
+        layer_init(nn.Conv2d(64, 64, 3, stride=1)),
+        nn.LayerNorm([64, 7, 7]),
+        nn.ReLU(),
+        nn.Flatten(),
+        layer_init(nn.Linear(64 * 7 * 7, 512)),
+        nn.LayerNorm(512),
+        nn.ReLU(),
+    )
+# --- end shared: nature_cnn ---
+
+
+# --- shared: pqn_atari_q_network ---
+class QNetwork(nn.Module):
+    """PQN's Atari Q-network: Nature CNN with LayerNorm and a linear head; takes uint8 frames [B, stack, 84, 84]."""
+
+    def __init__(self, stack_num: int, num_actions: int):
+        super().__init__()
+        self.torso = nature_cnn(stack_num)
+        self.q_head = layer_init(nn.Linear(512, num_actions), std=1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q_head(self.torso(x / 255.0))
+# --- end shared: pqn_atari_q_network ---
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv0 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv1(F.relu(self.conv0(F.relu(x))))
+
+
+class ConvSequence(nn.Module):
+    """IMPALA stage: conv 3x3, max-pool 3x3 stride 2 (halves the size), two residual blocks."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.res0 = ResidualBlock(out_channels)
+        self.res1 = ResidualBlock(out_channels)
+
+    def forward(self, x):
+        return self.res1(self.res0(self.pool(self.conv(x))))
+
+
+class ImpalaQNetwork(nn.Module):
+    """The student: IMPALA CNN (stages of 16, 32, 32 channels) -> 256 -> Q; takes uint8 frames [B, 4, 84, 84]."""
+
+    def __init__(self, num_actions: int, stack_num: int = 4):
+        super().__init__()
+        self.network = nn.Sequential(
+            ConvSequence(stack_num, 16),
+            ConvSequence(16, 32),
+            ConvSequence(32, 32),
+            nn.Flatten(),
+            nn.ReLU(),
+            nn.Linear(32 * 11 * 11, 256),
+            nn.ReLU(),
+            nn.Linear(256, num_actions),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x / 255.0)
+
+
+class FrameReplayBuffer:
+    """Replay memory that stores each 84x84 frame once and rebuilds the 4-frame stacks.
+
+    Each env has a ring of frames in the order it observed them: one new frame per step while the
+    stack shifts, and a whole new stack when envpool starts a new game (the stack no longer
+    continues the previous one). A transition keeps the positions of the newest frames of its
+    observation and next observation, so the stacks it gives back are exactly the ones the agent
+    saw, and never reach across a new game. Reset steps are not stored; a transition whose frames
+    were overwritten is dropped (oldest first).
+    """
+
+    def __init__(self, capacity: int, num_envs: int, stack_num: int = 4, frame_shape=(84, 84)):
+        self.num_envs, self.stack_num = num_envs, stack_num
+        self.capacity = capacity // num_envs  # transitions per env
+        self.num_frames = self.frame_capacity(self.capacity)  # frames per env
+        self.frames = np.zeros((num_envs, self.num_frames, *frame_shape), dtype=np.uint8)
+        self.obs_pos = np.zeros((num_envs, self.capacity), dtype=np.int64)
+        self.next_pos = np.zeros((num_envs, self.capacity), dtype=np.int64)
+        self.actions = np.zeros((num_envs, self.capacity), dtype=np.int64)
+        self.rewards = np.zeros((num_envs, self.capacity), dtype=np.float32)
+        self.terminations = np.zeros((num_envs, self.capacity), dtype=np.float32)
+        self.head = np.zeros(num_envs, dtype=np.int64)  # transitions ever stored, per env
+        self.tail = np.zeros(num_envs, dtype=np.int64)  # the oldest transition still valid
+        self.frame_head = np.full(num_envs, -1, dtype=np.int64)  # position of the newest frame
+        self.last_obs = None
+
+    @staticmethod
+    def frame_capacity(capacity_per_env: int) -> int:
+        # Reset steps add frames without adding transitions (and a new game adds a whole stack):
+        # a 1/16 margin keeps nearly `capacity` transitions while staying within memory.
+        return capacity_per_env + capacity_per_env // 16 + 8
+
+    @classmethod
+    def nbytes(cls, capacity: int, num_envs: int, frame_shape=(84, 84)) -> int:
+        """Bytes the buffer takes, computed without allocating it."""
+        per_env = capacity // num_envs
+        frame_bytes = cls.frame_capacity(per_env) * int(np.prod(frame_shape))
+        transition_bytes = per_env * (8 + 8 + 8 + 4 + 4)
+        return num_envs * (frame_bytes + transition_bytes)
+
+    def __len__(self):
+        return int((self.head - self.tail).sum())
+
+    def _append_frames(self, envs, frames):
+        for k in range(frames.shape[1]):
+            self.frame_head[envs] += 1
+            self.frames[envs, self.frame_head[envs] % self.num_frames] = frames[:, k]
+
+    def observe(self, obs):
+        """Takes the observation every env now acts on (call once after reset, then after every step)."""
+        if self.last_obs is None:
+            new_stack = np.ones(self.num_envs, dtype=bool)
+        else:
+            new_stack = ~(obs[:, :-1] == self.last_obs[:, 1:]).all(axis=(1, 2, 3))
+        shifted = np.flatnonzero(~new_stack)
+        self._append_frames(shifted, obs[shifted, -1:])
+        fresh = np.flatnonzero(new_stack)
+        self._append_frames(fresh, obs[fresh])
+        self.last_obs = obs
+        # Drop transitions whose oldest frame has just been overwritten.
+        oldest_kept = self.frame_head - self.num_frames + 1
+        while True:
+            stale = (self.tail < self.head) & (
+                self.obs_pos[np.arange(self.num_envs), self.tail % self.capacity] - (self.stack_num - 1) < oldest_kept
+            )
+            if not stale.any():
+                break
+            self.tail[stale] += 1
+
+    def add(self, actions, rewards, terminations, next_obs, real):
+        """Stores the transitions of one vector step: from the observation last observed, taking
+        `actions`, to `next_obs`; only for envs where the step is `real` (not a reset step)."""
+        obs_pos = self.frame_head.copy()
+        self.observe(next_obs)
+        envs = np.flatnonzero(real)
+        slot = self.head[envs] % self.capacity
+        self.obs_pos[envs, slot] = obs_pos[envs]
+        self.next_pos[envs, slot] = self.frame_head[envs]
+        self.actions[envs, slot] = actions[envs]
+        self.rewards[envs, slot] = rewards[envs]
+        self.terminations[envs, slot] = terminations[envs]
+        self.head[envs] += 1
+        full = self.head - self.tail > self.capacity
+        self.tail[full] = self.head[full] - self.capacity
+
+    def stacks(self, envs, positions):
+        """The frame stacks [B, stack, 84, 84] whose newest frames are at `positions` of `envs`."""
+        offsets = np.arange(-self.stack_num + 1, 1)
+        return self.frames[envs[:, None], (positions[:, None] + offsets) % self.num_frames]
+
+    def transitions(self, envs, indices):
+        """Transitions by env and absolute index: obs, actions, rewards, next_obs, terminations."""
+        slot = indices % self.capacity
+        return (
+            self.stacks(envs, self.obs_pos[envs, slot]),
+            self.actions[envs, slot],
+            self.rewards[envs, slot],
+            self.stacks(envs, self.next_pos[envs, slot]),
+            self.terminations[envs, slot],
+        )
+
+    def sample(self, batch_size, rng, device):
+        sizes = self.head - self.tail
+        flat = rng.integers(0, sizes.sum(), size=batch_size)  # uniform over all stored transitions
+        envs = np.searchsorted(np.cumsum(sizes), flat, side="right")
+        indices = self.tail[envs] + flat - (np.cumsum(sizes) - sizes)[envs]
+        return [torch.as_tensor(x, device=device) for x in self.transitions(envs, indices)]
+
+
+def distill_loss(teacher_q, student_q, temperature):
+    """KL(softmax(teacher_q / T) || softmax(student_q / T)), summed over actions, averaged over the batch."""
+    teacher_log_p = F.log_softmax(teacher_q / temperature, dim=1)
+    student_log_p = F.log_softmax(student_q / temperature, dim=1)
+    return (teacher_log_p.exp() * (teacher_log_p - student_log_p)).sum(dim=1).mean()
+
+
+def distill_coefficient(student_returns, teacher_return, min_episodes=10):
+    """QDagger's weight on distillation: 1 - student / teacher score, floored at 0; 1 until the
+    student has finished `min_episodes` games. Distillation fades as the student catches up."""
+    if len(student_returns) < min_episodes:
+        return 1.0
+    return max(1.0 - float(np.mean(student_returns)) / teacher_return, 0.0)
+
+
+def td_target(target_network, rewards, next_obs, terminations, gamma):
+    """One-step DQN target from the target network; truncation is not termination, so it bootstraps."""
+    with torch.no_grad():
+        return rewards + gamma * (1.0 - terminations) * target_network(next_obs).max(dim=1).values
+
+
+def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> float:
+    if duration <= 0:
+        return end_e
+    return max(end_e, start_e + (end_e - start_e) * t / duration)
+
+
+def epsilon_greedy(q_network, obs, epsilon, num_actions, device):
+    with torch.no_grad():
+        greedy = q_network(torch.as_tensor(obs, device=device)).argmax(dim=1).cpu().numpy()
+    explore = np.random.random(len(obs)) < epsilon
+    return np.where(explore, np.random.randint(num_actions, size=len(obs)), greedy)
+
+
+# --- shared: atari_evaluate ---
+def evaluate(q_network, envs) -> np.ndarray:
+    """Scores of one greedy game per eval env (whole games, unclipped rewards, time-limited)."""
+    device = next(q_network.parameters()).device
+    obs, _ = envs.reset()
+    scores = np.zeros(envs.config["num_envs"])
+    finished = np.zeros_like(scores, dtype=bool)
+    while not finished.all():
+        with torch.no_grad():
+            actions = q_network(torch.as_tensor(obs, device=device)).argmax(dim=1)
+        obs, _, terminated, truncated, info = envs.step(actions.cpu().numpy())
+        scores += np.where(finished, 0.0, info["reward"])
+        finished |= terminated | truncated
+    return scores
+# --- end shared: atari_evaluate ---
+
+
+# --- shared: progress ---
+class Progress:
+    """One status line: redrawn in place on a terminal, else printed at every tenth of the run."""
+
+    def __init__(self, total_steps: int):
+        self.total_steps = total_steps
+        self.tty = sys.stdout.isatty()
+        self.last_draw = 0.0
+        self.next_tenth = 1
+
+    def update(self, step: int, sps: float, recent_return: float):
+        line = f"step {step:>10,}/{self.total_steps:,} ({100 * step / self.total_steps:5.1f}%)  SPS {sps:>7,.0f}  return(last 20 ep) {recent_return:8.2f}"
+        if self.tty:
+            if time.time() - self.last_draw > 0.2 or step >= self.total_steps:
+                print("\r" + line, end="\n" if step >= self.total_steps else "", flush=True)
+                self.last_draw = time.time()
+        elif step * 10 >= self.next_tenth * self.total_steps:
+            print(line, flush=True)
+            self.next_tenth = step * 10 // self.total_steps + 1
+# --- end shared: progress ---
+
+
+TEACHER_FORMAT = "pqn_atari_envpool/q_network/v1"
+
+
+def load_teacher(path: str, env_id: str, num_actions: int, device: torch.device) -> QNetwork:
+    """The teacher Q-network from a `pqn_atari_envpool.py --save-model` file, checked against this run."""
+    hint = TEACHER_HINT.format(env_id=env_id)
+    if not os.path.isfile(path):
+        raise UsageError(f"no teacher at {path}; {hint}")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UsageError(f"{path} is not a torch checkpoint ({type(e).__name__}); {hint}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != TEACHER_FORMAT:
+        raise UsageError(f"{path} is not a pqn_atari_envpool.py checkpoint; {hint}")
+    if checkpoint["env_id"] != env_id:
+        raise UsageError(f"the teacher at {path} was trained on {checkpoint['env_id']}, this run is {env_id}; {hint}")
+    if checkpoint["num_actions"] != num_actions or checkpoint["observation_shape"] != [4, 84, 84]:
+        raise UsageError(
+            f"the teacher at {path} has {checkpoint['num_actions']} actions and observations "
+            f"{checkpoint['observation_shape']}, {env_id} has {num_actions} and [4, 84, 84]; {hint}"
+        )
+    teacher = QNetwork(4, num_actions).to(device)
+    try:
+        teacher.load_state_dict(checkpoint["q_network"])
+    except RuntimeError as e:
+        raise UsageError(f"the teacher at {path} does not fit the Q-network ({str(e).splitlines()[0]}); {hint}") from None
+    return teacher.eval()
+
+
+def main(args: Args):
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    rng = np.random.default_rng(args.seed)
+
+    envs = make_atari_envs(args.env_id, args.num_envs, args.seed, 4, args)
+    eval_envs = make_atari_envs(args.env_id, args.eval_episodes, args.seed + 1_000_000, 4, args, evaluation=True)
+    num_actions = int(envs.action_space.n)
+    teacher = load_teacher(args.teacher_model_path, args.env_id, num_actions, device)
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            raise UsageError("--track needs wandb: pip install -r requirements/wandb.txt") from None
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=asdict(args),
+            name=run_name,
+            save_code=True,
+        )
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+
+    # The teacher's score sets the scale of the distillation coefficient.
+    teacher_scores = evaluate(teacher, eval_envs)
+    teacher_return = float(teacher_scores.mean())
+    writer.add_scalar("charts/teacher/avg_episodic_return", teacher_return, 0)
+    print(f"teacher: greedy score {teacher_return:.2f} ± {teacher_scores.std():.2f} ({len(teacher_scores)} games)", flush=True)
+    if teacher_return <= 0:
+        print("warning: the teacher scores <= 0; distill_coeff stays 1 until the student scores more", flush=True)
+
+    # Phase 1: the teacher plays epsilon-greedily and fills the teacher buffer.
+    teacher_rb = FrameReplayBuffer(args.teacher_steps, args.num_envs)
+    student_nbytes = FrameReplayBuffer.nbytes(args.buffer_size, args.num_envs)
+    print(f"replay buffers: teacher {FrameReplayBuffer.nbytes(args.teacher_steps, args.num_envs) / 2**30:.2f} GiB "
+          f"({args.teacher_steps:,} transitions), student {student_nbytes / 2**30:.2f} GiB ({args.buffer_size:,})", flush=True)
+    obs, _ = envs.reset()
+    teacher_rb.observe(obs)
+    is_reset = np.zeros(args.num_envs, dtype=bool)
+    game_stats = GameStats(args.num_envs)
+    start_time = time.time()
+    for step in range(0, args.teacher_steps // args.num_envs):
+        teacher_step = (step + 1) * args.num_envs
+        epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.teacher_steps, step * args.num_envs)
+        actions = epsilon_greedy(teacher, obs, epsilon, num_actions, device)
+        obs, rewards, terminations, truncations, info = envs.step(actions)
+        teacher_rb.add(actions, rewards, terminations, obs, real=~is_reset)
+        is_reset = terminations | truncations
+        for score, length in game_stats.step(info, truncations):
+            writer.add_scalar("charts/teacher/episodic_return", score, teacher_step)
+    writer.add_scalar("charts/teacher/SPS", args.teacher_steps / (time.time() - start_time), args.teacher_steps)
+    print(f"phase 1: {len(teacher_rb):,} teacher transitions in {time.time() - start_time:.0f} s", flush=True)
+
+    student = ImpalaQNetwork(num_actions).to(device)
+    target_network = ImpalaQNetwork(num_actions).to(device)
+    target_network.load_state_dict(student.state_dict())
+    optimizer = torch.optim.Adam(student.parameters(), lr=args.learning_rate)
+
+    def gradient_step(rb, distill_coeff):
+        obs_b, actions_b, rewards_b, next_obs_b, terminations_b = rb.sample(args.batch_size, rng, device)
+        target = td_target(target_network, rewards_b, next_obs_b, terminations_b, args.gamma)
+        student_q = student(obs_b)
+        q_taken = student_q.gather(1, actions_b[:, None]).squeeze(1)
+        td_loss = F.mse_loss(q_taken, target)
+        with torch.no_grad():
+            teacher_q = teacher(obs_b)
+        d_loss = distill_loss(teacher_q, student_q, args.temperature)
+        loss = td_loss + distill_coeff * d_loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return td_loss.detach(), d_loss.detach(), q_taken.detach().mean()
+
+    def log_losses(prefix, losses, step):
+        td, distill, q = (torch.stack(x).mean().item() for x in zip(*losses))
+        writer.add_scalar(f"losses/{prefix}td_loss", td, step)
+        writer.add_scalar(f"losses/{prefix}distill_loss", distill, step)
+        writer.add_scalar(f"losses/{prefix}q_values", q, step)
+
+    # Phase 2: offline, the student learns from the teacher's buffer (TD + distillation).
+    start_time = time.time()
+    losses = []
+    for offline_step in range(1, args.offline_steps + 1):
+        losses.append(gradient_step(teacher_rb, 1.0))
+        if offline_step % args.target_network_frequency == 0:
+            target_network.load_state_dict(student.state_dict())
+        if offline_step % 100 == 0 or offline_step == args.offline_steps:
+            log_losses("offline/", losses, offline_step)
+            writer.add_scalar("charts/offline/SPS", offline_step / (time.time() - start_time), offline_step)
+            losses = []
+        if offline_step % args.offline_eval_frequency == 0 or offline_step == args.offline_steps:
+            scores = evaluate(student, eval_envs)
+            writer.add_scalar("charts/offline/avg_episodic_return", scores.mean(), offline_step)
+            print(f"phase 2: step {offline_step:,}: student greedy score {scores.mean():.2f} ± {scores.std():.2f}", flush=True)
+    del teacher_rb
+
+    # Phase 3: online, the student acts and learns from its own buffer; distillation fades as
+    # the student's score approaches the teacher's.
+    rb = FrameReplayBuffer(args.buffer_size, args.num_envs)
+    obs, _ = envs.reset()
+    rb.observe(obs)
+    is_reset = np.zeros(args.num_envs, dtype=bool)
+    game_stats = GameStats(args.num_envs)
+    student_scores = collections.deque(maxlen=10)
+    recent_scores = collections.deque(maxlen=20)
+    num_vector_steps = args.total_timesteps // args.num_envs
+    progress = Progress(num_vector_steps * args.num_envs)
+    distill_coeff, losses, pending_train_steps = 1.0, [], 0
+    start_time = time.time()
+    for step in range(num_vector_steps):
+        global_step = (step + 1) * args.num_envs
+        epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, step * args.num_envs)
+        actions = epsilon_greedy(student, obs, epsilon, num_actions, device)
+        obs, rewards, terminations, truncations, info = envs.step(actions)
+        rb.add(actions, rewards, terminations, obs, real=~is_reset)
+        is_reset = terminations | truncations
+        for score, length in game_stats.step(info, truncations):
+            writer.add_scalar("charts/episodic_return", score, global_step)
+            writer.add_scalar("charts/episodic_length", length, global_step)
+            student_scores.append(score)
+            recent_scores.append(score)
+
+        if global_step > args.learning_starts:
+            # One gradient step per `train_frequency` env steps, whatever the number of envs.
+            pending_train_steps += args.num_envs
+            while pending_train_steps >= args.train_frequency:
+                pending_train_steps -= args.train_frequency
+                distill_coeff = distill_coefficient(student_scores, teacher_return)
+                losses.append(gradient_step(rb, distill_coeff))
+        if global_step // args.target_network_frequency > (global_step - args.num_envs) // args.target_network_frequency:
+            target_network.load_state_dict(student.state_dict())
+        if global_step // 1000 > (global_step - args.num_envs) // 1000 or step == num_vector_steps - 1:
+            sps = global_step / (time.time() - start_time)
+            if losses:
+                log_losses("", losses, global_step)
+                losses = []
+            writer.add_scalar("charts/distill_coeff", distill_coeff, global_step)
+            writer.add_scalar("charts/epsilon", epsilon, global_step)
+            writer.add_scalar("charts/learning_rate", args.learning_rate, global_step)
+            writer.add_scalar("charts/SPS", sps, global_step)
+            progress.update(global_step, sps, float(np.mean(recent_scores)) if recent_scores else float("nan"))
+        if args.eval_frequency and global_step // args.eval_frequency > (global_step - args.num_envs) // args.eval_frequency:
+            if step < num_vector_steps - 1:  # the final evaluation follows the loop
+                scores = evaluate(student, eval_envs)
+                writer.add_scalar("eval/episodic_return", scores.mean(), global_step)
+
+    scores = evaluate(student, eval_envs)
+    writer.add_scalar("eval/episodic_return", scores.mean(), num_vector_steps * args.num_envs)
+    print(f"student: greedy score {scores.mean():.2f} ± {scores.std():.2f} ({len(scores)} games)", flush=True)
+    if args.save_model:
+        path = f"runs/{run_name}/{args.exp_name}.pt"
+        torch.save({"student": student.state_dict(), "num_actions": num_actions, "args": asdict(args)}, path)
+        print(f"model saved to {path}")
+    envs.close()
+    eval_envs.close()
+    writer.close()
+
+
+if __name__ == "__main__":
+    try:
+        main(finalize_args(tyro.cli(Args)))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

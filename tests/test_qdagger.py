@@ -1,0 +1,193 @@
+"""qdagger_dqn_atari_impalacnn.py: the frame replay buffer, the distillation loss, the three phases, bad teachers."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import qdagger_dqn_atari_impalacnn as qd
+from helpers import error_line, only_run_dir, read_scalars, run_script
+
+
+def buffer_args(**overrides):
+    args = qd.Args(teacher_model_path="unused.pt", max_episode_steps=70)
+    for name, value in overrides.items():
+        setattr(args, name, value)
+    return args
+
+
+def fill_from_breakout(capacity, num_envs, num_steps, seed=0):
+    """A random rollout on real Breakout, stored in the buffer and, naively, in full."""
+    envs = qd.make_atari_envs("Breakout-v5", num_envs, seed, 4, buffer_args())
+    rb = qd.FrameReplayBuffer(capacity, num_envs)
+    naive = [[] for _ in range(num_envs)]
+    rng = np.random.default_rng(seed)
+    obs, _ = envs.reset()
+    rb.observe(obs)
+    is_reset = np.zeros(num_envs, dtype=bool)
+    counts = {"real": 0, "reset": 0, "game_starts": 0, "truncated": 0}
+    for _ in range(num_steps):
+        actions = rng.integers(4, size=num_envs)
+        next_obs, rewards, term, trunc, info = envs.step(actions)
+        rb.add(actions, rewards, term, next_obs, real=~is_reset)
+        for n in range(num_envs):
+            if not is_reset[n]:
+                naive[n].append((obs[n], actions[n], rewards[n], next_obs[n], float(term[n])))
+        counts["real"] += int((~is_reset).sum())
+        counts["reset"] += int(is_reset.sum())
+        counts["truncated"] += int(trunc.sum())
+        counts["game_starts"] += int(((info["terminated"] == 1) | trunc).sum())
+        is_reset = term | trunc
+        obs = next_obs
+    return rb, naive, counts
+
+
+def test_buffer_rebuilds_exactly_the_observed_stacks_with_wraparound():
+    rb, naive, counts = fill_from_breakout(capacity=3 * 120, num_envs=3, num_steps=400)
+    assert counts["reset"] > 10 and counts["game_starts"] >= 3 and counts["truncated"] >= 1
+    for n in range(3):
+        stored = int(rb.head[n] - rb.tail[n])
+        assert rb.head[n] == len(naive[n])  # every real step stored, no reset step
+        assert 0.9 * rb.capacity <= stored <= rb.capacity  # wrapped around, nearly full
+        indices = np.arange(rb.tail[n], rb.head[n])
+        obs, actions, rewards, next_obs, terms = rb.transitions(np.full(stored, n), indices)
+        expected = naive[n][-stored:]
+        assert np.array_equal(obs, np.stack([e[0] for e in expected]))
+        assert np.array_equal(next_obs, np.stack([e[3] for e in expected]))
+        assert np.array_equal(actions, [e[1] for e in expected])
+        assert np.array_equal(rewards, np.array([e[2] for e in expected], dtype=np.float32))
+        assert np.array_equal(terms, [e[4] for e in expected])
+
+
+def test_stacks_never_reach_across_a_new_game():
+    rb, _, _ = fill_from_breakout(capacity=3 * 400, num_envs=3, num_steps=400, seed=1)
+    new_games = lives_lost = 0
+    for n in range(3):
+        idx = np.arange(rb.tail[n], rb.head[n])
+        obs, *_ = rb.transitions(np.full(len(idx), n), idx)
+        for k in range(1, len(idx)):
+            previous_next = rb.next_pos[n, idx[k - 1] % rb.capacity]
+            this_obs = rb.obs_pos[n, idx[k] % rb.capacity]
+            if this_obs == previous_next:
+                continue  # the same episode goes on
+            # A reset step (not stored) came between, acting on the final observation at previous_next.
+            if this_obs - previous_next == 4:
+                # A new game: a fresh stack of 4 frames after the final one, none from the game before
+                # (envpool starts a game with its first frame four times).
+                new_games += 1
+                assert (obs[k] == obs[k][0]).all()
+            else:
+                # A lost life: envpool's stack goes on with one new frame, as the agent saw it.
+                lives_lost += 1
+                assert this_obs - previous_next == 1
+    assert new_games >= 2 and lives_lost >= 4
+
+
+def test_sample_draws_valid_transitions_uniformly():
+    rb, naive, _ = fill_from_breakout(capacity=2 * 100, num_envs=2, num_steps=150, seed=2)
+    obs, actions, rewards, next_obs, terms = rb.sample(4000, np.random.default_rng(0), "cpu")
+    assert obs.shape == (4000, 4, 84, 84) and obs.dtype == torch.uint8 and actions.dtype == torch.int64
+    # Every sampled transition is one of the stored ones (the next obs continues the obs or a new game starts).
+    stored = {e[0][-1].tobytes() + e[3][-1].tobytes() for env in naive for e in env}
+    assert all(o[-1].numpy().tobytes() + n[-1].numpy().tobytes() in stored for o, n in zip(obs[:200], next_obs[:200]))
+    assert 0.3 < (actions == 0).float().mean() + (actions == 1).float().mean() < 0.7
+
+
+def test_one_million_transitions_fit_in_8_gb():
+    for num_envs in (1, 8, 128):
+        assert qd.FrameReplayBuffer.nbytes(1_000_000, num_envs) <= 8 * 10**9
+    # The computed footprint is what the arrays really take.
+    rb = qd.FrameReplayBuffer(1000, 4)
+    arrays = [rb.frames, rb.obs_pos, rb.next_pos, rb.actions, rb.rewards, rb.terminations]
+    assert sum(a.nbytes for a in arrays) == qd.FrameReplayBuffer.nbytes(1000, 4)
+
+
+def test_distill_loss_matches_a_reference_and_is_a_batch_mean():
+    g = torch.Generator().manual_seed(0)
+    teacher_q, student_q = torch.randn(5, 6, generator=g) * 3, torch.randn(5, 6, generator=g) * 3
+    for temperature in (1.0, 0.5):
+        expected = 0.0
+        for i in range(5):
+            p = torch.softmax(teacher_q[i] / temperature, 0)
+            q = torch.softmax(student_q[i] / temperature, 0)
+            expected += sum(p[a] * torch.log(p[a] / q[a]) for a in range(6)).item() / 5
+        assert qd.distill_loss(teacher_q, student_q, temperature).item() == pytest.approx(expected, rel=1e-5)
+    doubled = qd.distill_loss(teacher_q.repeat(2, 1), student_q.repeat(2, 1), 1.0)
+    assert doubled.item() == pytest.approx(qd.distill_loss(teacher_q, student_q, 1.0).item(), rel=1e-6)
+    assert qd.distill_loss(teacher_q, teacher_q, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distill_coefficient():
+    assert qd.distill_coefficient([5.0] * 9, 10.0) == 1.0  # too few games yet
+    assert qd.distill_coefficient([5.0] * 10, 10.0) == pytest.approx(0.5)
+    assert qd.distill_coefficient([2.0, 4.0] * 5, 12.0) == pytest.approx(0.75)
+    assert qd.distill_coefficient([15.0] * 10, 10.0) == 0.0  # the student beat the teacher
+
+
+def test_td_target_bootstraps_unless_terminated():
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([[1.0, 3.0], [2.0, 0.5]])
+
+    target = qd.td_target(Fixed(), torch.tensor([1.0, 1.0]), torch.zeros(2, 4, 84, 84), torch.tensor([0.0, 1.0]), 0.9)
+    torch.testing.assert_close(target, torch.tensor([1.0 + 0.9 * 3.0, 1.0]))
+
+
+def test_impala_student_shapes():
+    q = qd.ImpalaQNetwork(6)(torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8))
+    assert q.shape == (2, 6)
+
+
+TINY = [
+    "--teacher-steps", "64", "--offline-steps", "20", "--offline-eval-frequency", "10", "--total-timesteps", "120",
+    "--learning-starts", "40", "--buffer-size", "200", "--num-envs", "2", "--eval-episodes", "1", "--eval-max-steps", "30",
+    "--teacher-eval-episodes", "1", "--max-episode-steps", "40", "--target-network-frequency", "16", "--no-cuda",
+]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("teacher")
+    result = run_script(
+        "pqn_atari_envpool.py", "--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2", "--total-timesteps", "64",
+        "--eval-episodes", "1", "--eval-max-steps", "30", "--save-model", "--no-cuda", cwd=cwd,
+    )
+    assert result.returncode == 0, result.stderr
+    return os.path.join(only_run_dir(cwd), "pqn_atari_envpool.pt")
+
+
+def test_three_phases_log_their_metrics(teacher, tmp_path):
+    result = run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", teacher, *TINY, "--save-model", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "replay buffers: teacher" in result.stdout
+    run_dir = only_run_dir(tmp_path)
+    scalars = read_scalars(run_dir)
+    expected = {
+        "charts/teacher/avg_episodic_return", "charts/teacher/SPS",  # teacher evaluation and phase 1
+        "losses/offline/td_loss", "losses/offline/distill_loss", "charts/offline/avg_episodic_return", "charts/offline/SPS",
+        "losses/td_loss", "losses/distill_loss", "losses/q_values", "charts/distill_coeff", "charts/SPS", "charts/epsilon",
+        "charts/learning_rate", "eval/episodic_return", "charts/episodic_return", "charts/episodic_length",
+    }
+    assert expected <= set(scalars), expected - set(scalars)
+    assert [s for s, _ in scalars["charts/offline/avg_episodic_return"]] == [10, 20]
+    assert all(v == 1.0 for _, v in scalars["charts/distill_coeff"])  # fewer than 10 student games
+    saved = torch.load(os.path.join(run_dir, "qdagger_dqn_atari_impalacnn.pt"), weights_only=True)
+    qd.ImpalaQNetwork(saved["num_actions"]).load_state_dict(saved["student"])
+
+
+def test_bad_or_mismatched_teacher_gives_one_clear_line(teacher, tmp_path):
+    line = error_line(run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", "missing.pt", *TINY, cwd=tmp_path))
+    assert "no teacher at missing.pt" in line and "python pqn_atari_envpool.py --env-id Breakout-v5 --save-model" in line
+    line = error_line(run_script("qdagger_dqn_atari_impalacnn.py", *TINY, cwd=tmp_path))
+    assert "--teacher-model-path is required" in line
+    line = error_line(run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", teacher, "--env-id", "Pong-v5", *TINY, cwd=tmp_path))
+    assert "was trained on Breakout-v5, this run is Pong-v5" in line and "--env-id Pong-v5 --save-model" in line
+    torch.save({"q_network": {}}, tmp_path / "other.pt")
+    line = error_line(run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", "other.pt", *TINY, cwd=tmp_path))
+    assert "other.pt is not a pqn_atari_envpool.py checkpoint" in line
+    checkpoint = torch.load(teacher, weights_only=True)
+    checkpoint["q_network"] = {k: v[..., :1] if v.ndim else v for k, v in checkpoint["q_network"].items()}
+    torch.save(checkpoint, tmp_path / "broken.pt")
+    line = error_line(run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", "broken.pt", *TINY, cwd=tmp_path))
+    assert "does not fit the Q-network" in line
