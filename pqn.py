@@ -175,6 +175,7 @@ def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> fl
     return max(end_e, start_e + (end_e - start_e) * t / duration)
 
 
+# --- shared: gym_rollout ---
 def rollout(envs, q_network, obs, is_reset, epsilon, num_steps):
     """Acts epsilon-greedily for `num_steps` steps in every env.
 
@@ -223,6 +224,7 @@ def rollout(envs, q_network, obs, is_reset, epsilon, num_steps):
         last_max_q = q_network(obs).max(dim=1).values
     b["next_q"] = torch.cat([b["max_q"][1:], last_max_q[None]])
     return b, obs, is_reset, episodes
+# --- end shared: gym_rollout ---
 
 
 # --- shared: td_loss ---
@@ -258,6 +260,7 @@ def update(q_network, optimizer, b, returns, update_epochs, minibatch_size, max_
 # --- end shared: pqn_update ---
 
 
+# --- shared: gym_evaluate ---
 def evaluate(q_network, envs, seed: int) -> np.ndarray:
     """Returns of one greedy episode per env (one each, so short episodes are not over-counted)."""
     device = next(q_network.parameters()).device
@@ -271,6 +274,7 @@ def evaluate(q_network, envs, seed: int) -> np.ndarray:
         returns += np.where(finished, 0.0, reward)
         finished |= terminated | truncated
     return returns
+# --- end shared: gym_evaluate ---
 
 
 # --- shared: progress ---

@@ -379,6 +379,8 @@ def distill_coefficient(student_returns, teacher_return, min_episodes=10):
     student has finished `min_episodes` games. Distillation fades as the student catches up."""
     if len(student_returns) < min_episodes:
         return 1.0
+    if teacher_return <= 0:  # the ratio means nothing: distill only while the student scores less
+        return float(np.mean(student_returns) < teacher_return)
     return max(1.0 - float(np.mean(student_returns)) / teacher_return, 0.0)
 
 
@@ -499,12 +501,14 @@ def main(args: Args):
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
     # The teacher's score sets the scale of the distillation coefficient.
-    teacher_scores = evaluate(teacher, eval_envs)
+    teacher_eval_envs = make_atari_envs(args.env_id, args.teacher_eval_episodes, args.seed + 2_000_000, 4, args, evaluation=True)
+    teacher_scores = evaluate(teacher, teacher_eval_envs)
+    teacher_eval_envs.close()
     teacher_return = float(teacher_scores.mean())
     writer.add_scalar("charts/teacher/avg_episodic_return", teacher_return, 0)
     print(f"teacher: greedy score {teacher_return:.2f} ± {teacher_scores.std():.2f} ({len(teacher_scores)} games)", flush=True)
     if teacher_return <= 0:
-        print("warning: the teacher scores <= 0; distill_coeff stays 1 until the student scores more", flush=True)
+        print("warning: the teacher scores <= 0; distillation stops once the student scores as much", flush=True)
 
     # Phase 1: the teacher plays epsilon-greedily and fills the teacher buffer.
     teacher_rb = FrameReplayBuffer(args.teacher_steps, args.num_envs)

@@ -123,6 +123,8 @@ def test_distill_coefficient():
     assert qd.distill_coefficient([5.0] * 10, 10.0) == pytest.approx(0.5)
     assert qd.distill_coefficient([2.0, 4.0] * 5, 12.0) == pytest.approx(0.75)
     assert qd.distill_coefficient([15.0] * 10, 10.0) == 0.0  # the student beat the teacher
+    assert qd.distill_coefficient([0.0] * 10, 0.0) == 0.0  # a teacher that scores nothing
+    assert qd.distill_coefficient([-5.0] * 10, -2.0) == 1.0
 
 
 def test_td_target_bootstraps_unless_terminated():
@@ -160,7 +162,7 @@ def teacher(tmp_path_factory):
 def test_three_phases_log_their_metrics(teacher, tmp_path):
     result = run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", teacher, *TINY, "--save-model", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "replay buffers: teacher" in result.stdout
+    assert "replay buffers: teacher" in result.stdout and "(1 games)" in result.stdout.splitlines()[0]
     run_dir = only_run_dir(tmp_path)
     scalars = read_scalars(run_dir)
     expected = {

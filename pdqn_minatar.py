@@ -1,0 +1,517 @@
+"""PDQN: PQN (Gallici et al., ICLR 2025) with a learned world model and Dyna-style planning, on MinAtar."""
+
+import collections
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import gymnasium as gym
+import minatar.gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """make torch use deterministic algorithms"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+    track: bool = False
+    """log to Weights & Biases (needs `pip install -r requirements/wandb.txt` and an account)"""
+    wandb_project_name: str = "pqn"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    save_model: bool = False
+    """save the Q-network, the world model and these Args to runs/{run_name}/{exp_name}.pt at the end"""
+
+    env_id: str = "MinAtar/Breakout-v1"
+    """a MinAtar game: MinAtar/{Breakout,Asterix,Freeway,SpaceInvaders,Seaquest}-v1"""
+    vectorization: Literal["sync", "async"] = "sync"
+    """run the envs in this process (sync) or in one subprocess each (async)"""
+    max_episode_steps: int = 10_000
+    """truncate an episode after this many steps (MinAtar games have no time limit of their own)"""
+    total_timesteps: int = 10_000_000
+    """total environment steps, summed over all envs"""
+    learning_rate: float = 2.5e-4
+    """the learning rate of the RAdam optimizer of the Q-network"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to 0 over training"""
+    num_envs: int = 128
+    """the number of parallel environments"""
+    num_steps: int = 32
+    """the number of steps each env runs per rollout"""
+    num_minibatches: int = 16
+    """the number of minibatches a rollout is split into"""
+    update_epochs: int = 2
+    """the number of passes over each rollout (Q-network and world model)"""
+    gamma: float = 0.99
+    """the discount factor"""
+    q_lambda: float = 0.65
+    """the lambda of Peng's Q(lambda) targets"""
+    start_e: float = 1.0
+    """the starting epsilon of the epsilon-greedy behaviour policy"""
+    end_e: float = 0.01
+    """the final epsilon"""
+    exploration_fraction: float = 0.1
+    """the fraction of `total_timesteps` over which epsilon decays linearly to `end_e`"""
+    max_grad_norm: float = 10.0
+    """the maximum global norm of the gradients"""
+    model_learning_rate: float = 1e-3
+    """the learning rate of the Adam optimizer of the world model"""
+    planning_steps: int = 4
+    """imagined steps per update, from the last real observations (0: plain PQN, no world model)"""
+    planning_delay_updates: int = 100
+    """updates of the world model before planning starts"""
+    planning_epsilon: float | None = None
+    """epsilon of the imagined rollouts (default: the behaviour epsilon at that time)"""
+    eval_frequency: int = 0
+    """evaluate the greedy policy every this many env steps (0: only at the end of training)"""
+    eval_episodes: int = 16
+    """the number of greedy evaluation episodes (one per eval env)"""
+
+    # Computed from the above after parsing.
+    batch_size: int = field(default=0, init=False)
+    minibatch_size: int = field(default=0, init=False)
+    num_iterations: int = field(default=0, init=False)
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr, exit status 2."""
+
+
+def finalize_args(args: Args) -> Args:
+    """Checks the flags and fills in the derived sizes."""
+    positive = ["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes", "max_episode_steps"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["learning_rate", "model_learning_rate"]:
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["eval_frequency", "planning_steps", "planning_delay_updates"]:
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    for name in ["gamma", "q_lambda", "start_e", "end_e", "exploration_fraction"]:
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if args.planning_epsilon is not None and not 0.0 <= args.planning_epsilon <= 1.0:
+        raise UsageError(f"--planning-epsilon must be in [0, 1], got {args.planning_epsilon}")
+    args.batch_size = args.num_envs * args.num_steps
+    if args.batch_size % args.num_minibatches != 0:
+        raise UsageError(
+            f"num_envs * num_steps = {args.batch_size} is not divisible by --num-minibatches {args.num_minibatches}"
+        )
+    if args.total_timesteps < args.batch_size:
+        raise UsageError(
+            f"--total-timesteps {args.total_timesteps} is smaller than one batch (num_envs * num_steps = {args.batch_size})"
+        )
+    args.minibatch_size = args.batch_size // args.num_minibatches
+    args.num_iterations = args.total_timesteps // args.batch_size
+    return args
+
+
+def make_envs(args: Args, num_envs: int) -> gym.vector.VectorEnv:
+    """MinAtar envs (next-step auto-reset); observations become float [C, 10, 10]."""
+    if not any(k.startswith("MinAtar/") for k in gym.registry):
+        minatar.gym.register_envs()
+    if not args.env_id.startswith("MinAtar/") or args.env_id not in gym.registry:
+        games = sorted(k for k in gym.registry if k.startswith("MinAtar/") and k.endswith("-v1"))
+        raise UsageError(f"unknown MinAtar env id {args.env_id!r}; choose one of {', '.join(games)}")
+    envs = gym.make_vec(args.env_id, num_envs=num_envs, vectorization_mode=args.vectorization, max_episode_steps=args.max_episode_steps)
+    height, width, channels = envs.single_observation_space.shape
+    space = gym.spaces.Box(0.0, 1.0, (channels, height, width), np.float32)
+    envs = gym.wrappers.vector.TransformObservation(
+        envs, lambda obs: obs.transpose(0, 3, 1, 2).astype(np.float32), single_observation_space=space
+    )
+    return gym.wrappers.vector.RecordEpisodeStatistics(envs)
+
+
+def conv_trunk(channels: int) -> nn.Sequential:
+    """conv 16x3x3 (stride 1) -> LayerNorm -> ReLU -> flatten: [B, C, 10, 10] -> [B, 1600]."""
+    return nn.Sequential(nn.Conv2d(channels, 16, 3, padding=1), nn.LayerNorm([16, 10, 10]), nn.ReLU(), nn.Flatten())
+
+
+class QNetwork(nn.Module):
+    """conv trunk -> dense 128 -> LayerNorm -> ReLU -> linear Q head."""
+
+    def __init__(self, channels: int, num_actions: int):
+        super().__init__()
+        self.network = nn.Sequential(
+            conv_trunk(channels), nn.Linear(1600, 128), nn.LayerNorm(128), nn.ReLU(), nn.Linear(128, num_actions)
+        )
+
+    def forward(self, x):
+        return self.network(x)
+
+
+class WorldModel(nn.Module):
+    """Predicts, from an observation and an action, the next observation's cells (logits), the
+    reward and the termination (logit). The action, one-hot, joins the conv trunk's features."""
+
+    def __init__(self, channels: int, num_actions: int):
+        super().__init__()
+        self.num_actions = num_actions
+        self.trunk = conv_trunk(channels)
+        self.hidden = nn.Sequential(nn.Linear(1600 + num_actions, 128), nn.LayerNorm(128), nn.ReLU())
+        self.next_obs_head = nn.Linear(128, channels * 100)
+        self.reward_head = nn.Linear(128, 1)
+        self.termination_head = nn.Linear(128, 1)
+
+    def forward(self, obs, actions):
+        h = self.hidden(torch.cat([self.trunk(obs), F.one_hot(actions, self.num_actions).float()], dim=1))
+        return self.next_obs_head(h).view(obs.shape), self.reward_head(h).squeeze(1), self.termination_head(h).squeeze(1)
+
+
+def make_networks(channels: int, num_actions: int):
+    """The Q-network and the world model, created in this order (so a seed fixes both)."""
+    return QNetwork(channels, num_actions), WorldModel(channels, num_actions)
+
+
+def model_losses(model, obs, actions, next_obs, rewards, terminations, mask):
+    """The world model's losses on real transitions (mask = 0 for reset steps): binary cross-entropy
+    on the next observation's cells (MinAtar channels are binary), MSE on the reward, binary
+    cross-entropy on the termination. Returns (total, obs, reward, termination, cell accuracy)."""
+    obs_logits, reward_pred, termination_logit = model(obs, actions)
+    weight = mask / mask.sum().clamp(min=1.0)
+    obs_loss = (F.binary_cross_entropy_with_logits(obs_logits, next_obs, reduction="none").mean(dim=(1, 2, 3)) * weight).sum()
+    reward_loss = ((reward_pred - rewards) ** 2 * weight).sum()
+    termination_loss = (F.binary_cross_entropy_with_logits(termination_logit, terminations, reduction="none") * weight).sum()
+    accuracy = (((obs_logits > 0).float() == next_obs).float().mean(dim=(1, 2, 3)) * weight).sum()
+    return obs_loss + reward_loss + termination_loss, obs_loss, reward_loss, termination_loss, accuracy
+
+
+def imagine(model, q_network, obs, alive, planning_steps, epsilon):
+    """Rolls the world model `planning_steps` steps from `obs`, acting epsilon-greedily.
+
+    Predicted observations are thresholded at 0.5 (they stay binary); a predicted termination
+    ends that imagined trajectory. Returns [K, N] tensors of imagined transitions and `alive`, the
+    mask of those that belong to a trajectory still running (envs not alive at the start, e.g.
+    those whose last real observation ended an episode, never are).
+    """
+    num_envs, num_actions = obs.shape[0], model.num_actions
+    steps = collections.defaultdict(list)
+    with torch.no_grad():
+        for _ in range(planning_steps):
+            greedy = q_network(obs).argmax(dim=1)
+            explore = torch.rand(num_envs, device=obs.device) < epsilon
+            actions = torch.where(explore, torch.randint(num_actions, (num_envs,), device=obs.device), greedy)
+            obs_logits, rewards, termination_logits = model(obs, actions)
+            next_obs = (torch.sigmoid(obs_logits) > 0.5).float()
+            terminations = (termination_logits > 0).float()
+            for name, value in [("obs", obs), ("actions", actions), ("rewards", rewards), ("next_obs", next_obs),
+                                ("terminations", terminations), ("alive", alive.float())]:
+                steps[name].append(value)
+            alive = alive & (terminations == 0)
+            obs = next_obs
+    return {name: torch.stack(values) for name, values in steps.items()}
+
+
+def planning_update(q_network, optimizer, imagined, gamma, minibatch_size, max_grad_norm):
+    """One pass of minibatch updates of Q on imagined transitions, with one-step targets
+    r + gamma (1 - d) max_a Q(s', a). Returns the mean loss."""
+    b = {name: value.flatten(0, 1) for name, value in imagined.items()}
+    with torch.no_grad():
+        targets = b["rewards"] + gamma * (1.0 - b["terminations"]) * q_network(b["next_obs"]).max(dim=1).values
+    order = torch.randperm(len(targets), device=targets.device)
+    losses = []
+    for start in range(0, len(order), minibatch_size):
+        mb = order[start : start + minibatch_size]
+        if b["alive"][mb].sum() == 0:
+            continue
+        q_taken = q_network(b["obs"][mb]).gather(1, b["actions"][mb, None]).squeeze(1)
+        loss = td_loss(q_taken, targets[mb], b["alive"][mb])
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(q_network.parameters(), max_grad_norm)
+        optimizer.step()
+        losses.append(loss.detach())
+    return torch.stack(losses).mean().item() if losses else float("nan")
+
+
+def model_update(model, optimizer, b, update_epochs, minibatch_size, max_grad_norm):
+    """`update_epochs` passes of minibatch updates of the world model on the real rollout.
+    Returns the mean of (total loss, obs loss, reward loss, termination loss, cell accuracy)."""
+    next_obs = torch.cat([b["obs"][1:], b["final_obs"][None]])
+    # The observation a step returned: for a step that ended an episode, its final observation.
+    flat = {
+        "obs": b["obs"].flatten(0, 1), "actions": b["actions"].flatten(), "next_obs": next_obs.flatten(0, 1),
+        "rewards": b["rewards"].flatten(), "terminations": b["terminations"].flatten(),
+        "mask": (~b["is_reset"]).flatten().float(),  # reset steps are not real transitions
+    }
+    stats = []
+    for _ in range(update_epochs):
+        order = torch.randperm(len(flat["actions"]), device=flat["actions"].device)
+        for start in range(0, len(order), minibatch_size):
+            mb = order[start : start + minibatch_size]
+            losses = model_losses(model, *(flat[k][mb] for k in ["obs", "actions", "next_obs", "rewards", "terminations", "mask"]))
+            optimizer.zero_grad()
+            losses[0].backward()
+            nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()
+            stats.append(torch.stack([x.detach() for x in losses]))
+    return torch.stack(stats).mean(dim=0).tolist()
+
+
+# --- shared: q_lambda_returns ---
+def q_lambda_returns(rewards, terminations, truncations, next_q, gamma, q_lambda):
+    """Peng's Q(lambda) targets, computed backwards over a rollout; all tensors are [T, N].
+
+    next_q[t] = max_a Q(s_{t+1}, a), where s_{t+1} is what step t returned: the final observation
+    when the episode ended at t. Termination cuts the bootstrap; truncation keeps it. At every
+    episode end the lambda-trace is cut, so nothing after it (the reset step) leaks back.
+    """
+    terminations = terminations.float()
+    done = torch.logical_or(terminations.bool(), truncations.bool()).float()
+    returns = torch.empty_like(rewards)
+    returns[-1] = rewards[-1] + gamma * (1.0 - terminations[-1]) * next_q[-1]
+    for t in reversed(range(rewards.shape[0] - 1)):
+        bootstrap = (1.0 - done[t]) * (q_lambda * returns[t + 1] + (1.0 - q_lambda) * next_q[t]) + done[t] * next_q[t]
+        returns[t] = rewards[t] + gamma * (1.0 - terminations[t]) * bootstrap
+    return returns
+# --- end shared: q_lambda_returns ---
+
+
+def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> float:
+    if duration <= 0:
+        return end_e
+    return max(end_e, start_e + (end_e - start_e) * t / duration)
+
+
+# --- shared: gym_rollout ---
+def rollout(envs, q_network, obs, is_reset, epsilon, num_steps):
+    """Acts epsilon-greedily for `num_steps` steps in every env.
+
+    `obs` is what the first step acts on and `is_reset` marks the envs where it is the final
+    observation of an ended episode, so that step is a reset step (its action is ignored and its
+    transition is not real). Returns the rollout as [T, N] tensors, `next_q` for the Q(lambda)
+    targets, the observation and reset flags the next rollout starts from, and the episodes that
+    ended, as (step index, return, length).
+    """
+    device = obs.device
+    num_envs = obs.shape[0]
+    num_actions = envs.single_action_space.n
+    b = {
+        "obs": torch.zeros((num_steps, *obs.shape), device=device),
+        "actions": torch.zeros((num_steps, num_envs), dtype=torch.long, device=device),
+        "rewards": torch.zeros((num_steps, num_envs), device=device),
+        "terminations": torch.zeros((num_steps, num_envs), device=device),
+        "truncations": torch.zeros((num_steps, num_envs), device=device),
+        "max_q": torch.zeros((num_steps, num_envs), device=device),  # max_a Q(obs[t], a) while acting
+        "is_reset": torch.zeros((num_steps, num_envs), dtype=torch.bool, device=device),
+    }
+    episodes = []
+    for step in range(num_steps):
+        b["obs"][step] = obs
+        b["is_reset"][step] = is_reset
+        with torch.no_grad():
+            q = q_network(obs)
+        max_q, greedy = q.max(dim=1)
+        b["max_q"][step] = max_q
+        explore = torch.rand(num_envs, device=device) < epsilon
+        action = torch.where(explore, torch.randint(num_actions, (num_envs,), device=device), greedy)
+        b["actions"][step] = action
+
+        next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+        b["rewards"][step] = torch.as_tensor(reward, device=device)
+        b["terminations"][step] = torch.as_tensor(terminated, device=device)
+        b["truncations"][step] = torch.as_tensor(truncated, device=device)
+        obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
+        is_reset = torch.as_tensor(np.logical_or(terminated, truncated), device=device)
+        if "episode" in info:
+            ended = info["_episode"]
+            episodes += [(step, ret, length) for ret, length in zip(info["episode"]["r"][ended], info["episode"]["l"][ended])]
+
+    # The value after the last step bootstraps the last targets; the other next_q come from acting.
+    with torch.no_grad():
+        last_max_q = q_network(obs).max(dim=1).values
+    b["next_q"] = torch.cat([b["max_q"][1:], last_max_q[None]])
+    return b, obs, is_reset, episodes
+# --- end shared: gym_rollout ---
+
+
+# --- shared: td_loss ---
+def td_loss(q_taken: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the real transitions (mask = 1); reset steps (mask = 0) add nothing."""
+    return (mask * (q_taken - returns) ** 2).sum() / mask.sum().clamp(min=1.0)
+# --- end shared: td_loss ---
+
+
+# --- shared: pqn_update ---
+def update(q_network, optimizer, b, returns, update_epochs, minibatch_size, max_grad_norm):
+    """`update_epochs` passes over the rollout in shuffled minibatches of TD regression to the
+    Q(lambda) targets. Returns the mean TD loss and the mean Q of the actions taken."""
+    obs = b["obs"].flatten(0, 1)
+    actions = b["actions"].flatten()
+    returns = returns.flatten()
+    mask = (~b["is_reset"]).flatten().float()  # reset steps are not real transitions
+    batch_size = len(actions)
+    losses, q_taken_means = [], []
+    for _ in range(update_epochs):
+        order = torch.randperm(batch_size, device=obs.device)
+        for start in range(0, batch_size, minibatch_size):
+            mb = order[start : start + minibatch_size]
+            q_taken = q_network(obs[mb]).gather(1, actions[mb, None]).squeeze(1)
+            loss = td_loss(q_taken, returns[mb], mask[mb])
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(q_network.parameters(), max_grad_norm)
+            optimizer.step()
+            losses.append(loss.detach())
+            q_taken_means.append((q_taken.detach() * mask[mb]).sum() / mask[mb].sum().clamp(min=1.0))
+    return torch.stack(losses).mean().item(), torch.stack(q_taken_means).mean().item()
+# --- end shared: pqn_update ---
+
+
+# --- shared: gym_evaluate ---
+def evaluate(q_network, envs, seed: int) -> np.ndarray:
+    """Returns of one greedy episode per env (one each, so short episodes are not over-counted)."""
+    device = next(q_network.parameters()).device
+    obs, _ = envs.reset(seed=seed)
+    returns = np.zeros(envs.num_envs)
+    finished = np.zeros(envs.num_envs, dtype=bool)
+    while not finished.all():
+        with torch.no_grad():
+            actions = q_network(torch.as_tensor(obs, dtype=torch.float32, device=device)).argmax(dim=1)
+        obs, reward, terminated, truncated, _ = envs.step(actions.cpu().numpy())
+        returns += np.where(finished, 0.0, reward)
+        finished |= terminated | truncated
+    return returns
+# --- end shared: gym_evaluate ---
+
+
+# --- shared: progress ---
+class Progress:
+    """One status line: redrawn in place on a terminal, else printed at every tenth of the run."""
+
+    def __init__(self, total_steps: int):
+        self.total_steps = total_steps
+        self.tty = sys.stdout.isatty()
+        self.last_draw = 0.0
+        self.next_tenth = 1
+
+    def update(self, step: int, sps: float, recent_return: float):
+        line = f"step {step:>10,}/{self.total_steps:,} ({100 * step / self.total_steps:5.1f}%)  SPS {sps:>7,.0f}  return(last 20 ep) {recent_return:8.2f}"
+        if self.tty:
+            if time.time() - self.last_draw > 0.2 or step >= self.total_steps:
+                print("\r" + line, end="\n" if step >= self.total_steps else "", flush=True)
+                self.last_draw = time.time()
+        elif step * 10 >= self.next_tenth * self.total_steps:
+            print(line, flush=True)
+            self.next_tenth = step * 10 // self.total_steps + 1
+# --- end shared: progress ---
+
+
+def main(args: Args):
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    envs = make_envs(args, args.num_envs)
+    eval_envs = make_envs(args, args.eval_episodes)
+    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            raise UsageError("--track needs wandb: pip install -r requirements/wandb.txt") from None
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=asdict(args),
+            name=run_name,
+            save_code=True,
+        )
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+
+    channels, num_actions = envs.single_observation_space.shape[0], int(envs.single_action_space.n)
+    q_network, world_model = (net.to(device) for net in make_networks(channels, num_actions))
+    optimizer = torch.optim.RAdam(q_network.parameters(), lr=args.learning_rate, foreach=True)
+    model_optimizer = torch.optim.Adam(world_model.parameters(), lr=args.model_learning_rate)
+
+    def run_evaluation(global_step):
+        returns = evaluate(q_network, eval_envs, seed=args.seed + 1_000_000)
+        writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
+        print(f"eval at step {global_step}: greedy return {returns.mean():.2f} ± {returns.std():.2f} ({len(returns)} episodes)", flush=True)
+
+    obs, _ = envs.reset(seed=args.seed)
+    obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
+    is_reset = torch.zeros(args.num_envs, dtype=torch.bool, device=device)
+    recent_returns = collections.deque(maxlen=20)
+    progress = Progress(args.num_iterations * args.batch_size)
+    global_step = 0
+    start_time = time.time()
+    for iteration in range(1, args.num_iterations + 1):
+        if args.anneal_lr:
+            optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations)
+        epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, global_step)
+        b, obs, is_reset, episodes = rollout(envs, q_network, obs, is_reset, epsilon, args.num_steps)
+        b["final_obs"] = obs
+        for step, episodic_return, episodic_length in episodes:
+            writer.add_scalar("charts/episodic_return", episodic_return, global_step + (step + 1) * args.num_envs)
+            writer.add_scalar("charts/episodic_length", episodic_length, global_step + (step + 1) * args.num_envs)
+            recent_returns.append(episodic_return)
+        global_step += args.batch_size
+
+        # 1. PQN on the real rollout.
+        returns = q_lambda_returns(b["rewards"], b["terminations"], b["truncations"], b["next_q"], args.gamma, args.q_lambda)
+        td_loss_mean, q_values_mean = update(
+            q_network, optimizer, b, returns, args.update_epochs, args.minibatch_size, args.max_grad_norm
+        )
+        writer.add_scalar("losses/td_loss", td_loss_mean, global_step)
+        writer.add_scalar("losses/q_values", q_values_mean, global_step)
+
+        if args.planning_steps > 0:
+            # 2. The world model learns from the same real transitions.
+            model_stats = model_update(world_model, model_optimizer, b, args.update_epochs, args.minibatch_size, args.max_grad_norm)
+            for name, value in zip(["model_loss", "model_obs_loss", "model_reward_loss", "model_termination_loss", "model_obs_accuracy"], model_stats):
+                writer.add_scalar(f"losses/{name}", value, global_step)
+            # 3. Dyna: Q also learns from imagined steps, from the last real observations (not
+            #    from those that ended an episode: nothing follows them).
+            if iteration > args.planning_delay_updates:
+                planning_epsilon = epsilon if args.planning_epsilon is None else args.planning_epsilon
+                imagined = imagine(world_model, q_network, obs, ~is_reset, args.planning_steps, planning_epsilon)
+                planning_loss = planning_update(q_network, optimizer, imagined, args.gamma, args.minibatch_size, args.max_grad_norm)
+                writer.add_scalar("losses/planning_loss", planning_loss, global_step)
+
+        sps = global_step / (time.time() - start_time)
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        writer.add_scalar("charts/epsilon", epsilon, global_step)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        progress.update(global_step, sps, float(np.mean(recent_returns)) if recent_returns else float("nan"))
+        if args.eval_frequency and global_step // args.eval_frequency > (global_step - args.batch_size) // args.eval_frequency:
+            if iteration < args.num_iterations:  # the final evaluation follows the loop
+                run_evaluation(global_step)
+
+    run_evaluation(global_step)
+    if args.save_model:
+        path = f"runs/{run_name}/{args.exp_name}.pt"
+        torch.save({"q_network": q_network.state_dict(), "world_model": world_model.state_dict(), "args": asdict(args)}, path)
+        print(f"model saved to {path}")
+    envs.close()
+    eval_envs.close()
+    writer.close()
+
+
+if __name__ == "__main__":
+    try:
+        main(finalize_args(tyro.cli(Args)))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
