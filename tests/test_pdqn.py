@@ -1,0 +1,172 @@
+"""pdqn_minatar.py: world-model losses, imagined rollouts, planning off means plain PQN, logging."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pdqn_minatar as pdqn
+from helpers import error_line, only_run_dir, read_scalars, run_script
+from test_pqn_cli import CONVENTION_SCALARS
+
+MODEL_SCALARS = {
+    "losses/model_loss",
+    "losses/model_obs_loss",
+    "losses/model_reward_loss",
+    "losses/model_termination_loss",
+    "losses/model_obs_accuracy",
+}
+TINY = ["--num-envs", "8", "--num-steps", "16", "--num-minibatches", "4", "--eval-episodes", "2", "--max-episode-steps", "100", "--no-cuda"]
+
+
+def random_batch(B=6, C=4, A=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        (torch.rand(B, C, 10, 10, generator=g) < 0.1).float(),
+        torch.randint(A, (B,), generator=g),
+        (torch.rand(B, C, 10, 10, generator=g) < 0.1).float(),
+        torch.randn(B, generator=g),
+        (torch.rand(B, generator=g) < 0.3).float(),
+        torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 1.0]),
+    )
+
+
+def test_model_losses_match_references():
+    torch.manual_seed(0)
+    model = pdqn.WorldModel(4, 3)
+    obs, actions, next_obs, rewards, terms, mask = random_batch()
+    total, obs_loss, reward_loss, term_loss, accuracy = pdqn.model_losses(model, obs, actions, next_obs, rewards, terms, mask)
+    logits, reward_pred, term_logit = model(obs, actions)
+    real = mask.bool()
+    # Written out: binary cross-entropy per cell, averaged over cells, then over real transitions.
+    p = torch.sigmoid(logits[real])
+    bce = -(next_obs[real] * torch.log(p) + (1 - next_obs[real]) * torch.log(1 - p)).mean()
+    assert obs_loss.item() == pytest.approx(bce.item(), rel=1e-5)
+    assert reward_loss.item() == pytest.approx(((reward_pred[real] - rewards[real]) ** 2).mean().item(), rel=1e-5)
+    q = torch.sigmoid(term_logit[real])
+    term_bce = -(terms[real] * torch.log(q) + (1 - terms[real]) * torch.log(1 - q)).mean()
+    assert term_loss.item() == pytest.approx(term_bce.item(), rel=1e-5)
+    assert total.item() == pytest.approx((obs_loss + reward_loss + term_loss).item(), rel=1e-6)
+    assert accuracy.item() == pytest.approx(((logits[real] > 0).float() == next_obs[real]).float().mean().item(), rel=1e-6)
+    # Reset steps (mask 0) add nothing.
+    next_obs2, rewards2 = next_obs.clone(), rewards.clone()
+    next_obs2[~real], rewards2[~real] = 1.0 - next_obs2[~real], rewards2[~real] + 100.0
+    again = pdqn.model_losses(model, obs, actions, next_obs2, rewards2, terms, mask)
+    assert again[0].item() == pytest.approx(total.item(), rel=1e-6)
+
+
+def test_model_takes_the_action_into_account():
+    torch.manual_seed(0)
+    model = pdqn.WorldModel(4, 3)
+    obs = torch.zeros(3, 4, 10, 10)
+    logits, rewards, terms = model(obs, torch.tensor([0, 1, 2]))
+    assert logits.shape == (3, 4, 10, 10) and rewards.shape == (3,) and terms.shape == (3,)
+    assert not torch.allclose(logits[0], logits[1])
+
+
+class ScriptedModel(torch.nn.Module):
+    """Predicts cells with probability 0.3 or 0.7 at random, reward 1, and termination for env 0
+    at its second imagined step."""
+
+    num_actions = 3
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, obs, actions):
+        self.calls += 1
+        probs = torch.where(torch.rand(obs.shape) < 0.5, 0.3, 0.7)
+        terms = torch.full((obs.shape[0],), -5.0)
+        if self.calls == 2:
+            terms[0] = 5.0
+        return torch.logit(probs), torch.ones(obs.shape[0]), terms
+
+
+def test_imagined_rollouts_stay_binary_and_stop_at_a_predicted_termination():
+    torch.manual_seed(0)
+    q_network = pdqn.QNetwork(4, 3)
+    obs = (torch.rand(3, 4, 10, 10) < 0.2).float()
+    alive = torch.tensor([True, True, False])  # env 2's last real observation ended an episode
+    imagined = pdqn.imagine(ScriptedModel(), q_network, obs, alive, planning_steps=4, epsilon=0.0)
+    assert imagined["obs"].shape == (4, 3, 4, 10, 10)
+    assert set(imagined["next_obs"].unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(imagined["next_obs"][:-1], imagined["obs"][1:])
+    assert torch.equal(imagined["obs"][0], obs)
+    expected_alive = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 1, 0], [0, 1, 0]], dtype=torch.float32)
+    assert torch.equal(imagined["alive"], expected_alive)
+    assert imagined["terminations"][1, 0] == 1.0
+    # epsilon 0: the actions are greedy in the imagined observations.
+    greedy = q_network(imagined["obs"].flatten(0, 1)).argmax(1).view(4, 3)
+    assert torch.equal(imagined["actions"], greedy)
+
+
+def test_planning_update_uses_one_step_targets_on_live_transitions_only():
+    torch.manual_seed(0)
+    q_network = pdqn.QNetwork(4, 3)
+    imagined = pdqn.imagine(ScriptedModel(), q_network, (torch.rand(3, 4, 10, 10) < 0.2).float(), torch.ones(3, dtype=torch.bool), 4, 0.5)
+    dead = imagined["alive"] == 0
+    with torch.no_grad():
+        next_max = q_network(imagined["next_obs"].flatten(0, 1)).max(1).values.view(4, 3)
+        targets = imagined["rewards"] + 0.9 * (1 - imagined["terminations"]) * next_max
+        q_taken = q_network(imagined["obs"].flatten(0, 1)).gather(1, imagined["actions"].flatten()[:, None]).view(4, 3)
+    expected = ((q_taken - targets) ** 2)[~dead].mean()
+    optimizer = torch.optim.SGD(q_network.parameters(), lr=0.0)
+    loss = pdqn.planning_update(q_network, optimizer, imagined, 0.9, minibatch_size=12, max_grad_norm=10.0)
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_env_observations_are_float_channels_first():
+    args = pdqn.finalize_args(pdqn.Args(num_envs=2, num_steps=4, num_minibatches=1, total_timesteps=8))
+    envs = pdqn.make_envs(args, 2)
+    obs, _ = envs.reset(seed=0)
+    assert obs.shape == (2, 4, 10, 10) and obs.dtype == "float32" and set(obs.flatten().tolist()) <= {0.0, 1.0}
+    assert envs.single_observation_space.shape == (4, 10, 10)
+
+
+@pytest.mark.parametrize("planning_steps", ["0", "3"])
+def test_smoke_run_logs_metrics_and_planning_off_leaves_the_model_untouched(tmp_path, planning_steps):
+    result = run_script(
+        "pdqn_minatar.py", *TINY, "--total-timesteps", "640", "--planning-steps", planning_steps, "--planning-delay-updates", "2",
+        "--seed", "3", "--save-model", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    run_dir = only_run_dir(tmp_path)
+    scalars = read_scalars(run_dir)
+    assert CONVENTION_SCALARS <= set(scalars)
+    saved = torch.load(os.path.join(run_dir, "pdqn_minatar.pt"), weights_only=True)
+    torch.manual_seed(3)
+    _, fresh_model = pdqn.make_networks(4, 3)
+    fresh = fresh_model.state_dict()
+    unchanged = all(torch.equal(saved["world_model"][k], fresh[k]) for k in fresh)
+    if planning_steps == "0":
+        assert not (MODEL_SCALARS | {"losses/planning_loss"}) & set(scalars)
+        assert unchanged
+    else:
+        assert MODEL_SCALARS | {"losses/planning_loss"} <= set(scalars)
+        assert [s for s, _ in scalars["losses/planning_loss"]] == [384, 512, 640]  # after 2 updates
+        assert not unchanged
+
+
+def test_same_seed_builds_the_same_networks():
+    torch.manual_seed(3)
+    q1, m1 = pdqn.make_networks(4, 3)
+    torch.manual_seed(3)
+    q2, m2 = pdqn.make_networks(4, 3)
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+    assert F.mse_loss(q1(torch.zeros(1, 4, 10, 10)), q2(torch.zeros(1, 4, 10, 10))).item() == 0.0
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--env-id", "MinAtar/Pong-v1"], "unknown MinAtar env id 'MinAtar/Pong-v1'"),
+        (["--env-id", "CartPole-v1"], "unknown MinAtar env id 'CartPole-v1'"),
+        (["--num-minibatches", "3"], "not divisible by --num-minibatches 3"),
+        (["--planning-steps", "-1"], "--planning-steps must not be negative"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
+    line = error_line(run_script("pdqn_minatar.py", *TINY, *flags, cwd=tmp_path))
+    assert line.startswith("error: ") and message in line
