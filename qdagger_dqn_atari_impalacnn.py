@@ -624,6 +624,7 @@ def main(args: Args):
             if step < num_vector_steps - 1:  # the final evaluation follows the loop
                 scores = evaluate(student, eval_envs)
                 writer.add_scalar("eval/episodic_return", scores.mean(), global_step)
+                print(f"eval at step {global_step}: greedy score {scores.mean():.2f} ± {scores.std():.2f}", flush=True)
 
     scores = evaluate(student, eval_envs)
     writer.add_scalar("eval/episodic_return", scores.mean(), num_vector_steps * args.num_envs)
