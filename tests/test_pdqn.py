@@ -170,3 +170,9 @@ def test_same_seed_builds_the_same_networks():
 def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
     line = error_line(run_script("pdqn_minatar.py", *TINY, *flags, cwd=tmp_path))
     assert line.startswith("error: ") and message in line
+
+
+def test_async_vectorization_runs(tmp_path):
+    result = run_script("pdqn_minatar.py", *TINY, "--total-timesteps", "256", "--vectorization", "async", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(read_scalars(only_run_dir(tmp_path))["losses/td_loss"]) == 2
