@@ -396,11 +396,16 @@ def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> fl
     return max(end_e, start_e + (end_e - start_e) * t / duration)
 
 
-def epsilon_greedy(q_network, obs, epsilon, num_actions, device):
+def play_step(envs, q_network, rb, obs, is_reset, epsilon, game_stats, device):
+    """One epsilon-greedy vector step whose real transitions (not reset steps) go into `rb`.
+    Returns the next observation, which envs' next step is a reset step, and the games that ended."""
     with torch.no_grad():
         greedy = q_network(torch.as_tensor(obs, device=device)).argmax(dim=1).cpu().numpy()
     explore = np.random.random(len(obs)) < epsilon
-    return np.where(explore, np.random.randint(num_actions, size=len(obs)), greedy)
+    actions = np.where(explore, np.random.randint(int(envs.action_space.n), size=len(obs)), greedy)
+    next_obs, rewards, terminations, truncations, info = envs.step(actions)
+    rb.add(actions, rewards, terminations, next_obs, real=~is_reset)
+    return next_obs, terminations | truncations, game_stats.step(info, truncations)
 
 
 # --- shared: atari_evaluate ---
@@ -523,11 +528,8 @@ def main(args: Args):
     for step in range(0, args.teacher_steps // args.num_envs):
         teacher_step = (step + 1) * args.num_envs
         epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.teacher_steps, step * args.num_envs)
-        actions = epsilon_greedy(teacher, obs, epsilon, num_actions, device)
-        obs, rewards, terminations, truncations, info = envs.step(actions)
-        teacher_rb.add(actions, rewards, terminations, obs, real=~is_reset)
-        is_reset = terminations | truncations
-        for score, length in game_stats.step(info, truncations):
+        obs, is_reset, games = play_step(envs, teacher, teacher_rb, obs, is_reset, epsilon, game_stats, device)
+        for score, _ in games:
             writer.add_scalar("charts/teacher/episodic_return", score, teacher_step)
     writer.add_scalar("charts/teacher/SPS", args.teacher_steps / (time.time() - start_time), args.teacher_steps)
     print(f"phase 1: {len(teacher_rb):,} teacher transitions in {time.time() - start_time:.0f} s", flush=True)
@@ -591,11 +593,8 @@ def main(args: Args):
     for step in range(num_vector_steps):
         global_step = (step + 1) * args.num_envs
         epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, step * args.num_envs)
-        actions = epsilon_greedy(student, obs, epsilon, num_actions, device)
-        obs, rewards, terminations, truncations, info = envs.step(actions)
-        rb.add(actions, rewards, terminations, obs, real=~is_reset)
-        is_reset = terminations | truncations
-        for score, length in game_stats.step(info, truncations):
+        obs, is_reset, games = play_step(envs, student, rb, obs, is_reset, epsilon, game_stats, device)
+        for score, length in games:
             writer.add_scalar("charts/episodic_return", score, global_step)
             writer.add_scalar("charts/episodic_length", length, global_step)
             student_scores.append(score)

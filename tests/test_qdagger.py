@@ -17,20 +17,38 @@ def buffer_args(**overrides):
     return args
 
 
+class RecordingEnvs:
+    """Passes steps through to the envs and keeps each step's actions and results."""
+
+    def __init__(self, envs):
+        self.envs, self.action_space, self.steps = envs, envs.action_space, []
+
+    def step(self, actions):
+        out = self.envs.step(actions)
+        self.steps.append((actions, *out))
+        return out
+
+
+class Zeros(torch.nn.Module):
+    def forward(self, x):
+        return torch.zeros(len(x), 4)
+
+
 def fill_from_breakout(capacity, num_envs, num_steps, seed=0):
-    """A random rollout on real Breakout, stored in the buffer and, naively, in full."""
-    envs = qd.make_atari_envs("Breakout-v5", num_envs, seed, 4, buffer_args())
+    """Random play (epsilon 1) on real Breakout through the script's play_step, and, naively, every
+    real transition in full."""
+    np.random.seed(seed)
+    envs = RecordingEnvs(qd.make_atari_envs("Breakout-v5", num_envs, seed, 4, buffer_args()))
     rb = qd.FrameReplayBuffer(capacity, num_envs)
     naive = [[] for _ in range(num_envs)]
-    rng = np.random.default_rng(seed)
-    obs, _ = envs.reset()
+    obs, _ = envs.envs.reset()
     rb.observe(obs)
     is_reset = np.zeros(num_envs, dtype=bool)
     counts = {"real": 0, "reset": 0, "game_starts": 0, "truncated": 0}
+    stats = qd.GameStats(num_envs)
     for _ in range(num_steps):
-        actions = rng.integers(4, size=num_envs)
-        next_obs, rewards, term, trunc, info = envs.step(actions)
-        rb.add(actions, rewards, term, next_obs, real=~is_reset)
+        next_obs, next_is_reset, _ = qd.play_step(envs, Zeros(), rb, obs, is_reset, 1.0, stats, "cpu")
+        actions, _, rewards, term, trunc, info = envs.steps[-1]
         for n in range(num_envs):
             if not is_reset[n]:
                 naive[n].append((obs[n], actions[n], rewards[n], next_obs[n], float(term[n])))
@@ -38,8 +56,8 @@ def fill_from_breakout(capacity, num_envs, num_steps, seed=0):
         counts["reset"] += int(is_reset.sum())
         counts["truncated"] += int(trunc.sum())
         counts["game_starts"] += int(((info["terminated"] == 1) | trunc).sum())
-        is_reset = term | trunc
-        obs = next_obs
+        assert np.array_equal(next_is_reset, term | trunc)
+        is_reset, obs = next_is_reset, next_obs
     return rb, naive, counts
 
 
