@@ -244,8 +244,8 @@ def planning_update(q_network, optimizer, imagined, gamma, minibatch_size, max_g
 def model_update(model, optimizer, b, update_epochs, minibatch_size, max_grad_norm):
     """`update_epochs` passes of minibatch updates of the world model on the real rollout.
     Returns the mean of (total loss, obs loss, reward loss, termination loss, cell accuracy)."""
+    # The observation each step returned: for a step that ended an episode, its final observation.
     next_obs = torch.cat([b["obs"][1:], b["final_obs"][None]])
-    # The observation a step returned: for a step that ended an episode, its final observation.
     flat = {
         "obs": b["obs"].flatten(0, 1), "actions": b["actions"].flatten(), "next_obs": next_obs.flatten(0, 1),
         "rewards": b["rewards"].flatten(), "terminations": b["terminations"].flatten(),
