@@ -1,0 +1,250 @@
+"""Turns the finished runs of a benchmark into a results table and learning curves.
+
+    python benchmark/report.py --benchmark pqn_classic_control --machine "2-core CPU, no GPU" \\
+        --command "bash benchmark/pqn.sh classic"
+
+The runs are the ones benchmark/run.py finished for that benchmark: each
+benchmark/logs/<benchmark>/*.done marker names a run directory under runs/, so other runs in runs/
+do not count. Their TensorBoard event files are read with TensorBoard's EventAccumulator, the runs
+are grouped by (env, exp name = variant), and two files are written:
+
+  benchmark/results/<benchmark>.md   per env and variant: seeds, final behaviour and greedy
+                                     return (mean ± std over seeds), wall time, SPS, with the
+                                     definitions, the machine and the commands
+  benchmark/results/<benchmark>.png  learning curves, one panel per env, one line per variant
+                                     (needs matplotlib: pip install -r requirements/plot.txt)
+"""
+
+import argparse
+import glob
+import math
+import os
+import re
+import shlex
+import sys
+import warnings
+
+import numpy as np
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+# run.py is in this directory, which Python puts first on sys.path when it runs this file.
+from run import ROOT, Parser, fail, format_duration, logged_command, logs_dir, read_marker
+
+TAIL = 0.1  # the behaviour return of a run: its episodes in this last fraction of its env steps
+BINS = 50  # the learning curves: equal-width bins of env steps
+# Tags logged against env steps (CONVENTIONS section 4): the largest step among them is the run's length.
+ENV_STEP_TAGS = ("charts/SPS", "charts/episodic_return", "eval/episodic_return")
+
+
+def finished_runs(root, benchmark):
+    """One dict per .done marker: exp, env_id, seed, run_dir, and the command from the run's log."""
+    runs = []
+    for done in sorted(glob.glob(os.path.join(glob.escape(logs_dir(root, benchmark)), "*.done"))):
+        stem = os.path.basename(done)[: -len(".done")]
+        exp, env_name, seed = stem.split("__")[0], "__".join(stem.split("__")[1:-1]), stem.split("__")[-1]
+        run_dir = os.path.join(root, read_marker(done))
+        if not os.path.isdir(run_dir):
+            print(f"warning: {done} names {run_dir}, which does not exist; left out", file=sys.stderr)
+            continue
+        # The log's first line is `# command: ...`; it also gives the env id with its `/` (MinAtar/...).
+        command, env_id = logged_command(done[: -len(".done")] + ".log"), env_name
+        argv = shlex.split(command) if command else []
+        if "--env-id" in argv[:-1]:
+            env_id = argv[argv.index("--env-id") + 1]
+        runs.append(dict(exp=exp, env_id=env_id, seed=int(seed) if seed.isdigit() else seed, run_dir=run_dir, command=command))
+    return runs
+
+
+def read_run(run_dir):
+    """The scalars of a run, {tag: (steps, values)}, and its wall time from the first to the last event."""
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0, "tensors": 0})  # 0: keep every event
+    acc.Reload()
+    scalars, wall_times = {}, []
+    for tag in acc.Tags()["scalars"]:
+        events = acc.Scalars(tag)
+        scalars[tag] = (np.array([e.step for e in events]), np.array([e.value for e in events], dtype=float))
+        wall_times += [e.wall_time for e in events]
+    for tag in acc.Tags()["tensors"]:  # the hyperparameters text, written when the run starts
+        wall_times += [e.wall_time for e in acc.Tensors(tag)]
+    return scalars, (max(wall_times) - min(wall_times)) if wall_times else math.nan
+
+
+def summarize(run):
+    """Adds to a run the numbers of the table: env steps, behaviour and greedy return, SPS, wall time."""
+    scalars, run["wall_time"] = read_run(run["run_dir"])
+    run["scalars"] = scalars
+    run["steps"] = max((int(scalars[tag][0].max()) for tag in ENV_STEP_TAGS if tag in scalars), default=0)
+    steps, returns = scalars.get("charts/episodic_return", (np.array([]), np.array([])))
+    tail = returns[steps >= (1 - TAIL) * run["steps"]]
+    run["behaviour"] = tail.mean() if len(tail) else (returns[-1] if len(returns) else math.nan)
+    run["greedy"] = scalars["eval/episodic_return"][1][-1] if "eval/episodic_return" in scalars else math.nan
+    run["sps"] = scalars["charts/SPS"][1][-1] if "charts/SPS" in scalars else math.nan
+    return run
+
+
+def mean_std(values):
+    """'mean ± std' over seeds (population std, ddof=0), of the values that exist; '—' if none."""
+    values = np.array([v for v in values if not math.isnan(v)])
+    return f"{values.mean():.1f} ± {values.std():.1f}" if len(values) else "—"
+
+
+def binned_curve(steps, values, total):
+    """Mean episodic return in BINS equal bins of env steps over [0, total]; an empty bin keeps the last value."""
+    edges = np.linspace(0, total, BINS + 1)
+    index = np.clip(np.searchsorted(edges, steps, side="right") - 1, 0, BINS - 1)
+    counts = np.bincount(index, minlength=BINS)
+    sums = np.bincount(index, weights=values, minlength=BINS)
+    curve = np.full(BINS, np.nan)
+    curve[counts > 0] = sums[counts > 0] / counts[counts > 0]
+    for i in range(1, BINS):
+        if np.isnan(curve[i]):
+            curve[i] = curve[i - 1]
+    return (edges[:-1] + edges[1:]) / 2, curve
+
+
+def import_pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        fail("the learning curves need matplotlib: pip install -r requirements/plot.txt (or pass --no-plot)")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(groups, envs, variants, title, path):
+    """One panel per env: per variant the mean binned curve over seeds with a ±std band, and greedy evaluations."""
+    plt = import_pyplot()
+    from matplotlib.ticker import EngFormatter
+
+    cols = min(3, len(envs))
+    rows = math.ceil(len(envs) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(envs) :]:
+        ax.set_visible(False)
+    for ax, env_id in zip(axes.flat, envs):
+        for i, exp in enumerate(variants):
+            runs = groups.get((env_id, exp))
+            if not runs:
+                continue
+            color = f"C{i}"
+            total = max(run["steps"] for run in runs)
+            curves = [binned_curve(*run["scalars"]["charts/episodic_return"], total)[1] for run in runs if "charts/episodic_return" in run["scalars"]]
+            if curves and total > 0:
+                x = binned_curve(np.array([]), np.array([]), total)[0]
+                with warnings.catch_warnings():  # bins before any seed's first episode are all-NaN
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    mean, std = np.nanmean(curves, axis=0), np.nanstd(curves, axis=0)
+                ax.plot(x, mean, color=color, label=f"{exp} (behaviour, {len(curves)} seeds)")
+                ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+            evals = {}
+            for run in runs:
+                if "eval/episodic_return" in run["scalars"]:
+                    for step, value in zip(*run["scalars"]["eval/episodic_return"]):
+                        evals.setdefault(int(step), []).append(value)
+            if evals:
+                eval_steps = sorted(evals)
+                ax.plot(eval_steps, [np.mean(evals[s]) for s in eval_steps], "o", color=color, markeredgecolor="black", label=f"{exp} (greedy)")
+        ax.set_title(env_id)
+        ax.set_xlabel("env steps")
+        ax.set_ylabel("episodic return")
+        ax.xaxis.set_major_formatter(EngFormatter())
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(benchmark, groups, envs, variants, machine, made_with, png):
+    lines = [f"# Benchmark `{benchmark}`", ""]
+    if made_with:
+        lines += [f"Made with `{made_with}`.", ""]
+    lines += [f"Machine: {machine or 'not given (report.py --machine)'}.", ""]
+    lines += ["| env | variant | seeds | behaviour return | greedy return | wall time | SPS |", "|---|---|---|---|---|---|---|"]
+    for env_id in envs:
+        for exp in variants:
+            runs = groups.get((env_id, exp))
+            if runs:
+                wall = np.mean([run["wall_time"] for run in runs])
+                sps = [run["sps"] for run in runs if not math.isnan(run["sps"])]
+                lines.append(
+                    f"| {env_id} | {exp} | {len(runs)} | {mean_std([run['behaviour'] for run in runs])} "
+                    f"| {mean_std([run['greedy'] for run in runs])} | {format_duration(wall) if not math.isnan(wall) else '—'} "
+                    f"| {f'{np.mean(sps):,.0f}' if sps else '—'} |"
+                )
+    lines += [
+        "",
+        "- **seeds**: the number of finished runs (one per seed); the seeds are in the commands below.",
+        "- **behaviour return**: per run, the mean `charts/episodic_return` (ε-greedy behaviour policy) of the "
+        f"episodes that ended in the last {TAIL:.0%} of the run's env steps (the last episode's return if none ended "
+        "there); then mean ± std over seeds.",
+        "- **greedy return**: per run, the last `eval/episodic_return` (greedy policy, evaluated after the last "
+        "update); then mean ± std over seeds; — if the runs logged no evaluation.",
+        "- **std** is the population standard deviation over seeds (numpy's default, ddof = 0).",
+        "- **wall time**: per run, from the first to the last event of its TensorBoard file; mean over seeds.",
+        "- **SPS**: per run, the last `charts/SPS` (env steps per second from the start of training); mean over seeds.",
+        "- The env steps of a run are the largest step it logged for `charts/SPS`, `charts/episodic_return` or "
+        "`eval/episodic_return`.",
+    ]
+    if png:
+        lines += [
+            "",
+            f"![learning curves]({png})",
+            "",
+            f"Learning curves: per run, `charts/episodic_return` averaged in {BINS} equal bins of env steps (a bin "
+            "without an episode keeps the previous value); the line is the mean over seeds and the band ± one std; "
+            "the points are the greedy evaluations (`eval/episodic_return`), mean over seeds.",
+        ]
+    lines += ["", "## Commands", "", "Run from the repository root by `benchmark/run.py` (with `OMP_NUM_THREADS=1` unless set otherwise):", ""]
+    lines += ["```"]
+    for env_id in envs:
+        for exp in variants:
+            runs = groups.get((env_id, exp), [])
+            commands = {}
+            for run in runs:
+                if run["command"]:
+                    command = re.sub(r"--seed \S+", "--seed S", run["command"], count=1)
+                    commands.setdefault(command, []).append(str(run["seed"]))
+            for command, seeds in commands.items():
+                lines.append(f"{command}    # S = {', '.join(seeds)}")
+    lines += ["```", ""]
+    return "\n".join(lines)
+
+
+def main(argv):
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--benchmark", required=True, help="the --benchmark given to run.py")
+    parser.add_argument("--machine", help='the machine the runs ran on, for the report, e.g. "2-core CPU, no GPU"')
+    parser.add_argument("--command", help='what made the benchmark, for the report, e.g. "bash benchmark/pqn.sh classic"')
+    parser.add_argument("--root", default=ROOT, help="where runs/ and benchmark/ are (default: the repository root)")
+    parser.add_argument("--no-plot", action="store_true", help="write only the table (no matplotlib needed)")
+    args = parser.parse_args(argv)
+    root = os.path.abspath(args.root)
+    if not args.no_plot:
+        import_pyplot()  # fails now, not after reading every run, when matplotlib is missing
+    runs = finished_runs(root, args.benchmark)
+    if not runs:
+        fail(f"benchmark {args.benchmark!r} has no finished runs (no .done files in {logs_dir(root, args.benchmark)})")
+    groups = {}
+    for run in sorted(runs, key=lambda run: str(run["seed"]).zfill(12)):
+        groups.setdefault((run["env_id"], run["exp"]), []).append(summarize(run))
+    envs = sorted({env_id for env_id, _ in groups})
+    variants = sorted({exp for _, exp in groups})
+    results = os.path.join(root, "benchmark", "results")
+    os.makedirs(results, exist_ok=True)
+    png = None
+    if not args.no_plot:
+        png = f"{args.benchmark}.png"
+        plot(groups, envs, variants, f"{args.benchmark}: mean ± std over seeds", os.path.join(results, png))
+    md = os.path.join(results, f"{args.benchmark}.md")
+    with open(md, "w", encoding="utf-8") as f:
+        f.write(markdown(args.benchmark, groups, envs, variants, args.machine, args.command, png))
+    print(f"wrote {md}" + (f" and {os.path.join(results, png)}" if png else "") + f" ({len(runs)} runs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
