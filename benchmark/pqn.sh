@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# PQN benchmarks. Each block runs its commands with benchmark/run.py (3 seeds, resumable: runs that
+# finished are skipped when the script is run again) and then writes
+# benchmark/results/<benchmark>.md and .png with benchmark/report.py.
+#
+#   classic  pqn_classic_control: pqn.py on CartPole-v1 and Acrobot-v1 (default flags) and on
+#            MountainCar-v0 with --exploration-fraction 0.1 --q-lambda 0.95; 500k steps (the default).
+#            Measured on a 2-core x86-64 CPU without GPU, two runs at a time: CartPole 129–157 s,
+#            Acrobot 173–200 s, MountainCar 134–155 s per run; from these, the 9 runs take about
+#            15 min with 2 workers.
+#   atari    pqn_atari: pqn_atari_envpool.py on Breakout-v5, Pong-v5, BeamRider-v5; 10M steps.
+#   lstm     pqn_atari_lstm: pqn_atari_envpool_lstm.py on Breakout-v5, BeamRider-v5; 10M steps.
+#            The Atari blocks need a GPU and have not been timed on one here (for scale only:
+#            cleanrl reports about 43 min per 10M-step run of its PQN on Atari with a GPU). On the
+#            2-core CPU above, PQN trained at 363 env steps/s over its first 49k steps (README):
+#            about 8 h per 10M-step run if that rate held.
+#
+# Usage (from anywhere):  bash benchmark/pqn.sh [classic] [atari] [lstm]     (no argument: all three)
+# Environment variables:
+#   SEEDS         the seeds (default "1 2 3")
+#   WORKERS       runs at a time (default 2 for classic, 1 for atari and lstm)
+#   EXTRA_FLAGS   flags appended to every command, e.g. "--total-timesteps 100000"
+#   SUFFIX        appended to the benchmark names (a run with other flags needs another name)
+#   ATARI_ENVS, LSTM_ENVS   the env ids of the Atari blocks
+#   RUNNER_FLAGS  flags for run.py: "--dry-run" prints the commands; "--slurm --slurm-gpus 1" submits
+#                 them as slurm jobs (see python benchmark/run.py --help); the report is then skipped
+#   MACHINE       the machine line of the report (default: this machine's cores, CPU and GPU)
+#   PYTHON        the Python to run (default: python)
+# A smaller version (1 seed, 100k steps: 3 runs of roughly 30–40 s each, scaled from the times above):
+#   SEEDS=1 EXTRA_FLAGS="--total-timesteps 100000" SUFFIX=_short bash benchmark/pqn.sh classic
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# How the script was called, for the report: the variables above that are set, and the blocks.
+invocation=$(for v in SEEDS WORKERS EXTRA_FLAGS SUFFIX ATARI_ENVS LSTM_ENVS; do [ -z "${!v:-}" ] || printf '%s="%s" ' "$v" "${!v}"; done)
+SELF=benchmark/pqn.sh
+PYTHON=${PYTHON:-python}
+SEEDS=${SEEDS:-"1 2 3"}
+EXTRA_FLAGS=${EXTRA_FLAGS:-}
+SUFFIX=${SUFFIX:-}
+RUNNER_FLAGS=${RUNNER_FLAGS:-}
+ATARI_ENVS=${ATARI_ENVS:-"Breakout-v5 Pong-v5 BeamRider-v5"}
+LSTM_ENVS=${LSTM_ENVS:-"Breakout-v5 BeamRider-v5"}
+status=0
+
+# machine: this machine's cores, CPU model and GPU, for the report.
+machine() {
+    local cpu gpu
+    cpu=$(grep -m1 "model name" /proc/cpuinfo 2>/dev/null | cut -d: -f2 | sed 's/^ *//' || true)
+    gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 || true)
+    echo "$(getconf _NPROCESSORS_ONLN)-core CPU${cpu:+ ($cpu)}, ${gpu:-no GPU}"
+}
+
+# quote WORD...: the words as a shell reads them back (single quotes where needed).
+quote() {
+    local word out=()
+    for word in "$@"; do
+        if [[ $word =~ ^[A-Za-z0-9_./:=-]+$ ]]; then out+=("$word"); else out+=("'${word//\'/\'\\\'\'}'"); fi
+    done
+    echo "${out[*]}"
+}
+
+# run BENCHMARK WORKERS EXP SCRIPT "ENV ..." FLAG...: one run.py call; a failure is remembered, not fatal.
+run() {
+    local benchmark=$1 workers=$2 exp=$3 script=$4 envs=$5
+    shift 5
+    # shellcheck disable=SC2086  # SEEDS, envs, RUNNER_FLAGS and EXTRA_FLAGS are lists of words
+    $PYTHON benchmark/run.py --benchmark "$benchmark" --exp-name "$exp" --script "$script" --env-ids $envs \
+        --seeds $SEEDS --workers "$workers" $RUNNER_FLAGS -- "$@" $EXTRA_FLAGS || status=1
+}
+
+# report BENCHMARK ARGS: the table and curves, unless the commands were only shown or submitted.
+report() {
+    local args=(--benchmark "$1" --machine "${MACHINE:-$(machine)}" --command "${invocation}bash $SELF${2:+ $2}")
+    case " $RUNNER_FLAGS " in
+        *" --dry-run "* | *" --slurm "*) echo "# when the runs have finished: python benchmark/report.py $(quote "${args[@]}")" ;;
+        *) $PYTHON benchmark/report.py "${args[@]}" || status=1 ;;
+    esac
+}
+
+blocks=("$@")
+[ ${#blocks[@]} -gt 0 ] || blocks=(classic atari lstm)
+for block in "${blocks[@]}"; do
+    case $block in
+        classic)
+            name=pqn_classic_control$SUFFIX
+            run "$name" "${WORKERS:-2}" pqn pqn.py "CartPole-v1 Acrobot-v1"
+            run "$name" "${WORKERS:-2}" pqn pqn.py MountainCar-v0 --exploration-fraction 0.1 --q-lambda 0.95
+            report "$name" classic
+            ;;
+        atari)
+            run "pqn_atari$SUFFIX" "${WORKERS:-1}" pqn pqn_atari_envpool.py "$ATARI_ENVS"
+            report "pqn_atari$SUFFIX" atari
+            ;;
+        lstm)
+            run "pqn_atari_lstm$SUFFIX" "${WORKERS:-1}" pqn pqn_atari_envpool_lstm.py "$LSTM_ENVS"
+            report "pqn_atari_lstm$SUFFIX" lstm
+            ;;
+        *)
+            echo "error: unknown block $block (use classic, atari or lstm)" >&2
+            exit 2
+            ;;
+    esac
+done
+exit $status
