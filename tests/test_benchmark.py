@@ -1,0 +1,310 @@
+"""benchmark/: the runner (dry run, skipping finished runs, failures, placeholders, slurm job files),
+the report (its numbers against numpy on synthetic TensorBoard files, the PNG) and the shell scripts."""
+
+import glob
+import os
+import re
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+from helpers import ROOT, error_line
+
+RUN = os.path.join(ROOT, "benchmark", "run.py")
+REPORT = os.path.join(ROOT, "benchmark", "report.py")
+
+# Stands in for a training script: makes runs/<env>__<exp>__<seed>__<time>/ as the real ones do,
+# prints what it got, and fails for the env named in $FAKE_FAIL_ENV.
+FAKE_SCRIPT = """\
+import argparse, os, sys, time
+parser = argparse.ArgumentParser()
+for flag in ("--env-id", "--seed", "--exp-name", "--teacher", "--tag"):
+    parser.add_argument(flag)
+args = parser.parse_args()
+print("argv", sys.argv[1:], "OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS"))
+if args.env_id == os.environ.get("FAKE_FAIL_ENV"):
+    sys.exit("fake failure")
+os.makedirs(f"runs/{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
+"""
+
+
+def call(tool, *flags, cwd=ROOT, env=None):
+    environ = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "FAKE_FAIL_ENV")}
+    return subprocess.run([sys.executable, tool, *flags], cwd=cwd, env=dict(environ, **(env or {})), capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def root(tmp_path):
+    (tmp_path / "fake.py").write_text(FAKE_SCRIPT)
+    return tmp_path
+
+
+def runner(root, *flags, extra=(), env=None, benchmark="b", exp="e", envs=("A", "MinAtar/B"), seeds=("1", "2")):
+    return call(
+        RUN, "--benchmark", benchmark, "--exp-name", exp, "--script", "fake.py", "--env-ids", *envs, "--seeds", *seeds,
+        "--root", str(root), *flags, "--", *extra, env=env,
+    )  # fmt: skip
+
+
+def logs(root, benchmark="b"):
+    return root / "benchmark" / "logs" / benchmark
+
+
+def test_dry_run_prints_the_commands_and_runs_nothing(root):
+    result = runner(root, "--dry-run", extra=["--tag", "{env_id}-{seed}"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "python fake.py --env-id A --seed 1 --exp-name e --tag A-1",
+        "python fake.py --env-id A --seed 2 --exp-name e --tag A-2",
+        "python fake.py --env-id MinAtar/B --seed 1 --exp-name e --tag MinAtar/B-1",
+        "python fake.py --env-id MinAtar/B --seed 2 --exp-name e --tag MinAtar/B-2",
+        "# 4 commands: 4 to run, 0 already done",
+    ]
+    assert sorted(os.listdir(root)) == ["fake.py"]
+
+
+def test_failures_do_not_stop_the_others_and_finished_runs_are_skipped(root):
+    result = runner(root, "--workers", "2", env={"FAKE_FAIL_ENV": "A"})
+    assert result.returncode == 1
+    # The two runs of A failed and are listed with their logs; those of MinAtar/B finished.
+    summary = result.stdout[result.stdout.index("b/e: 4 commands") :]
+    assert "2 finished, 0 skipped (already done), 2 failed" in summary
+    for seed in (1, 2):
+        assert f"FAILED: python fake.py --env-id A --seed {seed} --exp-name e" in summary
+        log = logs(root) / f"e__A__{seed}.log"
+        assert str(log) in summary and "fake failure" in log.read_text()
+        assert not (logs(root) / f"e__A__{seed}.done").exists()
+        # A finished run: its .done marker names the run directory it made; OMP_NUM_THREADS=1 by default.
+        run_dir = (logs(root) / f"e__MinAtar-B__{seed}.done").read_text().strip()
+        assert re.fullmatch(rf"runs/MinAtar-B__e__{seed}__\d+", run_dir) and (root / run_dir).is_dir()
+        assert "OMP_NUM_THREADS 1" in (logs(root) / f"e__MinAtar-B__{seed}.log").read_text()
+
+    # Run again: the finished runs are skipped, the failed ones run (and now finish).
+    result = runner(root, "--workers", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("# skipped, already done") == 2
+    assert "b/e: 4 commands, 2 finished, 2 skipped (already done), 0 failed" in result.stdout
+    assert len(glob.glob(str(root / "runs" / "MinAtar-B__e__1__*"))) == 1
+    assert len(glob.glob(str(root / "runs" / "A__e__1__*"))) == 1
+    assert runner(root, "--dry-run").stdout.splitlines()[-1] == "# 4 commands: 0 to run, 4 already done"
+
+    # The same runs with other flags are not taken as done: one error line.
+    result = runner(root, extra=["--tag", "x"])
+    assert error_line(result).startswith("error: 4 of these runs already finished in benchmark 'b' with another command")
+    assert result.returncode == 2
+
+
+def test_run_dir_placeholder_gives_the_run_directory_of_another_exp(root):
+    # The student needs the teacher of its env and seed; the teacher of A failed.
+    teacher = runner(root, exp="teacher", env={"FAKE_FAIL_ENV": "A"})
+    assert teacher.returncode == 1
+    student = runner(root, exp="student", extra=["--teacher", "{run_dir:teacher}/teacher.pt"])
+    assert student.returncode == 1
+    assert "needs the run of --exp-name teacher for A seed 1, which has not finished" in student.stdout
+    for seed in (1, 2):
+        teacher_dir = (logs(root) / f"teacher__MinAtar-B__{seed}.done").read_text().strip()
+        log = (logs(root) / f"student__MinAtar-B__{seed}.log").read_text()
+        assert f"'--teacher', '{teacher_dir}/teacher.pt'" in log
+        assert log.startswith(f"# command: python fake.py --env-id MinAtar/B --seed {seed} --exp-name student --teacher '{{run_dir:teacher}}/teacher.pt'\n")
+
+
+def fake_sbatch(tmp_path):
+    """An `sbatch` that records its arguments and answers job ids 101, 102, ... as `sbatch --parsable` does."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    calls = tmp_path / "sbatch_calls"
+    sbatch.write_text(f'#!/bin/bash\necho "$@" >> {calls}\necho "$((100 + $(wc -l < {calls})));cluster"\n')
+    sbatch.chmod(sbatch.stat().st_mode | stat.S_IEXEC)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, calls
+
+
+def test_slurm_writes_job_files_submits_them_and_the_jobs_work(root, tmp_path):
+    env, calls = fake_sbatch(tmp_path)
+    slurm_flags = ["--slurm", "--slurm-cpus", "4", "--slurm-gpus", "1", "--slurm-time", "2:00:00"]
+    # --dry-run: the job files are written, the sbatch commands printed, nothing submitted.
+    result = runner(root, *slurm_flags, "--dry-run", exp="teacher", envs=["A"], seeds=["1"], env=env)
+    assert result.returncode == 0, result.stderr
+    job_file = logs(root) / "slurm" / "teacher__A__1.sbatch"
+    assert result.stdout.splitlines()[0] == f"sbatch --parsable {job_file}"
+    assert job_file.exists() and not calls.exists()
+
+    assert runner(root, *slurm_flags, exp="teacher", envs=["A"], seeds=["1"], env=env).returncode == 0
+    result = runner(root, *slurm_flags, exp="student", envs=["A"], seeds=["1"], extra=["--teacher", "{run_dir:teacher}/t.pt"], env=env)
+    assert result.returncode == 0, result.stderr
+    student_file = logs(root) / "slurm" / "student__A__1.sbatch"
+    # The student waits for its teacher's job.
+    assert calls.read_text().splitlines() == [f"--parsable {job_file}", f"--parsable --dependency=afterok:101 {student_file}"]
+    text = job_file.read_text()
+    for line in ("#SBATCH --cpus-per-task=4", "#SBATCH --gres=gpu:1", "#SBATCH --time=2:00:00", f"#SBATCH --output={logs(root)}/teacher__A__1.log"):
+        assert line in text.splitlines()
+    assert "python fake.py --env-id A --seed 1 --exp-name teacher\n" in text
+    # Submitted jobs are not submitted again.
+    again = runner(root, *slurm_flags, exp="teacher", envs=["A"], seeds=["1"], env=env)
+    assert "# skipped, submitted before as job 101" in again.stdout and len(calls.read_text().splitlines()) == 2
+
+    # The job files do what slurm would run: the teacher marks itself done, the student gets its directory.
+    student = subprocess.run(["bash", str(student_file)], capture_output=True, text=True)
+    assert student.returncode == 1 and "the run of --exp-name teacher for this env and seed has not finished" in student.stdout
+    for path in (job_file, student_file):
+        assert subprocess.run(["bash", str(path)], capture_output=True, text=True).returncode == 0
+    teacher_dir = (logs(root) / "teacher__A__1.done").read_text().strip()
+    assert (root / teacher_dir).is_dir()
+    assert (logs(root) / "student__A__1.done").exists()
+    assert runner(root, "--dry-run", exp="student", envs=["A"], seeds=["1"]).stdout.startswith("# skipped, already done")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--script", "nope.py", "--env-ids", "A"], "error: --script nope.py: no such file in"),
+        (["--script", "fake.py", "--env-ids"], "error: argument --env-ids: expected at least one argument"),
+        (["--script", "fake.py"], "error: the following arguments are required: --env-ids"),
+        (["--script", "fake.py", "--env-ids", "A", "--", "--tag", "{env}"], "error: unknown placeholder {env} in '{env}'"),
+        (["--script", "fake.py", "--env-ids", "A", "--", "--seed", "3"], "error: --seed after --: give it to the runner"),
+        (["--script", "fake.py", "--env-ids", "A", "--workers", "0"], "error: --workers 0: must be at least 1"),
+    ],
+)
+def test_runner_bad_input_is_one_error_line(root, flags, message):
+    result = call(RUN, "--benchmark", "b", "--exp-name", "e", "--root", str(root), *flags)
+    assert error_line(result).startswith(message)
+    assert result.returncode == 2
+
+
+# Synthetic runs for the report: 2 variants × 2 envs × 3 seeds, 10,000 env steps each.
+ENVS = ["CartPole-v1", "MinAtar/Breakout-v1"]
+VARIANTS = ["pdqn", "pqn_minatar"]
+SEEDS = [1, 2, 3]
+STEPS = np.arange(250, 10_001, 250)  # an episode ends every 250 env steps
+T0 = 1_700_000_000
+
+
+def synthetic_run(root, env_id, exp, seed):
+    """Writes a run as the scripts do (and its .log and .done as run.py does); returns its known numbers."""
+    rng = np.random.default_rng([seed, ENVS.index(env_id), VARIANTS.index(exp)])
+    returns = np.round(rng.uniform(0, 100, len(STEPS)) + STEPS / 100, 2)
+    evals = [(5_000, float(rng.integers(0, 500))), (10_000, float(rng.integers(0, 500)))]
+    sps = float(rng.integers(1_000, 5_000))
+    wall = 140.0 + 11 * (seed - 1)  # 140, 151, 162 s
+    run_dir = f"runs/{env_id.replace('/', '-')}__{exp}__{seed}__{T0}"
+    writer = SummaryWriter(str(root / run_dir))
+    writer.add_text("hyperparameters", "|param|value|", walltime=T0)
+    for step, value in zip(STEPS, returns):
+        writer.add_scalar("charts/episodic_return", value, int(step), walltime=T0 + 1 + step / 100)
+    if not (exp == "pqn_minatar" and env_id == "CartPole-v1"):  # this variant has no evaluation there
+        for step, value in evals:
+            writer.add_scalar("eval/episodic_return", value, step, walltime=T0 + 100)
+    writer.add_scalar("charts/SPS", sps / 2, 5_000, walltime=T0 + 50)
+    writer.add_scalar("charts/SPS", sps, 10_000, walltime=T0 + wall)
+    writer.close()
+    stem = logs(root, "bench") / f"{exp}__{env_id.replace('/', '-')}__{seed}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    (stem.parent / (stem.name + ".done")).write_text(run_dir + "\n")
+    (stem.parent / (stem.name + ".log")).write_text(f"# command: python x.py --env-id {env_id} --seed {seed} --exp-name {exp} --k 1\n")
+    return dict(behaviour=returns[STEPS >= 9_000].mean(), greedy=evals[-1][1], sps=sps, wall=wall)
+
+
+def table_rows(md):
+    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| env ")]
+    return {(cells[0], cells[1]): cells[2:] for cells in ([c.strip() for c in row.strip("|").split("|")] for row in rows)}
+
+
+def test_report_table_holds_means_and_stds_over_seeds_and_a_png(tmp_path):
+    known = {(env_id, exp): [synthetic_run(tmp_path, env_id, exp, seed) for seed in SEEDS] for env_id in ENVS for exp in VARIANTS}
+    # A run in runs/ that run.py did not finish for this benchmark does not count.
+    writer = SummaryWriter(str(tmp_path / "runs" / f"CartPole-v1__pdqn__4__{T0}"))
+    writer.add_scalar("charts/episodic_return", 1e6, 10_000)
+    writer.close()
+
+    result = call(REPORT, "--benchmark", "bench", "--root", str(tmp_path), "--machine", "a test machine", "--command", "bash x.sh")
+    assert result.returncode == 0, result.stderr
+    md = (tmp_path / "benchmark" / "results" / "bench.md").read_text()
+    rows = table_rows(md)
+    assert set(rows) == set(known)
+    for key, runs in known.items():
+        seeds, behaviour, greedy, wall, sps = rows[key]
+        assert seeds == "3"
+        cells = [(behaviour, [r["behaviour"] for r in runs])]
+        if key == ("CartPole-v1", "pqn_minatar"):
+            assert greedy == "—"  # no evaluation logged
+        else:
+            cells.append((greedy, [r["greedy"] for r in runs]))
+        for cell, values in cells:
+            mean, std = (float(x) for x in cell.split(" ± "))
+            assert mean == pytest.approx(np.mean(values), abs=0.05) and std == pytest.approx(np.std(values), abs=0.05)
+        assert wall == "2 min 31 s"  # mean of 140, 151 and 162 s
+        assert float(sps.replace(",", "")) == pytest.approx(np.mean([r["sps"] for r in runs]), abs=0.5)
+    assert "Machine: a test machine." in md and "Made with `bash x.sh`." in md
+    assert "ddof = 0" in md
+    assert "python x.py --env-id MinAtar/Breakout-v1 --seed S --exp-name pdqn --k 1    # S = 1, 2, 3" in md
+    png = tmp_path / "benchmark" / "results" / "bench.png"
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and "![learning curves](bench.png)" in md
+
+
+def test_report_without_finished_runs_is_one_error_line(tmp_path):
+    result = call(REPORT, "--benchmark", "nothing", "--root", str(tmp_path))
+    assert error_line(result) == f"error: benchmark 'nothing' has no finished runs (no .done files in {tmp_path}/benchmark/logs/nothing)"
+    assert result.returncode == 2
+
+
+def test_report_without_matplotlib_says_how_to_install_it_or_writes_only_the_table(tmp_path):
+    synthetic_run(tmp_path, "CartPole-v1", "pdqn", 1)
+    no_matplotlib = tmp_path / "no_matplotlib" / "matplotlib"
+    no_matplotlib.mkdir(parents=True)
+    (no_matplotlib / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
+    env = {"PYTHONPATH": str(no_matplotlib.parent)}
+    result = call(REPORT, "--benchmark", "bench", "--root", str(tmp_path), env=env)
+    assert error_line(result) == "error: the learning curves need matplotlib: pip install -r requirements/plot.txt (or pass --no-plot)"
+    result = call(REPORT, "--benchmark", "bench", "--root", str(tmp_path), "--no-plot", env=env)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path / "benchmark" / "results")) == ["bench.md"]
+    assert "| CartPole-v1 | pdqn | 1 |" in (tmp_path / "benchmark" / "results" / "bench.md").read_text()
+
+
+def test_learning_curve_bins_average_and_carry_forward():
+    sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+    try:
+        import report
+    finally:
+        sys.path.pop(0)
+    steps = np.array([5, 15, 250, 255, 900, 1000])
+    x, curve = report.binned_curve(steps, np.array([1.0, 3.0, 5.0, 7.0, 9.0, 11.0]), total=1000)
+    assert len(x) == report.BINS == 50 and x[0] == 10 and x[-1] == 990  # centres of the bins [0, 20), [20, 40), ...
+    assert curve[0] == 2.0 and curve[12] == 6.0 and curve[45] == 9.0 and curve[49] == 11.0  # means of the episodes in a bin
+    assert np.all(curve[1:12] == 2.0) and np.all(curve[13:45] == 6.0) and np.all(curve[46:49] == 9.0)  # carried forward
+    _, curve = report.binned_curve(np.array([500]), np.array([4.0]), total=1000)
+    assert np.all(np.isnan(curve[:25])) and np.all(curve[25:] == 4.0)  # nothing before the first episode
+
+
+@pytest.mark.parametrize("script", ["pqn.sh", "pdqn.sh", "qdagger.sh"])
+def test_shell_scripts_print_their_commands_in_a_dry_run(script):
+    path = os.path.join(ROOT, "benchmark", script)
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    env = dict(os.environ, RUNNER_FLAGS="--dry-run", SEEDS="1 2", EXTRA_FLAGS="--total-timesteps 1000")
+    result = subprocess.run(["bash", path], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    expected = {
+        "pqn.sh": [
+            "python pqn.py --env-id CartPole-v1 --seed 2 --exp-name pqn --total-timesteps 1000",
+            "python pqn.py --env-id MountainCar-v0 --seed 1 --exp-name pqn --exploration-fraction 0.1 --q-lambda 0.95 --total-timesteps 1000",
+            "python pqn_atari_envpool.py --env-id Pong-v5 --seed 1 --exp-name pqn --total-timesteps 1000",
+            "python pqn_atari_envpool_lstm.py --env-id BeamRider-v5 --seed 2 --exp-name pqn --total-timesteps 1000",
+        ],
+        "pdqn.sh": [
+            "python pdqn_minatar.py --env-id MinAtar/Seaquest-v1 --seed 2 --exp-name pdqn --eval-frequency 1000000 --total-timesteps 1000",
+            "python pdqn_minatar.py --env-id MinAtar/Breakout-v1 --seed 1 --exp-name pqn_minatar --eval-frequency 1000000 --planning-steps 0 --total-timesteps 1000",
+        ],
+        "qdagger.sh": [
+            "python pqn_atari_envpool.py --env-id Breakout-v5 --seed 1 --exp-name pqn_teacher --save-model --total-timesteps 1000",
+            "python qdagger_dqn_atari_impalacnn.py --env-id Breakout-v5 --seed 1 --exp-name qdagger --teacher-model-path '{run_dir:pqn_teacher}/pqn_teacher.pt' --total-timesteps 1000",
+        ],
+    }[script]
+    # A command is printed to run, or as skipped when this repository has already finished it.
+    lines = [re.sub(r"^# skipped, already done \(.*?\): ", "", line) for line in result.stdout.splitlines()]
+    for command in expected:
+        assert command in lines
+    assert "# when the runs have finished: python benchmark/report.py --benchmark" in result.stdout
