@@ -68,6 +68,10 @@ class Args:
     """evaluate the greedy policy every this many env steps (0: only at the end of training)"""
     eval_episodes: int = 10
     """the number of greedy evaluation episodes"""
+    compile: bool = False
+    """torch.compile the acting step, the Q(lambda) targets and the gradient step (costs start-up time)"""
+    cudagraphs: bool = False
+    """record those steps as CUDA graphs and replay them (GPU only; with --compile, Inductor kernels inside the graphs)"""
 
     # Computed from the above after parsing.
     batch_size: int = field(default=0, init=False)
@@ -91,6 +95,8 @@ def finalize_args(args: Args) -> Args:
     for name in ["gamma", "q_lambda", "start_e", "end_e", "exploration_fraction"]:
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if args.cudagraphs and not (args.cuda and torch.cuda.is_available()):
+        raise UsageError("--cudagraphs needs a CUDA GPU and none is available; on the CPU use --compile")
     args.batch_size = args.num_envs * args.num_steps
     if args.batch_size % args.num_minibatches != 0:
         raise UsageError(
@@ -121,7 +127,7 @@ def make_envs(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
     if envs.metadata.get("autoreset_mode") != gym.vector.AutoresetMode.NEXT_STEP:
         envs.close()
         raise UsageError(f"{env_id}: the vector env must auto-reset on the next step")
-    return gym.wrappers.vector.RecordEpisodeStatistics(envs)
+    return envs
 
 
 class QNetwork(nn.Module):
@@ -169,17 +175,54 @@ def q_lambda_returns(rewards, terminations, truncations, next_q, gamma, q_lambda
 # --- end shared: q_lambda_returns ---
 
 
+def set_learning_rate(optimizer, lr: float):
+    group = optimizer.param_groups[0]
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(lr)  # in place: a compiled step reads this very tensor
+    else:
+        group["lr"] = lr
+
+
 def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> float:
     if duration <= 0:
         return end_e
     return max(end_e, start_e + (end_e - start_e) * t / duration)
 
 
+# --- shared: pqn_act ---
+@torch.no_grad()
+def act(q_network, obs, epsilon):
+    """Epsilon-greedy actions, and max_a Q(obs, a): the bootstrap value when obs ends an episode.
+    `epsilon` is a 0-d tensor, so a compiled `act` does not recompile as it decays."""
+    q = q_network(obs)
+    max_q, greedy = q.max(dim=1)
+    explore = torch.rand(obs.shape[0], device=obs.device) < epsilon
+    random_actions = torch.randint(q.shape[1], (obs.shape[0],), device=obs.device)
+    return torch.where(explore, random_actions, greedy), max_q
+# --- end shared: pqn_act ---
+
+
 # --- shared: gym_rollout ---
-def rollout(envs, q_network, obs, is_reset, epsilon, num_steps):
+class EpisodeStats:
+    """Return and length of the episode each env is in, kept with array ops over all envs."""
+
+    def __init__(self, num_envs):
+        self.returns = np.zeros(num_envs)
+        self.lengths = np.zeros(num_envs, dtype=np.int64)
+
+    def step(self, reward, done, is_reset):
+        """Adds one step; returns (returns, lengths) of the episodes that ended with it.
+        A reset step belongs to no episode: the counts restart there and its reward (0) is dropped."""
+        self.returns = np.where(is_reset, 0.0, self.returns + reward)
+        self.lengths = np.where(is_reset, 0, self.lengths + 1)
+        return self.returns[done], self.lengths[done]
+
+
+def rollout(envs, policy, obs, is_reset, epsilon, num_steps, episode_stats):
     """Acts epsilon-greedily for `num_steps` steps in every env.
 
-    `obs` is what the first step acts on and `is_reset` marks the envs where it is the final
+    `policy(obs, epsilon)` returns the actions and max_a Q(obs, a) (`act`). `obs` is what the
+    first step acts on and `is_reset` (bool array) marks the envs where it is the final
     observation of an ended episode, so that step is a reset step (its action is ignored and its
     transition is not real). Returns the rollout as [T, N] tensors, `next_q` for the Q(lambda)
     targets, the observation and reset flags the next rollout starts from, and the episodes that
@@ -187,42 +230,35 @@ def rollout(envs, q_network, obs, is_reset, epsilon, num_steps):
     """
     device = obs.device
     num_envs = obs.shape[0]
-    num_actions = envs.single_action_space.n
     b = {
         "obs": torch.zeros((num_steps, *obs.shape), device=device),
         "actions": torch.zeros((num_steps, num_envs), dtype=torch.long, device=device),
-        "rewards": torch.zeros((num_steps, num_envs), device=device),
-        "terminations": torch.zeros((num_steps, num_envs), device=device),
-        "truncations": torch.zeros((num_steps, num_envs), device=device),
         "max_q": torch.zeros((num_steps, num_envs), device=device),  # max_a Q(obs[t], a) while acting
-        "is_reset": torch.zeros((num_steps, num_envs), dtype=torch.bool, device=device),
     }
+    # What the envs return stays on the host until the rollout ends: one transfer, not one per step.
+    rewards = np.zeros((num_steps, num_envs), dtype=np.float32)
+    terminations = np.zeros((num_steps, num_envs), dtype=bool)
+    truncations = np.zeros((num_steps, num_envs), dtype=bool)
+    resets = np.zeros((num_steps, num_envs), dtype=bool)
     episodes = []
     for step in range(num_steps):
         b["obs"][step] = obs
-        b["is_reset"][step] = is_reset
-        with torch.no_grad():
-            q = q_network(obs)
-        max_q, greedy = q.max(dim=1)
-        b["max_q"][step] = max_q
-        explore = torch.rand(num_envs, device=device) < epsilon
-        action = torch.where(explore, torch.randint(num_actions, (num_envs,), device=device), greedy)
-        b["actions"][step] = action
-
-        next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
-        b["rewards"][step] = torch.as_tensor(reward, device=device)
-        b["terminations"][step] = torch.as_tensor(terminated, device=device)
-        b["truncations"][step] = torch.as_tensor(truncated, device=device)
+        resets[step] = is_reset
+        action, max_q = policy(obs, epsilon)
+        b["actions"][step], b["max_q"][step] = action, max_q
+        next_obs, rewards[step], terminations[step], truncations[step], _ = envs.step(action.cpu().numpy())
+        done = terminations[step] | truncations[step]
+        episodes += [(step, *episode) for episode in zip(*episode_stats.step(rewards[step], done, is_reset))]
         obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
-        is_reset = torch.as_tensor(np.logical_or(terminated, truncated), device=device)
-        if "episode" in info:
-            ended = info["_episode"]
-            episodes += [(step, ret, length) for ret, length in zip(info["episode"]["r"][ended], info["episode"]["l"][ended])]
+        is_reset = done
 
     # The value after the last step bootstraps the last targets; the other next_q come from acting.
-    with torch.no_grad():
-        last_max_q = q_network(obs).max(dim=1).values
+    _, last_max_q = policy(obs, epsilon)
     b["next_q"] = torch.cat([b["max_q"][1:], last_max_q[None]])
+    b["rewards"] = torch.as_tensor(rewards, device=device)
+    b["terminations"] = torch.as_tensor(terminations, device=device)
+    b["truncations"] = torch.as_tensor(truncations, device=device)
+    b["is_reset"] = torch.as_tensor(resets, device=device)
     return b, obs, is_reset, episodes
 # --- end shared: gym_rollout ---
 
@@ -235,27 +271,33 @@ def td_loss(q_taken: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) ->
 
 
 # --- shared: pqn_update ---
-def update(q_network, optimizer, b, returns, update_epochs, minibatch_size, max_grad_norm):
-    """`update_epochs` passes over the rollout in shuffled minibatches of TD regression to the
-    Q(lambda) targets. Returns the mean TD loss and the mean Q of the actions taken."""
-    obs = b["obs"].flatten(0, 1)
-    actions = b["actions"].flatten()
-    returns = returns.flatten()
+def grad_step(q_network, optimizer, obs, actions, returns, mask, max_grad_norm):
+    """One minibatch of TD regression to the Q(lambda) targets. Returns the loss and the mean Q of
+    the actions taken, as tensors (reading them out would wait for the device)."""
+    q_taken = q_network(obs).gather(1, actions[:, None]).squeeze(1)
+    loss = td_loss(q_taken, returns, mask)
+    optimizer.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(q_network.parameters(), max_grad_norm, foreach=True)
+    optimizer.step()
+    return loss.detach(), (q_taken.detach() * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def update(train_step, b, returns, update_epochs, minibatch_size):
+    """`update_epochs` passes over the rollout in shuffled minibatches, each given to
+    `train_step(obs, actions, returns, mask)` (`grad_step`). Returns the mean TD loss and the mean
+    Q of the actions taken."""
     mask = (~b["is_reset"]).flatten().float()  # reset steps are not real transitions
-    batch_size = len(actions)
+    batch = [b["obs"].flatten(0, 1), b["actions"].flatten(), returns.flatten(), mask]
     losses, q_taken_means = [], []
     for _ in range(update_epochs):
-        order = torch.randperm(batch_size, device=obs.device)
-        for start in range(0, batch_size, minibatch_size):
-            mb = order[start : start + minibatch_size]
-            q_taken = q_network(obs[mb]).gather(1, actions[mb, None]).squeeze(1)
-            loss = td_loss(q_taken, returns[mb], mask[mb])
-            optimizer.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(q_network.parameters(), max_grad_norm)
-            optimizer.step()
-            losses.append(loss.detach())
-            q_taken_means.append((q_taken.detach() * mask[mb]).sum() / mask[mb].sum().clamp(min=1.0))
+        order = torch.randperm(len(mask), device=mask.device)
+        # One shuffle of the whole rollout per epoch; the minibatches are consecutive slices of it.
+        shuffled = [x[order] for x in batch]
+        for minibatch in zip(*[x.split(minibatch_size) for x in shuffled]):
+            loss, q_taken_mean = train_step(*minibatch)
+            losses.append(loss)
+            q_taken_means.append(q_taken_mean)
     return torch.stack(losses).mean().item(), torch.stack(q_taken_means).mean().item()
 # --- end shared: pqn_update ---
 
@@ -275,6 +317,21 @@ def evaluate(q_network, envs, seed: int) -> np.ndarray:
         finished |= terminated | truncated
     return returns
 # --- end shared: gym_evaluate ---
+
+
+# --- shared: accelerate ---
+def accelerate(fn, compile: bool, cudagraphs: bool):
+    """The fast path. --compile: torch.compile turns `fn` into fused Inductor kernels; --cudagraphs:
+    its kernels are recorded once as CUDA graphs and replayed, without a launch per kernel; both:
+    Inductor kernels inside CUDA graphs. Neither changes what `fn` computes."""
+    if compile and cudagraphs:
+        return torch.compile(fn, mode="reduce-overhead")
+    if compile:
+        return torch.compile(fn)
+    if cudagraphs:
+        return torch.compile(fn, backend="cudagraphs")
+    return fn
+# --- end shared: accelerate ---
 
 
 # --- shared: progress ---
@@ -351,7 +408,15 @@ def main(args: Args):
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
     q_network = QNetwork(envs.single_observation_space, envs.single_action_space.n).to(device)
-    optimizer = torch.optim.RAdam(q_network.parameters(), lr=args.learning_rate, foreach=True)
+    # A compiled optimizer step takes the learning rate as a tensor, so that annealing it does not
+    # recompile the step; eager RAdam is faster with a float.
+    lr = torch.tensor(args.learning_rate, device=device) if args.compile or args.cudagraphs else args.learning_rate
+    optimizer = torch.optim.RAdam(q_network.parameters(), lr=lr, foreach=True)
+    policy = accelerate(lambda obs, epsilon: act(q_network, obs, epsilon), args.compile, args.cudagraphs)
+    targets = accelerate(lambda *rollout: q_lambda_returns(*rollout, args.gamma, args.q_lambda), args.compile, args.cudagraphs)
+    train_step = accelerate(
+        lambda *minibatch: grad_step(q_network, optimizer, *minibatch, args.max_grad_norm), args.compile, args.cudagraphs
+    )
 
     def run_evaluation(global_step):
         returns = evaluate(q_network, eval_envs, seed=args.seed + 1_000_000)
@@ -360,31 +425,32 @@ def main(args: Args):
 
     obs, _ = envs.reset(seed=args.seed)
     obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
-    is_reset = torch.zeros(args.num_envs, dtype=torch.bool, device=device)
+    is_reset = np.zeros(args.num_envs, dtype=bool)
+    episode_stats = EpisodeStats(args.num_envs)
     recent_returns = collections.deque(maxlen=20)
     progress = Progress(args.num_iterations * args.batch_size)
     global_step = 0
     start_time = time.time()
     for iteration in range(1, args.num_iterations + 1):
-        if args.anneal_lr:
-            optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations)
+        lr = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations) if args.anneal_lr else args.learning_rate
+        set_learning_rate(optimizer, lr)
         epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, global_step)
-        b, obs, is_reset, episodes = rollout(envs, q_network, obs, is_reset, epsilon, args.num_steps)
+        b, obs, is_reset, episodes = rollout(
+            envs, policy, obs, is_reset, torch.tensor(epsilon, device=device), args.num_steps, episode_stats
+        )
         for step, episodic_return, episodic_length in episodes:
             writer.add_scalar("charts/episodic_return", episodic_return, global_step + (step + 1) * args.num_envs)
             writer.add_scalar("charts/episodic_length", episodic_length, global_step + (step + 1) * args.num_envs)
             recent_returns.append(episodic_return)
         global_step += args.batch_size
 
-        returns = q_lambda_returns(b["rewards"], b["terminations"], b["truncations"], b["next_q"], args.gamma, args.q_lambda)
-        td_loss_mean, q_values_mean = update(
-            q_network, optimizer, b, returns, args.update_epochs, args.minibatch_size, args.max_grad_norm
-        )
+        returns = targets(b["rewards"], b["terminations"], b["truncations"], b["next_q"])
+        td_loss_mean, q_values_mean = update(train_step, b, returns, args.update_epochs, args.minibatch_size)
 
         sps = global_step / (time.time() - start_time)
         writer.add_scalar("losses/td_loss", td_loss_mean, global_step)
         writer.add_scalar("losses/q_values", q_values_mean, global_step)
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        writer.add_scalar("charts/learning_rate", lr, global_step)
         writer.add_scalar("charts/epsilon", epsilon, global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
         progress.update(global_step, sps, float(np.mean(recent_returns)) if recent_returns else float("nan"))

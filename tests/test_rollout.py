@@ -75,14 +75,21 @@ SCRIPT = [
 
 def start(envs):
     obs, _ = envs.reset(seed=0)
-    return torch.as_tensor(obs), torch.zeros(envs.num_envs, dtype=torch.bool)
+    return torch.as_tensor(obs), np.zeros(envs.num_envs, dtype=bool)
+
+
+def run(envs, q_network, obs, is_reset, epsilon, num_steps, episode_stats=None):
+    policy = lambda obs, epsilon: pqn.act(q_network, obs, epsilon)  # noqa: E731
+    episode_stats = episode_stats or pqn.EpisodeStats(envs.num_envs)
+    return pqn.rollout(envs, policy, obs, is_reset, torch.tensor(epsilon), num_steps, episode_stats)
 
 
 def test_reset_steps_are_marked_and_masked_across_rollouts():
-    envs = gym.wrappers.vector.RecordEpisodeStatistics(ScriptedEnvs(SCRIPT))
+    envs = ScriptedEnvs(SCRIPT)
     obs, is_reset = start(envs)
-    b1, obs, is_reset, eps1 = pqn.rollout(envs, ObsValueQ(), obs, is_reset, epsilon=0.0, num_steps=5)
-    b2, obs, is_reset, eps2 = pqn.rollout(envs, ObsValueQ(), obs, is_reset, epsilon=0.0, num_steps=5)
+    stats = pqn.EpisodeStats(envs.num_envs)
+    b1, obs, is_reset, eps1 = run(envs, ObsValueQ(), obs, is_reset, 0.0, 5, stats)
+    b2, obs, is_reset, eps2 = run(envs, ObsValueQ(), obs, is_reset, 0.0, 5, stats)
     resets = torch.cat([b1["is_reset"], b2["is_reset"]])
     expected = torch.zeros(10, 3, dtype=torch.bool)
     expected[3, 0] = expected[8, 0] = expected[5, 1] = True
@@ -115,10 +122,10 @@ def test_td_loss_ignores_masked_steps():
 
 
 def test_truncation_bootstraps_from_the_final_observation_and_termination_does_not():
-    envs = gym.wrappers.vector.RecordEpisodeStatistics(ScriptedEnvs(SCRIPT))
+    envs = ScriptedEnvs(SCRIPT)
     q_network = ObsValueQ()
     obs, is_reset = start(envs)
-    b, *_ = pqn.rollout(envs, q_network, obs, is_reset, epsilon=0.0, num_steps=10)
+    b, *_ = run(envs, q_network, obs, is_reset, 0.0, 10)
     gamma = 0.9
     returns = pqn.q_lambda_returns(b["rewards"], b["terminations"], b["truncations"], b["next_q"], gamma, 0.65)
     with torch.no_grad():
@@ -142,10 +149,10 @@ def test_epsilon_one_acts_randomly_and_zero_greedily():
     envs = ScriptedEnvs([[(100, "term")]] * 64)
     obs, is_reset = start(envs)
     torch.manual_seed(0)
-    b, *_ = pqn.rollout(envs, ObsValueQ(), obs, is_reset, epsilon=0.0, num_steps=4)
+    b, *_ = run(envs, ObsValueQ(), obs, is_reset, 0.0, 4)
     greedy = (b["obs"].reshape(-1, 3) @ ObsValueQ().w).argmax(1)
     assert torch.equal(b["actions"].reshape(-1), greedy)
-    b, *_ = pqn.rollout(envs, ObsValueQ(), obs, is_reset, epsilon=1.0, num_steps=4)
+    b, *_ = run(envs, ObsValueQ(), obs, is_reset, 1.0, 4)
     assert 0.3 < b["actions"].float().mean().item() < 0.7
 
 
@@ -167,14 +174,15 @@ def updated_parameters(b, returns):
     torch.manual_seed(0)
     q_network = pqn.QNetwork(gym.spaces.Box(-np.inf, np.inf, (3,)), 2)
     optimizer = torch.optim.RAdam(q_network.parameters(), lr=1e-2)
-    pqn.update(q_network, optimizer, b, returns, update_epochs=2, minibatch_size=10, max_grad_norm=10.0)
+    train_step = lambda *minibatch: pqn.grad_step(q_network, optimizer, *minibatch, max_grad_norm=10.0)  # noqa: E731
+    pqn.update(train_step, b, returns, update_epochs=2, minibatch_size=10)
     return torch.cat([p.detach().flatten() for p in q_network.parameters()])
 
 
 def test_update_leaves_reset_steps_out_of_the_loss():
-    envs = gym.wrappers.vector.RecordEpisodeStatistics(ScriptedEnvs(SCRIPT))
+    envs = ScriptedEnvs(SCRIPT)
     obs, is_reset = start(envs)
-    b, *_ = pqn.rollout(envs, ObsValueQ(), obs, is_reset, epsilon=0.5, num_steps=10)
+    b, *_ = run(envs, ObsValueQ(), obs, is_reset, 0.5, 10)
     returns = pqn.q_lambda_returns(b["rewards"], b["terminations"], b["truncations"], b["next_q"], 0.99, 0.65)
     reference = updated_parameters(b, returns)
     # Whatever the targets of the reset steps are, the update is the same...

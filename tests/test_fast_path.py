@@ -1,0 +1,75 @@
+"""The fast path (--compile, --cudagraphs) of the PQN-family scripts: same numbers as the plain path."""
+
+import copy
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import pqn
+from helpers import error_line, only_run_dir, read_scalars, run_script
+
+PQN_SCRIPTS = ["pqn.py", "pqn_atari_envpool.py", "pqn_atari_envpool_lstm.py", "pdqn_minatar.py"]
+
+
+@pytest.mark.parametrize("script", PQN_SCRIPTS)
+def test_cudagraphs_without_a_gpu_is_one_clear_error(script, tmp_path):
+    result = run_script(script, "--cudagraphs", "--total-timesteps", "100000", cwd=tmp_path)
+    assert "--cudagraphs needs a CUDA GPU" in error_line(result)
+    assert result.returncode == 2
+
+
+def random_rollout(T=16, N=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(T, N, generator=g),
+        torch.rand(T, N, generator=g) < 0.1,
+        torch.rand(T, N, generator=g) < 0.1,
+        torch.randn(T, N, generator=g),
+    )
+
+
+def test_compiled_q_lambda_returns_match_the_plain_ones():
+    rollout = random_rollout()
+    plain = pqn.q_lambda_returns(*rollout, 0.99, 0.65)
+    compiled = pqn.accelerate(lambda *r: pqn.q_lambda_returns(*r, 0.99, 0.65), compile=True, cudagraphs=False)
+    torch.testing.assert_close(compiled(*rollout), plain)
+
+
+def test_compiled_acting_and_gradient_steps_match_the_plain_ones():
+    space = gym.spaces.Box(-np.inf, np.inf, (4,))
+    torch.manual_seed(0)
+    q_plain = pqn.QNetwork(space, 3)
+    q_fast = copy.deepcopy(q_plain)
+    opt_plain = torch.optim.RAdam(q_plain.parameters(), lr=1e-2, foreach=True)
+    # As in pqn.py: the compiled path takes the learning rate as a tensor.
+    opt_fast = torch.optim.RAdam(q_fast.parameters(), lr=torch.tensor(1e-2), foreach=True)
+    obs = torch.randn(32, 4)
+    act_fast = pqn.accelerate(lambda o, e: pqn.act(q_fast, o, e), compile=True, cudagraphs=False)
+    actions, max_q = act_fast(obs, torch.tensor(0.0))  # epsilon 0: greedy, no randomness
+    with torch.no_grad():
+        q = q_plain(obs)
+    assert torch.equal(actions, q.argmax(dim=1))
+    torch.testing.assert_close(max_q, q.max(dim=1).values)
+
+    minibatch = (obs, torch.randint(3, (32,)), torch.randn(32), (torch.rand(32) < 0.8).float())
+    step_fast = pqn.accelerate(lambda *mb: pqn.grad_step(q_fast, opt_fast, *mb, 1.0), compile=True, cudagraphs=False)
+    for lr in [1e-2, 5e-3]:  # the second step also checks that a new learning rate is taken up
+        opt_plain.param_groups[0]["lr"] = lr
+        pqn.set_learning_rate(opt_fast, lr)
+        loss_plain, q_taken_plain = pqn.grad_step(q_plain, opt_plain, *minibatch, 1.0)
+        loss_fast, q_taken_fast = step_fast(*minibatch)
+        torch.testing.assert_close(loss_fast, loss_plain)
+        torch.testing.assert_close(q_taken_fast, q_taken_plain)
+        for p_fast, p_plain in zip(q_fast.parameters(), q_plain.parameters()):
+            torch.testing.assert_close(p_fast, p_plain, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_smoke_run(tmp_path):
+    flags = ["--num-envs", "8", "--num-steps", "16", "--num-minibatches", "2", "--update-epochs", "1", "--eval-episodes", "2"]
+    result = run_script("pqn.py", *flags, "--total-timesteps", "512", "--compile", "--no-cuda", cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr
+    scalars = read_scalars(only_run_dir(tmp_path))
+    assert [s for s, _ in scalars["losses/td_loss"]] == [128, 256, 384, 512]
+    assert np.isfinite([v for _, v in scalars["losses/td_loss"]]).all()
