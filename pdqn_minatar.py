@@ -81,6 +81,10 @@ class Args:
     """evaluate the greedy policy every this many env steps (0: only at the end of training)"""
     eval_episodes: int = 16
     """the number of greedy evaluation episodes (one per eval env)"""
+    compile: bool = False
+    """torch.compile the acting step, the Q(lambda) targets and the Q-network's gradient step (costs start-up time)"""
+    cudagraphs: bool = False
+    """record those steps as CUDA graphs and replay them (GPU only; with --compile, Inductor kernels inside the graphs)"""
 
     # Computed from the above after parsing.
     batch_size: int = field(default=0, init=False)
@@ -109,6 +113,8 @@ def finalize_args(args: Args) -> Args:
             raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     if args.planning_epsilon is not None and not 0.0 <= args.planning_epsilon <= 1.0:
         raise UsageError(f"--planning-epsilon must be in [0, 1], got {args.planning_epsilon}")
+    if args.cudagraphs and not (args.cuda and torch.cuda.is_available()):
+        raise UsageError("--cudagraphs needs a CUDA GPU and none is available; on the CPU use --compile")
     args.batch_size = args.num_envs * args.num_steps
     if args.batch_size % args.num_minibatches != 0:
         raise UsageError(
@@ -136,7 +142,7 @@ def make_envs(args: Args, num_envs: int) -> gym.vector.VectorEnv:
     envs = gym.wrappers.vector.TransformObservation(
         envs, lambda obs: obs.transpose(0, 3, 1, 2).astype(np.float32), single_observation_space=space
     )
-    return gym.wrappers.vector.RecordEpisodeStatistics(envs)
+    return envs
 
 
 def conv_trunk(channels: int) -> nn.Sequential:
@@ -219,9 +225,10 @@ def imagine(model, q_network, obs, alive, planning_steps, epsilon):
     return {name: torch.stack(values) for name, values in steps.items()}
 
 
-def planning_update(q_network, optimizer, imagined, gamma, minibatch_size, max_grad_norm):
+def planning_update(train_step, q_network, imagined, gamma, minibatch_size):
     """One pass of minibatch updates of Q on imagined transitions, with one-step targets
-    r + gamma (1 - d) max_a Q(s', a). Returns the mean loss."""
+    r + gamma (1 - d) max_a Q(s', a), each given to `train_step` (`grad_step`) with the
+    `alive` mask. Returns the mean loss."""
     b = {name: value.flatten(0, 1) for name, value in imagined.items()}
     with torch.no_grad():
         targets = b["rewards"] + gamma * (1.0 - b["terminations"]) * q_network(b["next_obs"]).max(dim=1).values
@@ -230,14 +237,9 @@ def planning_update(q_network, optimizer, imagined, gamma, minibatch_size, max_g
     for start in range(0, len(order), minibatch_size):
         mb = order[start : start + minibatch_size]
         if b["alive"][mb].sum() == 0:
-            continue
-        q_taken = q_network(b["obs"][mb]).gather(1, b["actions"][mb, None]).squeeze(1)
-        loss = td_loss(q_taken, targets[mb], b["alive"][mb])
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(q_network.parameters(), max_grad_norm)
-        optimizer.step()
-        losses.append(loss.detach())
+            continue  # nothing real to learn from; an optimizer step on zero gradients would still move Q
+        loss, _ = train_step(b["obs"][mb], b["actions"][mb], targets[mb], b["alive"][mb])
+        losses.append(loss)
     return torch.stack(losses).mean().item() if losses else float("nan")
 
 
@@ -248,7 +250,7 @@ def model_update(model, optimizer, b, update_epochs, minibatch_size, max_grad_no
     next_obs = torch.cat([b["obs"][1:], b["final_obs"][None]])
     flat = {
         "obs": b["obs"].flatten(0, 1), "actions": b["actions"].flatten(), "next_obs": next_obs.flatten(0, 1),
-        "rewards": b["rewards"].flatten(), "terminations": b["terminations"].flatten(),
+        "rewards": b["rewards"].flatten(), "terminations": b["terminations"].flatten().float(),
         "mask": (~b["is_reset"]).flatten().float(),  # reset steps are not real transitions
     }
     stats = []
@@ -284,17 +286,54 @@ def q_lambda_returns(rewards, terminations, truncations, next_q, gamma, q_lambda
 # --- end shared: q_lambda_returns ---
 
 
+def set_learning_rate(optimizer, lr: float):
+    group = optimizer.param_groups[0]
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(lr)  # in place: a compiled step reads this very tensor
+    else:
+        group["lr"] = lr
+
+
 def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> float:
     if duration <= 0:
         return end_e
     return max(end_e, start_e + (end_e - start_e) * t / duration)
 
 
+# --- shared: pqn_act ---
+@torch.no_grad()
+def act(q_network, obs, epsilon):
+    """Epsilon-greedy actions, and max_a Q(obs, a): the bootstrap value when obs ends an episode.
+    `epsilon` is a 0-d tensor, so a compiled `act` does not recompile as it decays."""
+    q = q_network(obs)
+    max_q, greedy = q.max(dim=1)
+    explore = torch.rand(obs.shape[0], device=obs.device) < epsilon
+    random_actions = torch.randint(q.shape[1], (obs.shape[0],), device=obs.device)
+    return torch.where(explore, random_actions, greedy), max_q
+# --- end shared: pqn_act ---
+
+
 # --- shared: gym_rollout ---
-def rollout(envs, q_network, obs, is_reset, epsilon, num_steps):
+class EpisodeStats:
+    """Return and length of the episode each env is in, kept with array ops over all envs."""
+
+    def __init__(self, num_envs):
+        self.returns = np.zeros(num_envs)
+        self.lengths = np.zeros(num_envs, dtype=np.int64)
+
+    def step(self, reward, done, is_reset):
+        """Adds one step; returns (returns, lengths) of the episodes that ended with it.
+        A reset step belongs to no episode: the counts restart there and its reward (0) is dropped."""
+        self.returns = np.where(is_reset, 0.0, self.returns + reward)
+        self.lengths = np.where(is_reset, 0, self.lengths + 1)
+        return self.returns[done], self.lengths[done]
+
+
+def rollout(envs, policy, obs, is_reset, epsilon, num_steps, episode_stats):
     """Acts epsilon-greedily for `num_steps` steps in every env.
 
-    `obs` is what the first step acts on and `is_reset` marks the envs where it is the final
+    `policy(obs, epsilon)` returns the actions and max_a Q(obs, a) (`act`). `obs` is what the
+    first step acts on and `is_reset` (bool array) marks the envs where it is the final
     observation of an ended episode, so that step is a reset step (its action is ignored and its
     transition is not real). Returns the rollout as [T, N] tensors, `next_q` for the Q(lambda)
     targets, the observation and reset flags the next rollout starts from, and the episodes that
@@ -302,42 +341,35 @@ def rollout(envs, q_network, obs, is_reset, epsilon, num_steps):
     """
     device = obs.device
     num_envs = obs.shape[0]
-    num_actions = envs.single_action_space.n
     b = {
         "obs": torch.zeros((num_steps, *obs.shape), device=device),
         "actions": torch.zeros((num_steps, num_envs), dtype=torch.long, device=device),
-        "rewards": torch.zeros((num_steps, num_envs), device=device),
-        "terminations": torch.zeros((num_steps, num_envs), device=device),
-        "truncations": torch.zeros((num_steps, num_envs), device=device),
         "max_q": torch.zeros((num_steps, num_envs), device=device),  # max_a Q(obs[t], a) while acting
-        "is_reset": torch.zeros((num_steps, num_envs), dtype=torch.bool, device=device),
     }
+    # What the envs return stays on the host until the rollout ends: one transfer, not one per step.
+    rewards = np.zeros((num_steps, num_envs), dtype=np.float32)
+    terminations = np.zeros((num_steps, num_envs), dtype=bool)
+    truncations = np.zeros((num_steps, num_envs), dtype=bool)
+    resets = np.zeros((num_steps, num_envs), dtype=bool)
     episodes = []
     for step in range(num_steps):
         b["obs"][step] = obs
-        b["is_reset"][step] = is_reset
-        with torch.no_grad():
-            q = q_network(obs)
-        max_q, greedy = q.max(dim=1)
-        b["max_q"][step] = max_q
-        explore = torch.rand(num_envs, device=device) < epsilon
-        action = torch.where(explore, torch.randint(num_actions, (num_envs,), device=device), greedy)
-        b["actions"][step] = action
-
-        next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
-        b["rewards"][step] = torch.as_tensor(reward, device=device)
-        b["terminations"][step] = torch.as_tensor(terminated, device=device)
-        b["truncations"][step] = torch.as_tensor(truncated, device=device)
+        resets[step] = is_reset
+        action, max_q = policy(obs, epsilon)
+        b["actions"][step], b["max_q"][step] = action, max_q
+        next_obs, rewards[step], terminations[step], truncations[step], _ = envs.step(action.cpu().numpy())
+        done = terminations[step] | truncations[step]
+        episodes += [(step, *episode) for episode in zip(*episode_stats.step(rewards[step], done, is_reset))]
         obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
-        is_reset = torch.as_tensor(np.logical_or(terminated, truncated), device=device)
-        if "episode" in info:
-            ended = info["_episode"]
-            episodes += [(step, ret, length) for ret, length in zip(info["episode"]["r"][ended], info["episode"]["l"][ended])]
+        is_reset = done
 
     # The value after the last step bootstraps the last targets; the other next_q come from acting.
-    with torch.no_grad():
-        last_max_q = q_network(obs).max(dim=1).values
+    _, last_max_q = policy(obs, epsilon)
     b["next_q"] = torch.cat([b["max_q"][1:], last_max_q[None]])
+    b["rewards"] = torch.as_tensor(rewards, device=device)
+    b["terminations"] = torch.as_tensor(terminations, device=device)
+    b["truncations"] = torch.as_tensor(truncations, device=device)
+    b["is_reset"] = torch.as_tensor(resets, device=device)
     return b, obs, is_reset, episodes
 # --- end shared: gym_rollout ---
 
@@ -350,27 +382,33 @@ def td_loss(q_taken: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) ->
 
 
 # --- shared: pqn_update ---
-def update(q_network, optimizer, b, returns, update_epochs, minibatch_size, max_grad_norm):
-    """`update_epochs` passes over the rollout in shuffled minibatches of TD regression to the
-    Q(lambda) targets. Returns the mean TD loss and the mean Q of the actions taken."""
-    obs = b["obs"].flatten(0, 1)
-    actions = b["actions"].flatten()
-    returns = returns.flatten()
+def grad_step(q_network, optimizer, obs, actions, returns, mask, max_grad_norm):
+    """One minibatch of TD regression to the Q(lambda) targets. Returns the loss and the mean Q of
+    the actions taken, as tensors (reading them out would wait for the device)."""
+    q_taken = q_network(obs).gather(1, actions[:, None]).squeeze(1)
+    loss = td_loss(q_taken, returns, mask)
+    optimizer.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(q_network.parameters(), max_grad_norm, foreach=True)
+    optimizer.step()
+    return loss.detach(), (q_taken.detach() * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def update(train_step, b, returns, update_epochs, minibatch_size):
+    """`update_epochs` passes over the rollout in shuffled minibatches, each given to
+    `train_step(obs, actions, returns, mask)` (`grad_step`). Returns the mean TD loss and the mean
+    Q of the actions taken."""
     mask = (~b["is_reset"]).flatten().float()  # reset steps are not real transitions
-    batch_size = len(actions)
+    batch = [b["obs"].flatten(0, 1), b["actions"].flatten(), returns.flatten(), mask]
     losses, q_taken_means = [], []
     for _ in range(update_epochs):
-        order = torch.randperm(batch_size, device=obs.device)
-        for start in range(0, batch_size, minibatch_size):
-            mb = order[start : start + minibatch_size]
-            q_taken = q_network(obs[mb]).gather(1, actions[mb, None]).squeeze(1)
-            loss = td_loss(q_taken, returns[mb], mask[mb])
-            optimizer.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(q_network.parameters(), max_grad_norm)
-            optimizer.step()
-            losses.append(loss.detach())
-            q_taken_means.append((q_taken.detach() * mask[mb]).sum() / mask[mb].sum().clamp(min=1.0))
+        order = torch.randperm(len(mask), device=mask.device)
+        # One shuffle of the whole rollout per epoch; the minibatches are consecutive slices of it.
+        shuffled = [x[order] for x in batch]
+        for minibatch in zip(*[x.split(minibatch_size) for x in shuffled]):
+            loss, q_taken_mean = train_step(*minibatch)
+            losses.append(loss)
+            q_taken_means.append(q_taken_mean)
     return torch.stack(losses).mean().item(), torch.stack(q_taken_means).mean().item()
 # --- end shared: pqn_update ---
 
@@ -390,6 +428,21 @@ def evaluate(q_network, envs, seed: int) -> np.ndarray:
         finished |= terminated | truncated
     return returns
 # --- end shared: gym_evaluate ---
+
+
+# --- shared: accelerate ---
+def accelerate(fn, compile: bool, cudagraphs: bool):
+    """The fast path. --compile: torch.compile turns `fn` into fused Inductor kernels; --cudagraphs:
+    its kernels are recorded once as CUDA graphs and replayed, without a launch per kernel; both:
+    Inductor kernels inside CUDA graphs. Neither changes what `fn` computes."""
+    if compile and cudagraphs:
+        return torch.compile(fn, mode="reduce-overhead")
+    if compile:
+        return torch.compile(fn)
+    if cudagraphs:
+        return torch.compile(fn, backend="cudagraphs")
+    return fn
+# --- end shared: accelerate ---
 
 
 # --- shared: progress ---
@@ -442,7 +495,15 @@ def main(args: Args):
 
     channels, num_actions = envs.single_observation_space.shape[0], int(envs.single_action_space.n)
     q_network, world_model = (net.to(device) for net in make_networks(channels, num_actions))
-    optimizer = torch.optim.RAdam(q_network.parameters(), lr=args.learning_rate, foreach=True)
+    # A compiled optimizer step takes the learning rate as a tensor, so that annealing it does not
+    # recompile the step; eager RAdam is faster with a float.
+    lr = torch.tensor(args.learning_rate, device=device) if args.compile or args.cudagraphs else args.learning_rate
+    optimizer = torch.optim.RAdam(q_network.parameters(), lr=lr, foreach=True)
+    policy = accelerate(lambda obs, epsilon: act(q_network, obs, epsilon), args.compile, args.cudagraphs)
+    targets = accelerate(lambda *rollout: q_lambda_returns(*rollout, args.gamma, args.q_lambda), args.compile, args.cudagraphs)
+    train_step = accelerate(
+        lambda *minibatch: grad_step(q_network, optimizer, *minibatch, args.max_grad_norm), args.compile, args.cudagraphs
+    )
     model_optimizer = torch.optim.Adam(world_model.parameters(), lr=args.model_learning_rate)
 
     def run_evaluation(global_step):
@@ -452,16 +513,19 @@ def main(args: Args):
 
     obs, _ = envs.reset(seed=args.seed)
     obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
-    is_reset = torch.zeros(args.num_envs, dtype=torch.bool, device=device)
+    is_reset = np.zeros(args.num_envs, dtype=bool)
+    episode_stats = EpisodeStats(args.num_envs)
     recent_returns = collections.deque(maxlen=20)
     progress = Progress(args.num_iterations * args.batch_size)
     global_step = 0
     start_time = time.time()
     for iteration in range(1, args.num_iterations + 1):
-        if args.anneal_lr:
-            optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations)
+        lr = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations) if args.anneal_lr else args.learning_rate
+        set_learning_rate(optimizer, lr)
         epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, global_step)
-        b, obs, is_reset, episodes = rollout(envs, q_network, obs, is_reset, epsilon, args.num_steps)
+        b, obs, is_reset, episodes = rollout(
+            envs, policy, obs, is_reset, torch.tensor(epsilon, device=device), args.num_steps, episode_stats
+        )
         b["final_obs"] = obs
         for step, episodic_return, episodic_length in episodes:
             writer.add_scalar("charts/episodic_return", episodic_return, global_step + (step + 1) * args.num_envs)
@@ -470,10 +534,8 @@ def main(args: Args):
         global_step += args.batch_size
 
         # 1. PQN on the real rollout.
-        returns = q_lambda_returns(b["rewards"], b["terminations"], b["truncations"], b["next_q"], args.gamma, args.q_lambda)
-        td_loss_mean, q_values_mean = update(
-            q_network, optimizer, b, returns, args.update_epochs, args.minibatch_size, args.max_grad_norm
-        )
+        returns = targets(b["rewards"], b["terminations"], b["truncations"], b["next_q"])
+        td_loss_mean, q_values_mean = update(train_step, b, returns, args.update_epochs, args.minibatch_size)
         writer.add_scalar("losses/td_loss", td_loss_mean, global_step)
         writer.add_scalar("losses/q_values", q_values_mean, global_step)
 
@@ -486,12 +548,13 @@ def main(args: Args):
             #    from those that ended an episode: nothing follows them).
             if iteration > args.planning_delay_updates:
                 planning_epsilon = epsilon if args.planning_epsilon is None else args.planning_epsilon
-                imagined = imagine(world_model, q_network, obs, ~is_reset, args.planning_steps, planning_epsilon)
-                planning_loss = planning_update(q_network, optimizer, imagined, args.gamma, args.minibatch_size, args.max_grad_norm)
+                alive = torch.as_tensor(~is_reset, device=device)
+                imagined = imagine(world_model, q_network, obs, alive, args.planning_steps, planning_epsilon)
+                planning_loss = planning_update(train_step, q_network, imagined, args.gamma, args.minibatch_size)
                 writer.add_scalar("losses/planning_loss", planning_loss, global_step)
 
         sps = global_step / (time.time() - start_time)
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        writer.add_scalar("charts/learning_rate", lr, global_step)
         writer.add_scalar("charts/epsilon", epsilon, global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
         progress.update(global_step, sps, float(np.mean(recent_returns)) if recent_returns else float("nan"))

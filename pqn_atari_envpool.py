@@ -80,6 +80,10 @@ class Args:
     """the number of greedy evaluation games, played at once, one per eval env"""
     eval_max_steps: int = 27_000
     """truncate an evaluation game after this many agent steps: this bounds how long an evaluation takes"""
+    compile: bool = False
+    """torch.compile the acting step, the Q(lambda) targets and the gradient step (costs start-up time)"""
+    cudagraphs: bool = False
+    """record those steps as CUDA graphs and replay them (GPU only; with --compile, Inductor kernels inside the graphs)"""
 
     # Computed from the above after parsing.
     batch_size: int = field(default=0, init=False)
@@ -103,6 +107,8 @@ def finalize_args(args: Args) -> Args:
     for name in ["gamma", "q_lambda", "start_e", "end_e", "exploration_fraction", "repeat_action_probability"]:
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if args.cudagraphs and not (args.cuda and torch.cuda.is_available()):
+        raise UsageError("--cudagraphs needs a CUDA GPU and none is available; on the CPU use --compile")
     args.batch_size = args.num_envs * args.num_steps
     if args.batch_size % args.num_minibatches != 0:
         raise UsageError(
@@ -227,57 +233,93 @@ def q_lambda_returns(rewards, terminations, truncations, next_q, gamma, q_lambda
 # --- end shared: q_lambda_returns ---
 
 
+def set_learning_rate(optimizer, lr: float):
+    group = optimizer.param_groups[0]
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(lr)  # in place: a compiled step reads this very tensor
+    else:
+        group["lr"] = lr
+
+
 def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> float:
     if duration <= 0:
         return end_e
     return max(end_e, start_e + (end_e - start_e) * t / duration)
 
 
-def rollout(envs, q_network, obs, is_reset, epsilon, num_steps, game_stats):
+# --- shared: pqn_act ---
+@torch.no_grad()
+def act(q_network, obs, epsilon):
+    """Epsilon-greedy actions, and max_a Q(obs, a): the bootstrap value when obs ends an episode.
+    `epsilon` is a 0-d tensor, so a compiled `act` does not recompile as it decays."""
+    q = q_network(obs)
+    max_q, greedy = q.max(dim=1)
+    explore = torch.rand(obs.shape[0], device=obs.device) < epsilon
+    random_actions = torch.randint(q.shape[1], (obs.shape[0],), device=obs.device)
+    return torch.where(explore, random_actions, greedy), max_q
+# --- end shared: pqn_act ---
+
+
+def rollout(env_groups, policy, obs, is_reset, epsilon, num_steps, game_stats, staging):
     """Acts epsilon-greedily for `num_steps` steps in every env.
 
-    `obs` (uint8 frames) is what the first step acts on and `is_reset` marks the envs where it is
-    the final observation of an ended episode (a lost life or a game over), so that step is a
-    reset step: envpool ignores its action and its transition is not real. Returns the rollout as
-    [T, N] tensors, `next_q` for the Q(lambda) targets, the observation and reset flags the next
-    rollout starts from, and the games that ended, as (step index, score, length).
+    The envs come in groups, each its own envpool (`env_groups`, columns in order) stepping in the
+    background: a group's actions are sent, and while its envs step the device acts for the next
+    group, so the env threads and the device work at the same time. `policy(obs, epsilon)`
+    returns the actions and max_a Q(obs, a) (`act`). `obs` (uint8 frames) is what the first step
+    acts on and `is_reset` (bool array) marks the envs where it is the final observation of an
+    ended episode (a lost life or a game over), so that step is a reset step: envpool ignores its
+    action and its transition is not real. `game_stats` has one GameStats per group; `staging` is
+    a host buffer of one observation, in pinned memory when training on a GPU. Returns the
+    rollout as [T, N] tensors, `next_q` for the Q(lambda) targets, the observation and reset flags
+    the next rollout starts from, and the games that ended, as (step index, score, length).
     """
     device = obs.device
     num_envs = obs.shape[0]
-    num_actions = int(envs.action_space.n)
     b = {
         "obs": torch.zeros((num_steps, *obs.shape), dtype=torch.uint8, device=device),
         "actions": torch.zeros((num_steps, num_envs), dtype=torch.long, device=device),
-        "rewards": torch.zeros((num_steps, num_envs), device=device),
-        "terminations": torch.zeros((num_steps, num_envs), device=device),
-        "truncations": torch.zeros((num_steps, num_envs), device=device),
         "max_q": torch.zeros((num_steps, num_envs), device=device),  # max_a Q(obs[t], a) while acting
-        "is_reset": torch.zeros((num_steps, num_envs), dtype=torch.bool, device=device),
     }
+    # What the envs return stays on the host until the rollout ends: one transfer, not one per step.
+    rewards = np.zeros((num_steps, num_envs), dtype=np.float32)
+    terminations = np.zeros((num_steps, num_envs), dtype=bool)
+    truncations = np.zeros((num_steps, num_envs), dtype=bool)
+    resets = np.zeros((num_steps, num_envs), dtype=bool)
+    is_reset = is_reset.copy()
+    obs = obs.clone()
+    starts = np.cumsum([0] + [envs.config["num_envs"] for envs in env_groups])
+    groups = [(envs, stats, slice(start, end)) for envs, stats, start, end in zip(env_groups, game_stats, starts, starts[1:])]
     games = []
-    for step in range(num_steps):
-        b["obs"][step] = obs
-        b["is_reset"][step] = is_reset
-        with torch.no_grad():
-            q = q_network(obs)
-        max_q, greedy = q.max(dim=1)
-        b["max_q"][step] = max_q
-        explore = torch.rand(num_envs, device=device) < epsilon
-        action = torch.where(explore, torch.randint(num_actions, (num_envs,), device=device), greedy)
-        b["actions"][step] = action
 
-        next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
-        b["rewards"][step] = torch.as_tensor(reward, device=device)
-        b["terminations"][step] = torch.as_tensor(terminated, device=device)
-        b["truncations"][step] = torch.as_tensor(truncated, device=device)
-        obs = torch.as_tensor(next_obs, device=device)
-        is_reset = torch.as_tensor(np.logical_or(terminated, truncated), device=device)
-        games += [(step, score, length) for score, length in game_stats.step(info, truncated)]
+    def receive(step, envs, stats, cols):
+        """The outcome of the group's step `step`: what it returned, and the next observations."""
+        next_obs, rewards[step, cols], terminations[step, cols], truncations[step, cols], info = envs.recv()
+        staging[cols] = torch.from_numpy(next_obs)
+        obs[cols] = staging[cols].to(device, non_blocking=True)
+        is_reset[cols] = terminations[step, cols] | truncations[step, cols]
+        games.extend((step, score, length) for score, length in stats.step(info, truncations[step, cols]))
+
+    for step in range(num_steps):
+        for envs, stats, cols in groups:
+            if step > 0:
+                receive(step - 1, envs, stats, cols)
+            b["obs"][step, cols] = obs[cols]
+            resets[step, cols] = is_reset[cols]
+            action, max_q = policy(obs[cols], epsilon)
+            b["actions"][step, cols], b["max_q"][step, cols] = action, max_q
+            # .cpu() waits for the device, so the last copy out of `staging` has finished by now.
+            envs.send(action.cpu().numpy())
+    for envs, stats, cols in groups:
+        receive(num_steps - 1, envs, stats, cols)
 
     # The value after the last step bootstraps the last targets; the other next_q come from acting.
-    with torch.no_grad():
-        last_max_q = q_network(obs).max(dim=1).values
+    _, last_max_q = policy(obs, epsilon)
     b["next_q"] = torch.cat([b["max_q"][1:], last_max_q[None]])
+    b["rewards"] = torch.as_tensor(rewards, device=device)
+    b["terminations"] = torch.as_tensor(terminations, device=device)
+    b["truncations"] = torch.as_tensor(truncations, device=device)
+    b["is_reset"] = torch.as_tensor(resets, device=device)
     return b, obs, is_reset, games
 
 
@@ -289,27 +331,33 @@ def td_loss(q_taken: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) ->
 
 
 # --- shared: pqn_update ---
-def update(q_network, optimizer, b, returns, update_epochs, minibatch_size, max_grad_norm):
-    """`update_epochs` passes over the rollout in shuffled minibatches of TD regression to the
-    Q(lambda) targets. Returns the mean TD loss and the mean Q of the actions taken."""
-    obs = b["obs"].flatten(0, 1)
-    actions = b["actions"].flatten()
-    returns = returns.flatten()
+def grad_step(q_network, optimizer, obs, actions, returns, mask, max_grad_norm):
+    """One minibatch of TD regression to the Q(lambda) targets. Returns the loss and the mean Q of
+    the actions taken, as tensors (reading them out would wait for the device)."""
+    q_taken = q_network(obs).gather(1, actions[:, None]).squeeze(1)
+    loss = td_loss(q_taken, returns, mask)
+    optimizer.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(q_network.parameters(), max_grad_norm, foreach=True)
+    optimizer.step()
+    return loss.detach(), (q_taken.detach() * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def update(train_step, b, returns, update_epochs, minibatch_size):
+    """`update_epochs` passes over the rollout in shuffled minibatches, each given to
+    `train_step(obs, actions, returns, mask)` (`grad_step`). Returns the mean TD loss and the mean
+    Q of the actions taken."""
     mask = (~b["is_reset"]).flatten().float()  # reset steps are not real transitions
-    batch_size = len(actions)
+    batch = [b["obs"].flatten(0, 1), b["actions"].flatten(), returns.flatten(), mask]
     losses, q_taken_means = [], []
     for _ in range(update_epochs):
-        order = torch.randperm(batch_size, device=obs.device)
-        for start in range(0, batch_size, minibatch_size):
-            mb = order[start : start + minibatch_size]
-            q_taken = q_network(obs[mb]).gather(1, actions[mb, None]).squeeze(1)
-            loss = td_loss(q_taken, returns[mb], mask[mb])
-            optimizer.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(q_network.parameters(), max_grad_norm)
-            optimizer.step()
-            losses.append(loss.detach())
-            q_taken_means.append((q_taken.detach() * mask[mb]).sum() / mask[mb].sum().clamp(min=1.0))
+        order = torch.randperm(len(mask), device=mask.device)
+        # One shuffle of the whole rollout per epoch; the minibatches are consecutive slices of it.
+        shuffled = [x[order] for x in batch]
+        for minibatch in zip(*[x.split(minibatch_size) for x in shuffled]):
+            loss, q_taken_mean = train_step(*minibatch)
+            losses.append(loss)
+            q_taken_means.append(q_taken_mean)
     return torch.stack(losses).mean().item(), torch.stack(q_taken_means).mean().item()
 # --- end shared: pqn_update ---
 
@@ -329,6 +377,21 @@ def evaluate(q_network, envs) -> np.ndarray:
         finished |= terminated | truncated
     return scores
 # --- end shared: atari_evaluate ---
+
+
+# --- shared: accelerate ---
+def accelerate(fn, compile: bool, cudagraphs: bool):
+    """The fast path. --compile: torch.compile turns `fn` into fused Inductor kernels; --cudagraphs:
+    its kernels are recorded once as CUDA graphs and replayed, without a launch per kernel; both:
+    Inductor kernels inside CUDA graphs. Neither changes what `fn` computes."""
+    if compile and cudagraphs:
+        return torch.compile(fn, mode="reduce-overhead")
+    if compile:
+        return torch.compile(fn)
+    if cudagraphs:
+        return torch.compile(fn, backend="cudagraphs")
+    return fn
+# --- end shared: accelerate ---
 
 
 # --- shared: progress ---
@@ -407,9 +470,14 @@ def main(args: Args):
     if args.eval_checkpoint:
         return eval_checkpoint(args, device)
 
-    envs = make_atari_envs(args.env_id, args.num_envs, args.seed, 4, args)
+    # The envs in two groups, each its own envpool, so that one group steps while the device acts
+    # for the other (see `rollout`). Env i has seed args.seed + i, as in a single envpool.
+    first = args.num_envs // 2
+    env_groups = [
+        make_atari_envs(args.env_id, n, args.seed + start, 4, args) for start, n in [(0, first), (first, args.num_envs - first)] if n > 0
+    ]
     eval_envs = make_atari_envs(args.env_id, args.eval_episodes, args.seed + 1_000_000, 4, args, evaluation=True)
-    num_actions = int(envs.action_space.n)
+    num_actions = int(env_groups[0].action_space.n)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     if args.track:
         try:
@@ -428,41 +496,51 @@ def main(args: Args):
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
     q_network = QNetwork(4, num_actions).to(device)
-    optimizer = torch.optim.RAdam(q_network.parameters(), lr=args.learning_rate, foreach=True)
+    # A compiled optimizer step takes the learning rate as a tensor, so that annealing it does not
+    # recompile the step; eager RAdam is faster with a float.
+    lr = torch.tensor(args.learning_rate, device=device) if args.compile or args.cudagraphs else args.learning_rate
+    optimizer = torch.optim.RAdam(q_network.parameters(), lr=lr, foreach=True)
+    policy = accelerate(lambda obs, epsilon: act(q_network, obs, epsilon), args.compile, args.cudagraphs)
+    targets = accelerate(lambda *rollout: q_lambda_returns(*rollout, args.gamma, args.q_lambda), args.compile, args.cudagraphs)
+    train_step = accelerate(
+        lambda *minibatch: grad_step(q_network, optimizer, *minibatch, args.max_grad_norm), args.compile, args.cudagraphs
+    )
 
     def run_evaluation(global_step):
         scores = evaluate(q_network, eval_envs)
         writer.add_scalar("eval/episodic_return", scores.mean(), global_step)
         print(f"eval at step {global_step}: greedy score {scores.mean():.2f} ± {scores.std():.2f} ({len(scores)} games)", flush=True)
 
-    obs, _ = envs.reset()
+    obs = np.concatenate([envs.reset()[0] for envs in env_groups])
+    # Frames reach the device through one pinned host buffer: a pinned copy is faster and asynchronous.
+    staging = torch.empty(obs.shape, dtype=torch.uint8, pin_memory=device.type == "cuda")
     obs = torch.as_tensor(obs, device=device)
-    is_reset = torch.zeros(args.num_envs, dtype=torch.bool, device=device)
-    game_stats = GameStats(args.num_envs)
+    is_reset = np.zeros(args.num_envs, dtype=bool)
+    game_stats = [GameStats(envs.config["num_envs"]) for envs in env_groups]
     recent_scores = collections.deque(maxlen=20)
     progress = Progress(args.num_iterations * args.batch_size)
     global_step = 0
     start_time = time.time()
     for iteration in range(1, args.num_iterations + 1):
-        if args.anneal_lr:
-            optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations)
+        lr = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations) if args.anneal_lr else args.learning_rate
+        set_learning_rate(optimizer, lr)
         epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, global_step)
-        b, obs, is_reset, games = rollout(envs, q_network, obs, is_reset, epsilon, args.num_steps, game_stats)
+        b, obs, is_reset, games = rollout(
+            env_groups, policy, obs, is_reset, torch.tensor(epsilon, device=device), args.num_steps, game_stats, staging
+        )
         for step, score, length in games:
             writer.add_scalar("charts/episodic_return", score, global_step + (step + 1) * args.num_envs)
             writer.add_scalar("charts/episodic_length", length, global_step + (step + 1) * args.num_envs)
             recent_scores.append(score)
         global_step += args.batch_size
 
-        returns = q_lambda_returns(b["rewards"], b["terminations"], b["truncations"], b["next_q"], args.gamma, args.q_lambda)
-        td_loss_mean, q_values_mean = update(
-            q_network, optimizer, b, returns, args.update_epochs, args.minibatch_size, args.max_grad_norm
-        )
+        returns = targets(b["rewards"], b["terminations"], b["truncations"], b["next_q"])
+        td_loss_mean, q_values_mean = update(train_step, b, returns, args.update_epochs, args.minibatch_size)
 
         sps = global_step / (time.time() - start_time)
         writer.add_scalar("losses/td_loss", td_loss_mean, global_step)
         writer.add_scalar("losses/q_values", q_values_mean, global_step)
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        writer.add_scalar("charts/learning_rate", lr, global_step)
         writer.add_scalar("charts/epsilon", epsilon, global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
         progress.update(global_step, sps, float(np.mean(recent_scores)) if recent_scores else float("nan"))
@@ -475,7 +553,8 @@ def main(args: Args):
         path = f"runs/{run_name}/{args.exp_name}.pt"
         save_checkpoint(path, q_network, args, num_actions)
         print(f"model saved to {path}")
-    envs.close()
+    for envs in env_groups:
+        envs.close()
     eval_envs.close()
     writer.close()
 

@@ -80,6 +80,10 @@ class Args:
     """the number of greedy evaluation games, played at once, one per eval env"""
     eval_max_steps: int = 27_000
     """truncate an evaluation game after this many agent steps: this bounds how long an evaluation takes"""
+    compile: bool = False
+    """torch.compile the acting step, the Q(lambda) targets and the gradient step (costs start-up time)"""
+    cudagraphs: bool = False
+    """record those steps as CUDA graphs and replay them (GPU only; with --compile, Inductor kernels inside the graphs)"""
 
     # Computed from the above after parsing.
     batch_size: int = field(default=0, init=False)
@@ -103,6 +107,8 @@ def finalize_args(args: Args) -> Args:
     for name in ["gamma", "q_lambda", "start_e", "end_e", "exploration_fraction", "repeat_action_probability"]:
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if args.cudagraphs and not (args.cuda and torch.cuda.is_available()):
+        raise UsageError("--cudagraphs needs a CUDA GPU and none is available; on the CPU use --compile")
     args.batch_size = args.num_envs * args.num_steps
     if args.num_envs % args.num_minibatches != 0:
         raise UsageError(
@@ -247,65 +253,99 @@ def q_lambda_returns(rewards, terminations, truncations, next_q, gamma, q_lambda
 # --- end shared: q_lambda_returns ---
 
 
+def set_learning_rate(optimizer, lr: float):
+    group = optimizer.param_groups[0]
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(lr)  # in place: a compiled step reads this very tensor
+    else:
+        group["lr"] = lr
+
+
 def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> float:
     if duration <= 0:
         return end_e
     return max(end_e, start_e + (end_e - start_e) * t / duration)
 
 
-def rollout(envs, q_network, carry, epsilon, num_steps, game_stats):
+@torch.no_grad()
+def act(q_network, obs, state, episode_start, epsilon):
+    """One step of the recurrent Q-network: epsilon-greedy actions, max_a Q(obs, a) and the new state.
+    `epsilon` is a 0-d tensor, so a compiled `act` does not recompile as it decays."""
+    q, state = q_network(obs[None], state, episode_start[None])
+    max_q, greedy = q[0].max(dim=1)
+    explore = torch.rand(obs.shape[0], device=obs.device) < epsilon
+    random_actions = torch.randint(q.shape[2], (obs.shape[0],), device=obs.device)
+    return torch.where(explore, random_actions, greedy), max_q, state
+
+
+def rollout(env_groups, policy, carry, epsilon, num_steps, game_stats, staging):
     """Acts epsilon-greedily for `num_steps` steps in every env, carrying the recurrent state.
 
-    `carry` is what the previous rollout left: the observation the first step acts on, `is_reset`
-    (that observation is the final one of an ended episode, so this step is a reset step: envpool
+    The envs come in groups, each its own envpool (`env_groups`, columns in order) stepping in the
+    background: a group's actions are sent, and while its envs step the device acts for the next
+    group. `policy(obs, state, episode_start, epsilon)` is `act`. `carry` is what the previous
+    rollout left: the observation the first step acts on, `is_reset` (bool array: that
+    observation is the final one of an ended episode, so this step is a reset step: envpool
     ignores its action and its transition is not real), `episode_start` (that observation is the
     first of a new episode: the state is zeroed before it) and the recurrent `state`. The final
     observation is still seen with its own episode's state, so its value (the bootstrap of a
-    truncated episode) is right. Returns the rollout as [T, N] tensors, with the state it started
-    from (training replays the sequences from there), the new carry, and the games that ended.
+    truncated episode) is right. `game_stats` has one GameStats per group; `staging` is a host
+    buffer of one observation, pinned when training on a GPU. Returns the rollout as [T, N]
+    tensors, with the state it started from (training replays the sequences from there), the new
+    carry, and the games that ended.
     """
     obs, is_reset, episode_start, state = carry
     device = obs.device
     num_envs = obs.shape[0]
-    num_actions = int(envs.action_space.n)
     b = {
         "obs": torch.zeros((num_steps, *obs.shape), dtype=torch.uint8, device=device),
         "actions": torch.zeros((num_steps, num_envs), dtype=torch.long, device=device),
-        "rewards": torch.zeros((num_steps, num_envs), device=device),
-        "terminations": torch.zeros((num_steps, num_envs), device=device),
-        "truncations": torch.zeros((num_steps, num_envs), device=device),
         "max_q": torch.zeros((num_steps, num_envs), device=device),  # max_a Q(obs[t], a) while acting
-        "is_reset": torch.zeros((num_steps, num_envs), dtype=torch.bool, device=device),
         "episode_start": torch.zeros((num_steps, num_envs), dtype=torch.bool, device=device),
         "initial_state": state,
     }
+    # What the envs return stays on the host until the rollout ends: one transfer, not one per step.
+    rewards = np.zeros((num_steps, num_envs), dtype=np.float32)
+    terminations = np.zeros((num_steps, num_envs), dtype=bool)
+    truncations = np.zeros((num_steps, num_envs), dtype=bool)
+    resets = np.zeros((num_steps, num_envs), dtype=bool)
+    # Updated group by group below, so copies: the carry passed in (and the initial state) stay as they were.
+    obs, is_reset, episode_start, (h, c) = obs.clone(), is_reset.copy(), episode_start.clone(), (state[0].clone(), state[1].clone())
+    starts = np.cumsum([0] + [envs.config["num_envs"] for envs in env_groups])
+    groups = [(envs, stats, slice(start, end)) for envs, stats, start, end in zip(env_groups, game_stats, starts, starts[1:])]
     games = []
-    for step in range(num_steps):
-        b["obs"][step] = obs
-        b["is_reset"][step] = is_reset
-        b["episode_start"][step] = episode_start
-        with torch.no_grad():
-            q, state = q_network(obs[None], state, episode_start[None])
-        max_q, greedy = q[0].max(dim=1)
-        b["max_q"][step] = max_q
-        explore = torch.rand(num_envs, device=device) < epsilon
-        action = torch.where(explore, torch.randint(num_actions, (num_envs,), device=device), greedy)
-        b["actions"][step] = action
 
-        next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
-        b["rewards"][step] = torch.as_tensor(reward, device=device)
-        b["terminations"][step] = torch.as_tensor(terminated, device=device)
-        b["truncations"][step] = torch.as_tensor(truncated, device=device)
-        obs = torch.as_tensor(next_obs, device=device)
-        episode_start = is_reset  # a reset step returns the first observation of the next episode
-        is_reset = torch.as_tensor(np.logical_or(terminated, truncated), device=device)
-        games += [(step, score, length) for score, length in game_stats.step(info, truncated)]
+    def receive(step, envs, stats, cols):
+        """The outcome of the group's step `step`: what it returned, and the next observations."""
+        next_obs, rewards[step, cols], terminations[step, cols], truncations[step, cols], info = envs.recv()
+        staging[cols] = torch.from_numpy(next_obs)
+        obs[cols] = staging[cols].to(device, non_blocking=True)
+        episode_start[cols] = torch.as_tensor(is_reset[cols], device=device)  # a reset step returns the first observation of the next episode
+        is_reset[cols] = terminations[step, cols] | truncations[step, cols]
+        games.extend((step, score, length) for score, length in stats.step(info, truncations[step, cols]))
+
+    for step in range(num_steps):
+        for envs, stats, cols in groups:
+            if step > 0:
+                receive(step - 1, envs, stats, cols)
+            b["obs"][step, cols] = obs[cols]
+            b["episode_start"][step, cols] = episode_start[cols]
+            resets[step, cols] = is_reset[cols]
+            action, max_q, (h[:, cols], c[:, cols]) = policy(obs[cols], (h[:, cols], c[:, cols]), episode_start[cols], epsilon)
+            b["actions"][step, cols], b["max_q"][step, cols] = action, max_q
+            # .cpu() waits for the device, so the last copy out of `staging` has finished by now.
+            envs.send(action.cpu().numpy())
+    for envs, stats, cols in groups:
+        receive(num_steps - 1, envs, stats, cols)
 
     # The value after the last step bootstraps the last targets; the other next_q come from acting.
-    with torch.no_grad():
-        last_q, _ = q_network(obs[None], state, episode_start[None])
-    b["next_q"] = torch.cat([b["max_q"][1:], last_q[0].max(dim=1).values[None]])
-    return b, (obs, is_reset, episode_start, state), games
+    _, last_max_q, _ = policy(obs, (h, c), episode_start, epsilon)
+    b["next_q"] = torch.cat([b["max_q"][1:], last_max_q[None]])
+    b["rewards"] = torch.as_tensor(rewards, device=device)
+    b["terminations"] = torch.as_tensor(terminations, device=device)
+    b["truncations"] = torch.as_tensor(truncations, device=device)
+    b["is_reset"] = torch.as_tensor(resets, device=device)
+    return b, (obs, is_reset, episode_start, (h, c)), games
 
 
 # --- shared: td_loss ---
@@ -315,28 +355,35 @@ def td_loss(q_taken: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) ->
 # --- end shared: td_loss ---
 
 
-def update(q_network, optimizer, b, returns, update_epochs, num_minibatches, max_grad_norm):
-    """`update_epochs` passes over the rollout in minibatches of whole envs: each env's sequence
-    is replayed in time order from the state the rollout started with, with the same episode
-    starts, and regressed to the Q(lambda) targets. Returns the mean TD loss and mean Q taken."""
+def grad_step(q_network, optimizer, obs, actions, returns, mask, episode_start, h0, c0, max_grad_norm):
+    """One minibatch of whole env sequences [T, B], replayed in time order from the state (h0, c0)
+    the rollout started with and regressed to the Q(lambda) targets. Returns the loss and the mean
+    Q of the actions taken, as tensors (reading them out would wait for the device)."""
+    q, _ = q_network(obs, (h0, c0), episode_start)
+    q_taken = q.gather(2, actions[..., None]).squeeze(2)
+    loss = td_loss(q_taken, returns, mask)
+    optimizer.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(q_network.parameters(), max_grad_norm, foreach=True)
+    optimizer.step()
+    return loss.detach(), (q_taken.detach() * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def update(train_step, b, returns, update_epochs, num_minibatches):
+    """`update_epochs` passes over the rollout in minibatches of whole envs, each given to
+    `train_step` (`grad_step`). Returns the mean TD loss and the mean Q of the actions taken."""
     num_envs = b["actions"].shape[1]
-    envs_per_minibatch = num_envs // num_minibatches
     mask = (~b["is_reset"]).float()  # reset steps are not real transitions
     h0, c0 = b["initial_state"]
     losses, q_taken_means = [], []
     for _ in range(update_epochs):
         order = torch.randperm(num_envs, device=returns.device)
-        for start in range(0, num_envs, envs_per_minibatch):
-            mb = order[start : start + envs_per_minibatch]
-            q, _ = q_network(b["obs"][:, mb], (h0[:, mb], c0[:, mb]), b["episode_start"][:, mb])
-            q_taken = q.gather(2, b["actions"][:, mb, None]).squeeze(2)
-            loss = td_loss(q_taken, returns[:, mb], mask[:, mb])
-            optimizer.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(q_network.parameters(), max_grad_norm)
-            optimizer.step()
-            losses.append(loss.detach())
-            q_taken_means.append((q_taken.detach() * mask[:, mb]).sum() / mask[:, mb].sum().clamp(min=1.0))
+        for mb in order.chunk(num_minibatches):
+            loss, q_taken_mean = train_step(
+                b["obs"][:, mb], b["actions"][:, mb], returns[:, mb], mask[:, mb], b["episode_start"][:, mb], h0[:, mb], c0[:, mb]
+            )
+            losses.append(loss)
+            q_taken_means.append(q_taken_mean)
     return torch.stack(losses).mean().item(), torch.stack(q_taken_means).mean().item()
 
 
@@ -363,6 +410,21 @@ def evaluate(q_network, envs, episodic_life: bool) -> np.ndarray:
         episode_start = torch.as_tensor(episodic_life & (info["lives"] < lives), device=device)
         lives = info["lives"]
     return scores
+
+
+# --- shared: accelerate ---
+def accelerate(fn, compile: bool, cudagraphs: bool):
+    """The fast path. --compile: torch.compile turns `fn` into fused Inductor kernels; --cudagraphs:
+    its kernels are recorded once as CUDA graphs and replayed, without a launch per kernel; both:
+    Inductor kernels inside CUDA graphs. Neither changes what `fn` computes."""
+    if compile and cudagraphs:
+        return torch.compile(fn, mode="reduce-overhead")
+    if compile:
+        return torch.compile(fn)
+    if cudagraphs:
+        return torch.compile(fn, backend="cudagraphs")
+    return fn
+# --- end shared: accelerate ---
 
 
 # --- shared: progress ---
@@ -440,9 +502,14 @@ def main(args: Args):
     if args.eval_checkpoint:
         return eval_checkpoint(args, device)
 
-    envs = make_atari_envs(args.env_id, args.num_envs, args.seed, 1, args)
+    # The envs in two groups, each its own envpool, so that one group steps while the device acts
+    # for the other (see `rollout`). Env i has seed args.seed + i, as in a single envpool.
+    first = args.num_envs // 2
+    env_groups = [
+        make_atari_envs(args.env_id, n, args.seed + start, 1, args) for start, n in [(0, first), (first, args.num_envs - first)] if n > 0
+    ]
     eval_envs = make_atari_envs(args.env_id, args.eval_episodes, args.seed + 1_000_000, 1, args, evaluation=True)
-    num_actions = int(envs.action_space.n)
+    num_actions = int(env_groups[0].action_space.n)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     if args.track:
         try:
@@ -461,45 +528,53 @@ def main(args: Args):
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
     q_network = RecurrentQNetwork(num_actions).to(device)
-    optimizer = torch.optim.RAdam(q_network.parameters(), lr=args.learning_rate, foreach=True)
+    # A compiled optimizer step takes the learning rate as a tensor, so that annealing it does not
+    # recompile the step; eager RAdam is faster with a float.
+    lr = torch.tensor(args.learning_rate, device=device) if args.compile or args.cudagraphs else args.learning_rate
+    optimizer = torch.optim.RAdam(q_network.parameters(), lr=lr, foreach=True)
+    policy = accelerate(lambda *inputs: act(q_network, *inputs), args.compile, args.cudagraphs)
+    targets = accelerate(lambda *rollout: q_lambda_returns(*rollout, args.gamma, args.q_lambda), args.compile, args.cudagraphs)
+    train_step = accelerate(
+        lambda *minibatch: grad_step(q_network, optimizer, *minibatch, args.max_grad_norm), args.compile, args.cudagraphs
+    )
 
     def run_evaluation(global_step):
         scores = evaluate(q_network, eval_envs, args.episodic_life)
         writer.add_scalar("eval/episodic_return", scores.mean(), global_step)
         print(f"eval at step {global_step}: greedy score {scores.mean():.2f} ± {scores.std():.2f} ({len(scores)} games)", flush=True)
 
-    obs, _ = envs.reset()
+    obs = np.concatenate([envs.reset()[0] for envs in env_groups])
+    # Frames reach the device through one pinned host buffer: a pinned copy is faster and asynchronous.
+    staging = torch.empty(obs.shape, dtype=torch.uint8, pin_memory=device.type == "cuda")
     carry = (
         torch.as_tensor(obs, device=device),
-        torch.zeros(args.num_envs, dtype=torch.bool, device=device),  # is_reset
+        np.zeros(args.num_envs, dtype=bool),  # is_reset
         torch.ones(args.num_envs, dtype=torch.bool, device=device),  # episode_start
         q_network.initial_state(args.num_envs, device),
     )
-    game_stats = GameStats(args.num_envs)
+    game_stats = [GameStats(envs.config["num_envs"]) for envs in env_groups]
     recent_scores = collections.deque(maxlen=20)
     progress = Progress(args.num_iterations * args.batch_size)
     global_step = 0
     start_time = time.time()
     for iteration in range(1, args.num_iterations + 1):
-        if args.anneal_lr:
-            optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations)
+        lr = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations) if args.anneal_lr else args.learning_rate
+        set_learning_rate(optimizer, lr)
         epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, global_step)
-        b, carry, games = rollout(envs, q_network, carry, epsilon, args.num_steps, game_stats)
+        b, carry, games = rollout(env_groups, policy, carry, torch.tensor(epsilon, device=device), args.num_steps, game_stats, staging)
         for step, score, length in games:
             writer.add_scalar("charts/episodic_return", score, global_step + (step + 1) * args.num_envs)
             writer.add_scalar("charts/episodic_length", length, global_step + (step + 1) * args.num_envs)
             recent_scores.append(score)
         global_step += args.batch_size
 
-        returns = q_lambda_returns(b["rewards"], b["terminations"], b["truncations"], b["next_q"], args.gamma, args.q_lambda)
-        td_loss_mean, q_values_mean = update(
-            q_network, optimizer, b, returns, args.update_epochs, args.num_minibatches, args.max_grad_norm
-        )
+        returns = targets(b["rewards"], b["terminations"], b["truncations"], b["next_q"])
+        td_loss_mean, q_values_mean = update(train_step, b, returns, args.update_epochs, args.num_minibatches)
 
         sps = global_step / (time.time() - start_time)
         writer.add_scalar("losses/td_loss", td_loss_mean, global_step)
         writer.add_scalar("losses/q_values", q_values_mean, global_step)
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        writer.add_scalar("charts/learning_rate", lr, global_step)
         writer.add_scalar("charts/epsilon", epsilon, global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
         progress.update(global_step, sps, float(np.mean(recent_scores)) if recent_scores else float("nan"))
@@ -512,7 +587,8 @@ def main(args: Args):
         path = f"runs/{run_name}/{args.exp_name}.pt"
         save_checkpoint(path, q_network, args, num_actions)
         print(f"model saved to {path}")
-    envs.close()
+    for envs in env_groups:
+        envs.close()
     eval_envs.close()
     writer.close()
 

@@ -113,7 +113,8 @@ def test_planning_update_uses_one_step_targets_on_live_transitions_only():
         q_taken = q_network(imagined["obs"].flatten(0, 1)).gather(1, imagined["actions"].flatten()[:, None]).view(4, 3)
     expected = ((q_taken - targets) ** 2)[~dead].mean()
     optimizer = torch.optim.SGD(q_network.parameters(), lr=0.0)
-    loss = pdqn.planning_update(q_network, optimizer, imagined, 0.9, minibatch_size=12, max_grad_norm=10.0)
+    train_step = lambda *minibatch: pdqn.grad_step(q_network, optimizer, *minibatch, max_grad_norm=10.0)  # noqa: E731
+    loss = pdqn.planning_update(train_step, q_network, imagined, 0.9, minibatch_size=12)
     assert loss == pytest.approx(expected.item(), rel=1e-5)
 
 

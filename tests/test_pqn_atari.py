@@ -25,25 +25,53 @@ class Recorder:
 
     def __init__(self, envs):
         self.envs = envs
-        self.action_space = envs.action_space
+        self.config = envs.config
         self.steps = []
 
-    def step(self, actions):
-        out = self.envs.step(actions)
+    def reset(self):
+        return self.envs.reset()
+
+    def send(self, actions):
+        self.envs.send(actions)
+
+    def recv(self):
+        out = self.envs.recv()
         self.steps.append(out)
         return out
+
+    def step(self, actions):
+        self.send(actions)
+        return self.recv()
+
+
+def run_rollout(env_groups, q_network, epsilon, num_steps):
+    obs = np.concatenate([envs.reset()[0] for envs in env_groups])
+    policy = lambda obs, epsilon: atari.act(q_network, obs, epsilon)  # noqa: E731
+    game_stats = [atari.GameStats(envs.config["num_envs"]) for envs in env_groups]
+    staging = torch.empty(obs.shape, dtype=torch.uint8)
+    is_reset = np.zeros(len(obs), dtype=bool)
+    return atari.rollout(env_groups, policy, torch.as_tensor(obs), is_reset, torch.tensor(epsilon), num_steps, game_stats, staging)
 
 
 def random_rollout(num_steps, **overrides):
     args = tiny_args(**overrides)
     envs = Recorder(atari.make_atari_envs(args.env_id, args.num_envs, 0, 4, args))
-    obs, _ = envs.envs.reset()
     torch.manual_seed(0)
-    q_network = atari.QNetwork(4, envs.action_space.n)
-    b, _, _, games = atari.rollout(
-        envs, q_network, torch.as_tensor(obs), torch.zeros(args.num_envs, dtype=torch.bool), 1.0, num_steps, atari.GameStats(args.num_envs)
-    )
+    q_network = atari.QNetwork(4, envs.envs.action_space.n)
+    b, _, _, games = run_rollout([envs], q_network, 1.0, num_steps)
     return b, games, envs.steps
+
+
+def test_two_env_groups_give_the_rollout_of_one():
+    args = tiny_args()
+    torch.manual_seed(0)
+    q_network = atari.QNetwork(4, 4)
+    one = run_rollout([atari.make_atari_envs(args.env_id, 4, 0, 4, args)], q_network, 0.0, 60)
+    two = run_rollout([atari.make_atari_envs(args.env_id, 2, 0, 4, args), atari.make_atari_envs(args.env_id, 2, 2, 4, args)], q_network, 0.0, 60)
+    for name in ["obs", "actions", "rewards", "terminations", "truncations", "is_reset", "max_q", "next_q"]:
+        assert torch.equal(one[0][name], two[0][name]), name
+    assert torch.equal(one[1], two[1]) and np.array_equal(one[2], two[2])
+    assert sorted(one[3]) == sorted(two[3])
 
 
 def test_reset_steps_are_exactly_the_steps_after_life_losses_and_game_overs():
@@ -181,7 +209,6 @@ def test_evaluation_of_a_stuck_policy_ends_at_the_step_limit():
 
     args = tiny_args(eval_max_steps=300)
     envs = Recorder(atari.make_atari_envs(args.env_id, 2, 0, 4, args, evaluation=True))
-    envs.reset, envs.config = envs.envs.reset, envs.envs.config
     scores = atari.evaluate(Noop(), envs)
     assert len(envs.steps) == 300 and scores.shape == (2,)
     assert all(trunc.all() for _, _, _, trunc, _ in envs.steps[-1:])

@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,11 +20,11 @@ def tiny_args(**overrides):
     return lstm.finalize_args(args)
 
 
-def start_carry(envs, q_network, num_envs):
-    obs, _ = envs.reset()
+def start_carry(env_groups, q_network, num_envs):
+    obs = np.concatenate([envs.reset()[0] for envs in env_groups])
     return (
         torch.as_tensor(obs),
-        torch.zeros(num_envs, dtype=torch.bool),
+        np.zeros(num_envs, dtype=bool),
         torch.ones(num_envs, dtype=torch.bool),
         q_network.initial_state(num_envs),
     )
@@ -31,15 +32,19 @@ def start_carry(envs, q_network, num_envs):
 
 @pytest.fixture(scope="module")
 def two_rollouts():
-    """Two consecutive random rollouts on real Breakout, with lost lives, game overs and truncations."""
+    """Two consecutive random rollouts on real Breakout, with lost lives, game overs and truncations,
+    from two env groups (each group's slice of the recurrent state is updated on its own)."""
     args = tiny_args()
-    envs = lstm.make_atari_envs(args.env_id, args.num_envs, 0, 1, args)
+    half = args.num_envs // 2
+    env_groups = [lstm.make_atari_envs(args.env_id, half, 0, 1, args), lstm.make_atari_envs(args.env_id, half, half, 1, args)]
     torch.manual_seed(0)
-    q_network = lstm.RecurrentQNetwork(int(envs.action_space.n))
-    carry = start_carry(envs, q_network, args.num_envs)
-    stats = lstm.GameStats(args.num_envs)
-    b1, carry, _ = lstm.rollout(envs, q_network, carry, 0.5, 150, stats)
-    b2, carry, _ = lstm.rollout(envs, q_network, carry, 0.5, 150, stats)
+    q_network = lstm.RecurrentQNetwork(int(env_groups[0].action_space.n))
+    carry = start_carry(env_groups, q_network, args.num_envs)
+    stats = [lstm.GameStats(half), lstm.GameStats(half)]
+    policy = lambda *inputs: lstm.act(q_network, *inputs)  # noqa: E731
+    staging = torch.empty(carry[0].shape, dtype=torch.uint8)
+    b1, carry, _ = lstm.rollout(env_groups, policy, carry, torch.tensor(0.5), 150, stats, staging)
+    b2, carry, _ = lstm.rollout(env_groups, policy, carry, torch.tensor(0.5), 150, stats, staging)
     return q_network, b1, b2
 
 
@@ -99,7 +104,8 @@ def test_update_leaves_reset_steps_out_of_the_loss(two_rollouts):
         torch.manual_seed(1)
         q_network = lstm.RecurrentQNetwork(4)
         optimizer = torch.optim.RAdam(q_network.parameters(), lr=1e-3)
-        lstm.update(q_network, optimizer, b, returns, update_epochs=1, num_minibatches=2, max_grad_norm=10.0)
+        train_step = lambda *minibatch: lstm.grad_step(q_network, optimizer, *minibatch, max_grad_norm=10.0)  # noqa: E731
+        lstm.update(train_step, b, returns, update_epochs=1, num_minibatches=2)
         return torch.cat([p.detach().flatten() for p in q_network.parameters()])
 
     assert b["is_reset"].any()
