@@ -239,7 +239,7 @@ def planning_update(train_step, q_network, imagined, gamma, minibatch_size):
         if b["alive"][mb].sum() == 0:
             continue  # nothing real to learn from; an optimizer step on zero gradients would still move Q
         loss, _ = train_step(b["obs"][mb], b["actions"][mb], targets[mb], b["alive"][mb])
-        losses.append(loss)
+        losses.append(loss.clone())  # with --cudagraphs the next replay reuses the output's memory
     return torch.stack(losses).mean().item() if losses else float("nan")
 
 
@@ -407,8 +407,9 @@ def update(train_step, b, returns, update_epochs, minibatch_size):
         shuffled = [x[order] for x in batch]
         for minibatch in zip(*[x.split(minibatch_size) for x in shuffled]):
             loss, q_taken_mean = train_step(*minibatch)
-            losses.append(loss)
-            q_taken_means.append(q_taken_mean)
+            # Copies: with --cudagraphs the next replay of the step reuses the memory of its outputs.
+            losses.append(loss.clone())
+            q_taken_means.append(q_taken_mean.clone())
     return torch.stack(losses).mean().item(), torch.stack(q_taken_means).mean().item()
 # --- end shared: pqn_update ---
 
@@ -534,7 +535,8 @@ def main(args: Args):
         global_step += args.batch_size
 
         # 1. PQN on the real rollout.
-        returns = targets(b["rewards"], b["terminations"], b["truncations"], b["next_q"])
+        # A copy: with --cudagraphs the memory of a replay's outputs is reused by later replays.
+        returns = targets(b["rewards"], b["terminations"], b["truncations"], b["next_q"]).clone()
         td_loss_mean, q_values_mean = update(train_step, b, returns, args.update_epochs, args.minibatch_size)
         writer.add_scalar("losses/td_loss", td_loss_mean, global_step)
         writer.add_scalar("losses/q_values", q_values_mean, global_step)

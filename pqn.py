@@ -296,8 +296,9 @@ def update(train_step, b, returns, update_epochs, minibatch_size):
         shuffled = [x[order] for x in batch]
         for minibatch in zip(*[x.split(minibatch_size) for x in shuffled]):
             loss, q_taken_mean = train_step(*minibatch)
-            losses.append(loss)
-            q_taken_means.append(q_taken_mean)
+            # Copies: with --cudagraphs the next replay of the step reuses the memory of its outputs.
+            losses.append(loss.clone())
+            q_taken_means.append(q_taken_mean.clone())
     return torch.stack(losses).mean().item(), torch.stack(q_taken_means).mean().item()
 # --- end shared: pqn_update ---
 
@@ -444,7 +445,8 @@ def main(args: Args):
             recent_returns.append(episodic_return)
         global_step += args.batch_size
 
-        returns = targets(b["rewards"], b["terminations"], b["truncations"], b["next_q"])
+        # A copy: with --cudagraphs the memory of a replay's outputs is reused by later replays.
+        returns = targets(b["rewards"], b["terminations"], b["truncations"], b["next_q"]).clone()
         td_loss_mean, q_values_mean = update(train_step, b, returns, args.update_epochs, args.minibatch_size)
 
         sps = global_step / (time.time() - start_time)

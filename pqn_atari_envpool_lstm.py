@@ -382,8 +382,9 @@ def update(train_step, b, returns, update_epochs, num_minibatches):
             loss, q_taken_mean = train_step(
                 b["obs"][:, mb], b["actions"][:, mb], returns[:, mb], mask[:, mb], b["episode_start"][:, mb], h0[:, mb], c0[:, mb]
             )
-            losses.append(loss)
-            q_taken_means.append(q_taken_mean)
+            # Copies: with --cudagraphs the next replay of the step reuses the memory of its outputs.
+            losses.append(loss.clone())
+            q_taken_means.append(q_taken_mean.clone())
     return torch.stack(losses).mean().item(), torch.stack(q_taken_means).mean().item()
 
 
@@ -502,9 +503,10 @@ def main(args: Args):
     if args.eval_checkpoint:
         return eval_checkpoint(args, device)
 
-    # The envs in two groups, each its own envpool, so that one group steps while the device acts
-    # for the other (see `rollout`). Env i has seed args.seed + i, as in a single envpool.
-    first = args.num_envs // 2
+    # On a GPU the envs run in two groups, each its own envpool, so that one group steps while the
+    # GPU acts for the other (see `rollout`). On a CPU the same cores would do both: one group.
+    # Env i has seed args.seed + i either way.
+    first = args.num_envs // 2 if device.type == "cuda" else args.num_envs
     env_groups = [
         make_atari_envs(args.env_id, n, args.seed + start, 1, args) for start, n in [(0, first), (first, args.num_envs - first)] if n > 0
     ]
@@ -568,7 +570,8 @@ def main(args: Args):
             recent_scores.append(score)
         global_step += args.batch_size
 
-        returns = targets(b["rewards"], b["terminations"], b["truncations"], b["next_q"])
+        # A copy: with --cudagraphs the memory of a replay's outputs is reused by later replays.
+        returns = targets(b["rewards"], b["terminations"], b["truncations"], b["next_q"]).clone()
         td_loss_mean, q_values_mean = update(train_step, b, returns, args.update_epochs, args.num_minibatches)
 
         sps = global_step / (time.time() - start_time)

@@ -22,9 +22,10 @@
 #                 slurm jobs (see python benchmark/run.py --help); the report is then skipped
 #   MACHINE       the machine line of the report (default: this machine's cores, CPU and GPU)
 #   PYTHON        the Python to run (default: python)
-# A smaller version (2 games, 2 seeds, 500k steps: 8 runs of roughly 2.7 min (PDQN) and 1.3 min
-# (planning 0) on Breakout, scaled from the times above; about 8–10 min with 2 workers):
-#   GAMES="Breakout Asterix" SEEDS="1 2" EXTRA_FLAGS="--total-timesteps 500000" SUFFIX=_short bash benchmark/pdqn.sh
+# A smaller version (2 games, 2 seeds, 1M steps; planning starts after 100 updates = 409,600 steps,
+# so shorter runs hardly plan). Measured on the 2-core CPU above, two runs at a time: see
+# benchmark/results/pdqn_minatar_short.md for the wall times.
+#   GAMES="Breakout Asterix" SEEDS="1 2" EXTRA_FLAGS="--total-timesteps 1000000" SUFFIX=_short bash benchmark/pdqn.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
