@@ -5,9 +5,9 @@
 #
 #   classic  pqn_classic_control: pqn.py on CartPole-v1 and Acrobot-v1 (default flags) and on
 #            MountainCar-v0 with --exploration-fraction 0.1 --q-lambda 0.95; 500k steps (the default).
-#            Measured on a 2-core x86-64 CPU without GPU, two runs at a time: CartPole 129–157 s,
-#            Acrobot 173–200 s, MountainCar 134–155 s per run; from these, the 9 runs take about
-#            15 min with 2 workers.
+#            Measured on a 2-core x86-64 CPU without GPU, two runs at a time: CartPole 2 min 16 s
+#            to 2 min 48 s, Acrobot 2 min 53 s to 3 min 26 s, MountainCar 2 min 3 s to 2 min 58 s
+#            per run; the 9 runs took 14 min with 2 workers.
 #   atari    pqn_atari: pqn_atari_envpool.py on Breakout-v5, Pong-v5, BeamRider-v5; 10M steps.
 #   lstm     pqn_atari_lstm: pqn_atari_envpool_lstm.py on Breakout-v5, BeamRider-v5; 10M steps.
 #            The Atari blocks need a GPU and have not been timed on one here (for scale only:
