@@ -284,7 +284,8 @@ def test_learning_curve_bins_average_and_carry_forward():
 def test_shell_scripts_print_their_commands_in_a_dry_run(script):
     path = os.path.join(ROOT, "benchmark", script)
     assert subprocess.run(["bash", "-n", path]).returncode == 0
-    env = dict(os.environ, RUNNER_FLAGS="--dry-run", SEEDS="1 2", EXTRA_FLAGS="--total-timesteps 1000")
+    # A benchmark name of its own, so that benchmarks already run in this checkout do not interfere.
+    env = dict(os.environ, RUNNER_FLAGS="--dry-run", SEEDS="1 2", EXTRA_FLAGS="--total-timesteps 1000", SUFFIX="_dry_run_test")
     result = subprocess.run(["bash", path], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     expected = {
