@@ -253,12 +253,14 @@ def q_lambda_returns(rewards, terminations, truncations, next_q, gamma, q_lambda
 # --- end shared: q_lambda_returns ---
 
 
+# --- shared: set_learning_rate ---
 def set_learning_rate(optimizer, lr: float):
     group = optimizer.param_groups[0]
     if isinstance(group["lr"], torch.Tensor):
         group["lr"].fill_(lr)  # in place: a compiled step reads this very tensor
     else:
         group["lr"] = lr
+# --- end shared: set_learning_rate ---
 
 
 def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> float:
