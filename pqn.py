@@ -298,9 +298,8 @@ def update(train_step, b, returns, update_epochs, minibatch_size):
         shuffled = [x[order] for x in batch]
         for minibatch in zip(*[x.split(minibatch_size) for x in shuffled]):
             loss, q_taken_mean = train_step(*minibatch)
-            # Copies: with --cudagraphs the next replay of the step reuses the memory of its outputs.
-            losses.append(loss.clone())
-            q_taken_means.append(q_taken_mean.clone())
+            losses.append(loss)
+            q_taken_means.append(q_taken_mean)
     return torch.stack(losses).mean().item(), torch.stack(q_taken_means).mean().item()
 # --- end shared: pqn_update ---
 
@@ -327,13 +326,15 @@ def accelerate(fn, compile: bool, cudagraphs: bool):
     """The fast path. --compile: torch.compile turns `fn` into fused Inductor kernels; --cudagraphs:
     its kernels are recorded once as CUDA graphs and replayed, without a launch per kernel; both:
     Inductor kernels inside CUDA graphs. Neither changes what `fn` computes."""
-    if compile and cudagraphs:
-        return torch.compile(fn, mode="reduce-overhead")
-    if compile:
-        return torch.compile(fn)
-    if cudagraphs:
-        return torch.compile(fn, backend="cudagraphs")
-    return fn
+    if not cudagraphs:
+        return torch.compile(fn) if compile else fn
+    graphed = torch.compile(fn, mode="reduce-overhead") if compile else torch.compile(fn, backend="cudagraphs")
+
+    def copies(x):
+        return x.clone() if isinstance(x, torch.Tensor) else type(x)(copies(v) for v in x)
+
+    # A replay reuses the memory of the previous replay's outputs, so callers get copies.
+    return lambda *args: copies(graphed(*args))
 # --- end shared: accelerate ---
 
 
@@ -447,8 +448,7 @@ def main(args: Args):
             recent_returns.append(episodic_return)
         global_step += args.batch_size
 
-        # A copy: with --cudagraphs the memory of a replay's outputs is reused by later replays.
-        returns = targets(b["rewards"], b["terminations"], b["truncations"], b["next_q"]).clone()
+        returns = targets(b["rewards"], b["terminations"], b["truncations"], b["next_q"])
         td_loss_mean, q_values_mean = update(train_step, b, returns, args.update_epochs, args.minibatch_size)
 
         sps = global_step / (time.time() - start_time)

@@ -7,9 +7,9 @@
 # commands and skips runs that finished, so the script resumes when it is run again.
 #
 # How long: measured on Breakout at 2M steps on one core of a 2-core x86-64 CPU without GPU
-# (two runs at a time): PDQN 657–664 s, planning 0 321–322 s per run. At 10M steps that is about
-# 55 and 27 min per run if the rate holds, so the 30 runs would take about 10 h with 2 workers;
-# the other games have not been timed.
+# (two runs at a time): PDQN 657–664 s, planning 0 321–322 s per run; at 1M steps (Breakout and
+# Asterix) 5 min 30 s to 6 min 30 s and 2 min 26 s to 2 min 44 s. The 10M-step runs have not been
+# timed.
 #
 # Usage (from anywhere):  bash benchmark/pdqn.sh
 # Environment variables:

@@ -12,8 +12,7 @@
 #   lstm     pqn_atari_lstm: pqn_atari_envpool_lstm.py on Breakout-v5, BeamRider-v5; 10M steps.
 #            The Atari blocks need a GPU and have not been timed on one here (for scale only:
 #            cleanrl reports about 43 min per 10M-step run of its PQN on Atari with a GPU). On the
-#            2-core CPU above, PQN trained at 363 env steps/s over its first 49k steps (README):
-#            about 8 h per 10M-step run if that rate held.
+#            2-core CPU above, PQN trained at 290–380 env steps/s over its first 49k steps (README).
 #
 # Usage (from anywhere):  bash benchmark/pqn.sh [classic] [atari] [lstm]     (no argument: all three)
 # Environment variables:
@@ -26,7 +25,7 @@
 #                 them as slurm jobs (see python benchmark/run.py --help); the report is then skipped
 #   MACHINE       the machine line of the report (default: this machine's cores, CPU and GPU)
 #   PYTHON        the Python to run (default: python)
-# A smaller version (1 seed, 100k steps: 3 runs of roughly 30–40 s each, scaled from the times above):
+# A smaller version (1 seed, 100k steps: 3 runs of 35–48 s each, 1 min 36 s in all on the CPU above):
 #   SEEDS=1 EXTRA_FLAGS="--total-timesteps 100000" SUFFIX=_short bash benchmark/pqn.sh classic
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -8,7 +8,7 @@
 # side by side). benchmark/run.py skips runs that finished, so the script resumes when run again.
 #
 # How long: it needs a GPU and has not been timed on one. On a 2-core CPU without GPU the student
-# learns at 12.3 env steps/s (README), which would make one 10M-step student run about 9 days.
+# learns at 12.3 env steps/s (README).
 #
 # Usage (from anywhere):  bash benchmark/qdagger.sh
 # Environment variables:

@@ -73,3 +73,14 @@ def test_compile_smoke_run(tmp_path):
     scalars = read_scalars(only_run_dir(tmp_path))
     assert [s for s, _ in scalars["losses/td_loss"]] == [128, 256, 384, 512]
     assert np.isfinite([v for _, v in scalars["losses/td_loss"]]).all()
+
+
+def test_cudagraph_outputs_are_handed_out_as_copies():
+    # A CUDA-graph replay reuses the memory of its outputs; `accelerate` copies them, keeping their
+    # structure. (Without a GPU the cudagraphs backend runs the function as is; the copying is the same.)
+    kept = torch.arange(3.0)
+    state = (torch.ones(2), torch.zeros(2))
+    graphed = pqn.accelerate(lambda x: (kept * 1, (state[0] + x, state[1])), compile=False, cudagraphs=True)
+    out, (h, c) = graphed(torch.tensor(1.0))
+    assert torch.equal(out, kept) and torch.equal(h, torch.full((2,), 2.0)) and torch.equal(c, state[1])
+    assert c.data_ptr() != state[1].data_ptr()  # a copy, not the tensor the step returned

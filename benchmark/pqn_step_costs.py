@@ -1,0 +1,59 @@
+"""Where pqn.py's time goes on this machine: one iteration split into rollout, Q(lambda) targets and
+update, and one gradient step split into its parts. Plain (eager) PyTorch, one thread.
+
+    python benchmark/pqn_step_costs.py            # pqn.py's defaults (32 envs x 64 steps, 16 minibatches, 8 epochs)
+"""
+
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import pqn  # noqa: E402
+
+
+def ms(fn, repeat):
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat * 1e3
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    args = pqn.finalize_args(pqn.Args())
+    envs = pqn.make_envs(args.env_id, args.num_envs)
+    q_network = pqn.QNetwork(envs.single_observation_space, envs.single_action_space.n)
+    optimizer = torch.optim.RAdam(q_network.parameters(), lr=args.learning_rate, foreach=True)
+    obs = torch.as_tensor(envs.reset(seed=1)[0])
+    is_reset, stats, epsilon = np.zeros(args.num_envs, dtype=bool), pqn.EpisodeStats(args.num_envs), torch.tensor(0.5)
+    policy = lambda obs, epsilon: pqn.act(q_network, obs, epsilon)  # noqa: E731
+    train_step = lambda *mb: pqn.grad_step(q_network, optimizer, *mb, args.max_grad_norm)  # noqa: E731
+    b, *_ = pqn.rollout(envs, policy, obs, is_reset, epsilon, args.num_steps, stats)
+    returns = pqn.q_lambda_returns(b["rewards"], b["terminations"], b["truncations"], b["next_q"], args.gamma, args.q_lambda)
+    print(f"per iteration ({args.batch_size} env steps):")
+    print(f"  rollout      {ms(lambda: pqn.rollout(envs, policy, obs, is_reset, epsilon, args.num_steps, stats), 10):7.2f} ms")
+    print(f"    env step   {ms(lambda: envs.step(np.zeros(args.num_envs, dtype=np.int64)), 200) * args.num_steps:7.2f} ms ({args.num_steps} vector steps)")
+    print(f"  targets      {ms(lambda: pqn.q_lambda_returns(b['rewards'], b['terminations'], b['truncations'], b['next_q'], args.gamma, args.q_lambda), 20):7.2f} ms")
+    print(f"  update       {ms(lambda: pqn.update(train_step, b, returns, args.update_epochs, args.minibatch_size), 3):7.2f} ms")
+    mb = (b["obs"].flatten(0, 1)[: args.minibatch_size], b["actions"].flatten()[: args.minibatch_size],
+          returns.flatten()[: args.minibatch_size], torch.ones(args.minibatch_size))
+    print(f"per gradient step (minibatch of {args.minibatch_size}):")
+    print(f"  whole step   {ms(lambda: train_step(*mb), 300):7.2f} ms")
+
+    def forward_backward():
+        q_taken = q_network(mb[0]).gather(1, mb[1][:, None]).squeeze(1)
+        optimizer.zero_grad()
+        pqn.td_loss(q_taken, mb[2], mb[3]).backward()
+
+    print(f"  fwd + bwd    {ms(forward_backward, 300):7.2f} ms")
+    print(f"  clip         {ms(lambda: nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm, foreach=True), 300):7.2f} ms")
+    print(f"  RAdam step   {ms(optimizer.step, 300):7.2f} ms")
+    compiled_step = torch.compile(lambda: (nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm, foreach=True), optimizer.step()))
+    optimizer.param_groups[0]["lr"] = torch.tensor(args.learning_rate)  # as with --compile
+    print(f"  clip + RAdam, compiled {ms(compiled_step, 300):7.2f} ms")
