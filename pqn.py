@@ -258,13 +258,6 @@ def rollout(envs, policy, obs, is_reset, epsilon, num_steps, episode_stats):
 # --- end shared: gym_rollout ---
 
 
-# --- shared: td_loss ---
-def td_loss(q_taken: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the real transitions (mask = 1); reset steps (mask = 0) add nothing."""
-    return (mask * (q_taken - returns) ** 2).sum() / mask.sum().clamp(min=1.0)
-# --- end shared: td_loss ---
-
-
 # --- shared: radam ---
 class RAdam:
     """RAdam (Liu et al., "On the Variance of the Adaptive Learning Rate and Beyond", ICLR 2020),
@@ -304,6 +297,13 @@ class RAdam:
             adaptive = torch.where(rectified, rect_scale / (exp_avg_sq.sqrt() + self.eps), 1.0)
             p.sub_(step_size * exp_avg * adaptive)
 # --- end shared: radam ---
+
+
+# --- shared: td_loss ---
+def td_loss(q_taken: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the real transitions (mask = 1); reset steps (mask = 0) add nothing."""
+    return (mask * (q_taken - returns) ** 2).sum() / mask.sum().clamp(min=1.0)
+# --- end shared: td_loss ---
 
 
 # --- shared: pqn_update ---

@@ -242,25 +242,18 @@ def q_lambda_returns(rewards, terminations, truncations, next_q, gamma, q_lambda
     when the episode ended at t. Termination cuts the bootstrap; truncation keeps it. At every
     episode end the lambda-trace is cut, so nothing after it (the reset step) leaks back.
     """
-    terminations = terminations.float()
-    done = torch.logical_or(terminations.bool(), truncations.bool()).float()
-    returns = torch.empty_like(rewards)
-    returns[-1] = rewards[-1] + gamma * (1.0 - terminations[-1]) * next_q[-1]
+    # G[t] = r[t] + gamma (1 - term[t]) ((1 - done[t]) (lambda G[t+1] + (1 - lambda) next_q[t]) + done[t] next_q[t])
+    # is linear in G[t+1]: G[t] = base[t] + trace[t] G[t+1]. Both parts are computed for all steps at
+    # once, which leaves one operation per step in the backward loop. The rollout's end cuts the trace too.
+    discount = gamma * (1.0 - terminations.float())
+    cut = torch.logical_or(terminations.bool(), truncations.bool()).float()
+    cut[-1] = 1.0
+    base = rewards + discount * (1.0 - q_lambda * (1.0 - cut)) * next_q
+    trace = discount * q_lambda * (1.0 - cut)
     for t in reversed(range(rewards.shape[0] - 1)):
-        bootstrap = (1.0 - done[t]) * (q_lambda * returns[t + 1] + (1.0 - q_lambda) * next_q[t]) + done[t] * next_q[t]
-        returns[t] = rewards[t] + gamma * (1.0 - terminations[t]) * bootstrap
-    return returns
+        base[t] += trace[t] * base[t + 1]
+    return base
 # --- end shared: q_lambda_returns ---
-
-
-# --- shared: set_learning_rate ---
-def set_learning_rate(optimizer, lr: float):
-    group = optimizer.param_groups[0]
-    if isinstance(group["lr"], torch.Tensor):
-        group["lr"].fill_(lr)  # in place: a compiled step reads this very tensor
-    else:
-        group["lr"] = lr
-# --- end shared: set_learning_rate ---
 
 
 def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> float:
@@ -350,6 +343,47 @@ def rollout(env_groups, policy, carry, epsilon, num_steps, game_stats, staging):
     return b, (obs, is_reset, episode_start, (h, c)), games
 
 
+# --- shared: radam ---
+class RAdam:
+    """RAdam (Liu et al., "On the Variance of the Adaptive Learning Rate and Beyond", ICLR 2020),
+    the same numbers as torch.optim.RAdam with its defaults. Written out because torch.optim's
+    step() always breaks a compiled graph: with this one, --compile fuses the whole gradient step.
+    `lr` is a tensor, so that annealing it does not recompile the step."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps=1e-8):
+        self.params = list(params)
+        device = self.params[0].device
+        self.lr = torch.tensor(lr, device=device)
+        self.beta1, self.beta2, self.eps = betas[0], betas[1], eps
+        # float64 like torch.optim's host-side step count: in float32, 1 - beta2**t loses digits early on.
+        self.t = torch.zeros((), dtype=torch.float64, device=device)
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        self.t += 1
+        beta1, beta2, t = self.beta1, self.beta2, self.t
+        # rho: length of the simple moving average that the second moment approximates. While it is
+        # at most 5 the variance of the adaptive rate is intractable, and the step is plain momentum SGD.
+        rho_inf = 2 / (1 - beta2) - 1
+        rho_t = rho_inf - 2 * t * beta2**t / (1 - beta2**t)
+        rectified = rho_t > 5
+        rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)).clamp(min=0).sqrt()
+        step_size = (self.lr / (1 - beta1**t)).float()
+        rect_scale = (rect * (1 - beta2**t).sqrt()).float()
+        for p, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq):
+            exp_avg.lerp_(p.grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            adaptive = torch.where(rectified, rect_scale / (exp_avg_sq.sqrt() + self.eps), 1.0)
+            p.sub_(step_size * exp_avg * adaptive)
+# --- end shared: radam ---
+
+
 # --- shared: td_loss ---
 def td_loss(q_taken: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the real transitions (mask = 1); reset steps (mask = 0) add nothing."""
@@ -419,6 +453,8 @@ def accelerate(fn, compile: bool, cudagraphs: bool):
     """The fast path. --compile: torch.compile turns `fn` into fused Inductor kernels; --cudagraphs:
     its kernels are recorded once as CUDA graphs and replayed, without a launch per kernel; both:
     Inductor kernels inside CUDA graphs. Neither changes what `fn` computes."""
+    # Lets backward() into the compiled graph, so forward, backward and the optimizer fuse into one.
+    torch._dynamo.config.trace_autograd_ops = True
     if not cudagraphs:
         return torch.compile(fn) if compile else fn
     graphed = torch.compile(fn, mode="reduce-overhead") if compile else torch.compile(fn, backend="cudagraphs")
@@ -533,12 +569,11 @@ def main(args: Args):
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
     q_network = RecurrentQNetwork(num_actions).to(device)
-    # A compiled optimizer step takes the learning rate as a tensor, so that annealing it does not
-    # recompile the step; eager RAdam is faster with a float.
-    lr = torch.tensor(args.learning_rate, device=device) if args.compile or args.cudagraphs else args.learning_rate
-    optimizer = torch.optim.RAdam(q_network.parameters(), lr=lr, foreach=True)
+    optimizer = RAdam(q_network.parameters(), lr=args.learning_rate)
     policy = accelerate(lambda *inputs: act(q_network, *inputs), args.compile, args.cudagraphs)
-    targets = accelerate(lambda *rollout: q_lambda_returns(*rollout, args.gamma, args.q_lambda), args.compile, args.cudagraphs)
+    # Inductor would take about a minute to compile the loop over the rollout's steps, for ~2 ms per
+    # rollout on the CPU; a CUDA graph of it (no Inductor) saves a kernel launch per step on the GPU.
+    targets = accelerate(lambda *rollout: q_lambda_returns(*rollout, args.gamma, args.q_lambda), False, args.cudagraphs)
     train_step = accelerate(
         lambda *minibatch: grad_step(q_network, optimizer, *minibatch, args.max_grad_norm), args.compile, args.cudagraphs
     )
@@ -564,7 +599,7 @@ def main(args: Args):
     start_time = time.time()
     for iteration in range(1, args.num_iterations + 1):
         lr = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations) if args.anneal_lr else args.learning_rate
-        set_learning_rate(optimizer, lr)
+        optimizer.lr.fill_(lr)  # in place: a compiled step reads this very tensor
         epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, global_step)
         b, carry, games = rollout(env_groups, policy, carry, torch.tensor(epsilon, device=device), args.num_steps, game_stats, staging)
         for step, score, length in games:

@@ -1,5 +1,6 @@
 """Where pqn.py's time goes on this machine: one iteration split into rollout, Q(lambda) targets and
-update, and one gradient step split into its parts. Plain (eager) PyTorch, one thread.
+update, and one gradient step split into its parts; plain (eager) PyTorch, one thread, and the
+gradient step as `--compile` makes it (one fused graph).
 
     python benchmark/pqn_step_costs.py            # pqn.py's defaults (32 envs x 64 steps, 16 minibatches, 8 epochs)
 """
@@ -29,7 +30,7 @@ if __name__ == "__main__":
     args = pqn.finalize_args(pqn.Args())
     envs = pqn.make_envs(args.env_id, args.num_envs)
     q_network = pqn.QNetwork(envs.single_observation_space, envs.single_action_space.n)
-    optimizer = torch.optim.RAdam(q_network.parameters(), lr=args.learning_rate, foreach=True)
+    optimizer = pqn.RAdam(q_network.parameters(), lr=args.learning_rate)
     obs = torch.as_tensor(envs.reset(seed=1)[0])
     is_reset, stats, epsilon = np.zeros(args.num_envs, dtype=bool), pqn.EpisodeStats(args.num_envs), torch.tensor(0.5)
     policy = lambda obs, epsilon: pqn.act(q_network, obs, epsilon)  # noqa: E731
@@ -54,6 +55,6 @@ if __name__ == "__main__":
     print(f"  fwd + bwd    {ms(forward_backward, 300):7.2f} ms")
     print(f"  clip         {ms(lambda: nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm, foreach=True), 300):7.2f} ms")
     print(f"  RAdam step   {ms(optimizer.step, 300):7.2f} ms")
-    compiled_step = torch.compile(lambda: (nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm, foreach=True), optimizer.step()))
-    optimizer.param_groups[0]["lr"] = torch.tensor(args.learning_rate)  # as with --compile
-    print(f"  clip + RAdam, compiled {ms(compiled_step, 300):7.2f} ms")
+    compiled_step = pqn.accelerate(train_step, compile=True, cudagraphs=False)
+    compiled_step(*mb)  # compiles
+    print(f"  whole step, compiled (--compile) {ms(lambda: compiled_step(*mb), 300):7.2f} ms")

@@ -37,14 +37,34 @@ def test_compiled_q_lambda_returns_match_the_plain_ones():
     torch.testing.assert_close(compiled(*rollout), plain)
 
 
+def test_radam_matches_torch_optim_radam():
+    # 40 steps on the same random gradients: past step 6, where the rectified update takes over.
+    g = torch.Generator().manual_seed(0)
+    ours = [torch.randn(7, 5, generator=g), torch.randn(5, generator=g)]
+    reference = [p.clone() for p in ours]
+    radam, torch_radam = pqn.RAdam(ours, lr=1e-2), torch.optim.RAdam(reference, lr=1e-2)
+    for step in range(40):
+        lr = 1e-2 * (1 - step / 40)
+        radam.lr.fill_(lr)
+        torch_radam.param_groups[0]["lr"] = lr
+        for p, q in zip(ours, reference):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        radam.step()
+        torch_radam.step()
+        for p, q in zip(ours, reference):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
 def test_compiled_acting_and_gradient_steps_match_the_plain_ones():
     space = gym.spaces.Box(-np.inf, np.inf, (4,))
     torch.manual_seed(0)
     q_plain = pqn.QNetwork(space, 3)
     q_fast = copy.deepcopy(q_plain)
-    opt_plain = torch.optim.RAdam(q_plain.parameters(), lr=1e-2, foreach=True)
-    # As in pqn.py: the compiled path takes the learning rate as a tensor.
-    opt_fast = torch.optim.RAdam(q_fast.parameters(), lr=torch.tensor(1e-2), foreach=True)
+    # The reference is torch.optim's RAdam, stepped eagerly; the fast path is pqn.py's, compiled
+    # into one graph with the forward and backward pass.
+    opt_plain = torch.optim.RAdam(q_plain.parameters(), lr=1e-2)
+    opt_fast = pqn.RAdam(q_fast.parameters(), lr=1e-2)
     obs = torch.randn(32, 4)
     act_fast = pqn.accelerate(lambda o, e: pqn.act(q_fast, o, e), compile=True, cudagraphs=False)
     actions, max_q = act_fast(obs, torch.tensor(0.0))  # epsilon 0: greedy, no randomness
@@ -55,9 +75,10 @@ def test_compiled_acting_and_gradient_steps_match_the_plain_ones():
 
     minibatch = (obs, torch.randint(3, (32,)), torch.randn(32), (torch.rand(32) < 0.8).float())
     step_fast = pqn.accelerate(lambda *mb: pqn.grad_step(q_fast, opt_fast, *mb, 1.0), compile=True, cudagraphs=False)
-    for lr in [1e-2, 5e-3]:  # the second step also checks that a new learning rate is taken up
+    for step in range(8):  # a new learning rate each step must be taken up; from step 6 RAdam is rectified
+        lr = 1e-2 * (1 - step / 8)
         opt_plain.param_groups[0]["lr"] = lr
-        pqn.set_learning_rate(opt_fast, lr)
+        opt_fast.lr.fill_(lr)
         loss_plain, q_taken_plain = pqn.grad_step(q_plain, opt_plain, *minibatch, 1.0)
         loss_fast, q_taken_fast = step_fast(*minibatch)
         torch.testing.assert_close(loss_fast, loss_plain)
