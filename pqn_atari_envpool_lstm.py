@@ -81,9 +81,9 @@ class Args:
     eval_max_steps: int = 27_000
     """truncate an evaluation game after this many agent steps: this bounds how long an evaluation takes"""
     compile: bool = False
-    """torch.compile the acting step, the Q(lambda) targets and the gradient step (costs start-up time)"""
+    """torch.compile the acting step and the gradient step, the latter as one graph with its backward pass and RAdam (costs start-up time)"""
     cudagraphs: bool = False
-    """record those steps as CUDA graphs and replay them (GPU only; with --compile, Inductor kernels inside the graphs)"""
+    """record the acting step, the Q(lambda) targets and the gradient step as CUDA graphs and replay them (GPU only; with --compile, Inductor kernels inside the graphs)"""
 
     # Computed from the above after parsing.
     batch_size: int = field(default=0, init=False)
@@ -453,8 +453,10 @@ def accelerate(fn, compile: bool, cudagraphs: bool):
     """The fast path. --compile: torch.compile turns `fn` into fused Inductor kernels; --cudagraphs:
     its kernels are recorded once as CUDA graphs and replayed, without a launch per kernel; both:
     Inductor kernels inside CUDA graphs. Neither changes what `fn` computes."""
-    # Lets backward() into the compiled graph, so forward, backward and the optimizer fuse into one.
+    # Lets backward() into the compiled graph, so forward, backward and the optimizer fuse into one,
+    # and lets Dynamo trace through nn.LSTM, where it would otherwise break the graph.
     torch._dynamo.config.trace_autograd_ops = True
+    torch._dynamo.config.allow_rnn = True
     if not cudagraphs:
         return torch.compile(fn) if compile else fn
     graphed = torch.compile(fn, mode="reduce-overhead") if compile else torch.compile(fn, backend="cudagraphs")

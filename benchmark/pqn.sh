@@ -5,14 +5,14 @@
 #
 #   classic  pqn_classic_control: pqn.py on CartPole-v1 and Acrobot-v1 (default flags) and on
 #            MountainCar-v0 with --exploration-fraction 0.1 --q-lambda 0.95; 500k steps (the default).
-#            Measured on a 2-core x86-64 CPU without GPU, two runs at a time: CartPole 2 min 16 s
-#            to 2 min 48 s, Acrobot 2 min 53 s to 3 min 26 s, MountainCar 2 min 3 s to 2 min 58 s
-#            per run; the 9 runs took 14 min with 2 workers.
+#            Measured on a 2-core x86-64 CPU without GPU, two runs at a time: CartPole 1 min 35 s
+#            to 1 min 55 s, Acrobot 2 min 0 s to 2 min 8 s, MountainCar 1 min 45 s to 1 min 56 s
+#            per run; the 9 runs took 9 min 52 s with 2 workers.
 #   atari    pqn_atari: pqn_atari_envpool.py on Breakout-v5, Pong-v5, BeamRider-v5; 10M steps.
 #   lstm     pqn_atari_lstm: pqn_atari_envpool_lstm.py on Breakout-v5, BeamRider-v5; 10M steps.
 #            The Atari blocks need a GPU and have not been timed on one here (for scale only:
 #            cleanrl reports about 43 min per 10M-step run of its PQN on Atari with a GPU). On the
-#            2-core CPU above, PQN trained at 290–380 env steps/s over its first 49k steps (README).
+#            2-core CPU above, PQN trained at 290–500 env steps/s over its first 49k steps (README).
 #
 # Usage (from anywhere):  bash benchmark/pqn.sh [classic] [atari] [lstm]     (no argument: all three)
 # Environment variables:

@@ -116,6 +116,30 @@ def test_update_leaves_reset_steps_out_of_the_loss(two_rollouts):
     assert not torch.allclose(updated(changed), reference)
 
 
+def test_compiled_gradient_steps_match_the_plain_ones(two_rollouts):
+    # --compile traces through the LSTM (its backward included) into one graph; 6 steps and 2 envs
+    # of the rollout keep the compilation short.
+    _, b, _ = two_rollouts
+    returns = lstm.q_lambda_returns(b["rewards"], b["terminations"], b["truncations"], b["next_q"], 0.99, 0.65)
+    h0, c0 = b["initial_state"]
+    envs = torch.tensor([0, 2])
+    minibatch = (
+        b["obs"][:6, envs], b["actions"][:6, envs], returns[:6, envs], (~b["is_reset"][:6, envs]).float(),
+        b["episode_start"][:6, envs], h0[:, envs], c0[:, envs],
+    )
+    steps = {}
+    for compile in [False, True]:
+        torch.manual_seed(1)
+        q_network = lstm.RecurrentQNetwork(4)
+        optimizer = lstm.RAdam(q_network.parameters(), lr=1e-3)
+        step = lstm.accelerate(lambda *mb: lstm.grad_step(q_network, optimizer, *mb, max_grad_norm=10.0), compile, False)
+        steps[compile] = [step(*minibatch) for _ in range(2)], list(q_network.parameters())
+    (plain_out, plain_params), (fast_out, fast_params) = steps[False], steps[True]
+    torch.testing.assert_close(fast_out, plain_out)
+    for p_fast, p_plain in zip(fast_params, plain_params):
+        torch.testing.assert_close(p_fast, p_plain, rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("lstm")
