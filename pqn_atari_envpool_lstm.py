@@ -374,13 +374,13 @@ class RAdam:
         rho_t = rho_inf - 2 * t * beta2**t / (1 - beta2**t)
         rectified = rho_t > 5
         rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)).clamp(min=0).sqrt()
-        step_size = (self.lr / (1 - beta1**t)).float()
-        rect_scale = (rect * (1 - beta2**t).sqrt()).float()
+        step_size = (self.lr / (1 - beta1**t)).float()  # lr over the bias correction of the first moment
+        rectified_step_size = (step_size * rect * (1 - beta2**t).sqrt()).float()
         for p, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq):
             exp_avg.lerp_(p.grad, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            adaptive = torch.where(rectified, rect_scale / (exp_avg_sq.sqrt() + self.eps), 1.0)
-            p.sub_(step_size * exp_avg * adaptive)
+            step = torch.where(rectified, rectified_step_size / exp_avg_sq.sqrt().add_(self.eps), step_size)
+            p.addcmul_(exp_avg, step, value=-1.0)
 # --- end shared: radam ---
 
 
