@@ -309,3 +309,24 @@ def test_shell_scripts_print_their_commands_in_a_dry_run(script):
     for command in expected:
         assert command in lines
     assert "# when the runs have finished: python benchmark/report.py --benchmark" in result.stdout
+
+
+def test_speed_reads_progress_lines_and_the_steady_rate(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+    import speed
+
+    fake = tmp_path / "fake_script.py"
+    fake.write_text(
+        "import sys, time\n"
+        "for i in range(1, 5):\n"
+        "    time.sleep(0.05)\n"
+        "    print(f'step {i * 1000:>10,}/4,000 ({25 * i:5.1f}%)  SPS {i * 1500:>7,}  return(last 20 ep)     1.00', flush=True)\n"
+        "sys.exit(int(sys.argv[1]))\n"
+    )
+    points = speed.timed_progress([sys.executable, str(fake), "0"])
+    assert [(step, total, sps) for _, step, total, sps in points] == [(1000, 4000, 1500), (2000, 4000, 3000), (3000, 4000, 4500), (4000, 4000, 6000)]
+    assert all(a[0] < b[0] for a, b in zip(points, points[1:]))
+    # From the first line at 3/4 of the run (step 3,000 at 4 s) to the last (step 4,000 at 6 s).
+    assert speed.steady_sps([(1.0, 1000, 4000, 0), (4.0, 3000, 4000, 0), (6.0, 4000, 4000, 0)]) == 500.0
+    with pytest.raises(SystemExit, match="failed \\(exit 3\\)"):
+        speed.timed_progress([sys.executable, str(fake), "3"])
