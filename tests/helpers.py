@@ -1,10 +1,11 @@
-"""Running a script as a user would, and reading back what it logged."""
+"""Running a script as a user would, reading back what it logged, and what a compiled step mutates."""
 
 import glob
 import os
 import subprocess
 import sys
 
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,3 +50,25 @@ def error_line(result):
     assert "Traceback" not in result.stderr, result.stderr
     assert len(lines) == 1, result.stderr
     return lines[0]
+
+
+def mutated_inputs_cuda_graphs_would_skip(script, fn, *inputs):
+    """Traces `fn` as `script`'s --compile does (AOTAutograd keeping input mutations in the graph)
+    and returns the indices of the inputs it mutates that are neither parameters nor marked static:
+    with any such input, --compile --cudagraphs (mode="reduce-overhead") runs the graph without a
+    CUDA graph. Runs on the CPU: the check looks only at the traced graph."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    skipped = []
+
+    def inspect(graph, example_inputs):
+        metadata = torch._guards.TracingContext.get().fw_metadata
+        static = set(metadata.static_input_indices)
+        skipped.extend(i for i, info in enumerate(metadata.input_info) if info.mutates_data and i not in static)
+        return graph
+
+    backend = aot_autograd(fw_compiler=inspect, inference_compiler=inspect, keep_inference_input_mutations=True)
+    torch._dynamo.reset()
+    script.accelerate(lambda: None, False, False)  # sets the Dynamo options the scripts use
+    torch.compile(fn, backend=backend, fullgraph=True)(*inputs)  # one graph: nothing runs uninspected
+    return skipped

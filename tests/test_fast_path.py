@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pqn
-from helpers import error_line, only_run_dir, read_scalars, run_script
+from helpers import error_line, mutated_inputs_cuda_graphs_would_skip, only_run_dir, read_scalars, run_script
 
 PQN_SCRIPTS = ["pqn.py", "pqn_atari_envpool.py", "pqn_atari_envpool_lstm.py", "pdqn_minatar.py"]
 
@@ -105,3 +105,19 @@ def test_cudagraph_outputs_are_handed_out_as_copies():
     out, (h, c) = graphed(torch.tensor(1.0))
     assert torch.equal(out, kept) and torch.equal(h, torch.full((2,), 2.0)) and torch.equal(c, state[1])
     assert c.data_ptr() != state[1].data_ptr()  # a copy, not the tensor the step returned
+
+
+def test_compiled_steps_only_mutate_what_cuda_graphs_keep_in_place():
+    q_network = pqn.QNetwork(gym.spaces.Box(-np.inf, np.inf, (4,)), 3)
+    optimizer = pqn.RAdam(q_network.parameters(), lr=1e-2)
+    obs = torch.randn(8, 4)
+    minibatch = (obs, torch.randint(3, (8,)), torch.randn(8), torch.ones(8))
+    # The gradient step updates the parameters and RAdam's state (moments, step count) in place.
+    assert mutated_inputs_cuda_graphs_would_skip(pqn, lambda *mb: pqn.grad_step(q_network, optimizer, *mb, 1.0), *minibatch) == []
+    assert mutated_inputs_cuda_graphs_would_skip(pqn, lambda o, e: pqn.act(q_network, o, e), obs, torch.tensor(0.1)) == []
+    # Without the marks, the step count and the 20 moment tensors would keep the step out of CUDA graphs.
+    unmarked = pqn.RAdam(q_network.parameters(), lr=1e-2)
+    unmarked.t = torch.zeros((), dtype=torch.float64)
+    unmarked.exp_avg = [torch.zeros_like(p) for p in unmarked.params]
+    unmarked.exp_avg_sq = [torch.zeros_like(p) for p in unmarked.params]
+    assert len(mutated_inputs_cuda_graphs_would_skip(pqn, lambda *mb: pqn.grad_step(q_network, unmarked, *mb, 1.0), *minibatch)) == 21

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pqn_atari_envpool_lstm as lstm
-from helpers import error_line, only_run_dir, read_scalars, run_script
+from helpers import error_line, mutated_inputs_cuda_graphs_would_skip, only_run_dir, read_scalars, run_script
 from test_pqn_cli import CONVENTION_SCALARS
 
 TINY = ["--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2", "--eval-episodes", "2", "--no-cuda"]
@@ -139,6 +139,22 @@ def test_compiled_gradient_steps_match_the_plain_ones(two_rollouts):
     for p_fast, p_plain in zip(fast_params, plain_params):
         torch.testing.assert_close(p_fast, p_plain, rtol=1e-5, atol=1e-6)
 
+
+
+def test_compiled_steps_only_mutate_what_cuda_graphs_keep_in_place():
+    # The LSTM's steps, traced through nn.LSTM, change nothing in place but the parameters and
+    # RAdam's state, which CUDA graphs keep at their addresses (see test_fast_path.py for pqn.py).
+    q_network = lstm.RecurrentQNetwork(4)
+    optimizer = lstm.RAdam(q_network.parameters(), lr=1e-3)
+    T, B = 3, 2
+    frames = torch.randint(0, 256, (T, B, 1, 84, 84), dtype=torch.uint8)
+    h0, c0 = torch.zeros(1, B, 128), torch.zeros(1, B, 128)
+    episode_start = torch.tensor([[True, False], [False, True], [False, False]])
+    minibatch = (frames, torch.randint(4, (T, B)), torch.randn(T, B), torch.ones(T, B), episode_start, h0, c0)
+    step = lambda *mb: lstm.grad_step(q_network, optimizer, *mb, max_grad_norm=10.0)  # noqa: E731
+    assert mutated_inputs_cuda_graphs_would_skip(lstm, step, *minibatch) == []
+    policy = lambda *inputs: lstm.act(q_network, *inputs)  # noqa: E731
+    assert mutated_inputs_cuda_graphs_would_skip(lstm, policy, frames[0], (h0, c0), episode_start[0], torch.tensor(0.1)) == []
 
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory):
