@@ -121,3 +121,30 @@ def test_compiled_steps_only_mutate_what_cuda_graphs_keep_in_place():
     unmarked.exp_avg = [torch.zeros_like(p) for p in unmarked.params]
     unmarked.exp_avg_sq = [torch.zeros_like(p) for p in unmarked.params]
     assert len(mutated_inputs_cuda_graphs_would_skip(pqn, lambda *mb: pqn.grad_step(q_network, unmarked, *mb, 1.0), *minibatch)) == 21
+
+
+def test_cudagraphs_backend_traces_the_steps_to_the_same_numbers():
+    # --cudagraphs alone compiles with the `cudagraphs` backend (AOTAutograd, no Inductor). On the
+    # CPU the graphs are traced as on a GPU and then run without CUDA graphs, so this checks the
+    # tracing and the copying of outputs; the graphs themselves need a GPU.
+    space = gym.spaces.Box(-np.inf, np.inf, (4,))
+    torch.manual_seed(0)
+    q_plain = pqn.QNetwork(space, 3)
+    q_fast = copy.deepcopy(q_plain)
+    opt_plain, opt_fast = pqn.RAdam(q_plain.parameters(), lr=1e-2), pqn.RAdam(q_fast.parameters(), lr=1e-2)
+    obs = torch.randn(32, 4)
+    minibatch = (obs, torch.randint(3, (32,)), torch.randn(32), (torch.rand(32) < 0.8).float())
+    step_fast = pqn.accelerate(lambda *mb: pqn.grad_step(q_fast, opt_fast, *mb, 1.0), compile=False, cudagraphs=True)
+    act_fast = pqn.accelerate(lambda o, e: pqn.act(q_fast, o, e), compile=False, cudagraphs=True)
+    targets_fast = pqn.accelerate(lambda *r: pqn.q_lambda_returns(*r, 0.99, 0.65), compile=False, cudagraphs=True)
+    for _ in range(3):
+        torch.testing.assert_close(step_fast(*minibatch), pqn.grad_step(q_plain, opt_plain, *minibatch, 1.0))
+    for p_fast, p_plain in zip(q_fast.parameters(), q_plain.parameters()):
+        torch.testing.assert_close(p_fast, p_plain, rtol=1e-5, atol=1e-6)
+    actions, max_q = act_fast(obs, torch.tensor(0.0))
+    with torch.no_grad():
+        q = q_plain(obs)
+    assert torch.equal(actions, q.argmax(dim=1))
+    torch.testing.assert_close(max_q, q.max(dim=1).values)
+    rollout = random_rollout()
+    torch.testing.assert_close(targets_fast(*rollout), pqn.q_lambda_returns(*rollout, 0.99, 0.65))
