@@ -28,10 +28,10 @@ def ms(fn, repeat):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     args = pqn.finalize_args(pqn.Args())
-    envs = pqn.make_envs(args.env_id, args.num_envs, seed=1)
+    envs = pqn.make_envs(args.env_id, args.num_envs)
     q_network = pqn.QNetwork(envs.single_observation_space, envs.single_action_space.n)
     optimizer = pqn.RAdam(q_network.parameters(), lr=args.learning_rate)
-    obs = torch.as_tensor(envs.reset()[0])
+    obs = torch.as_tensor(envs.reset(seed=1)[0])
     is_reset, stats, epsilon = np.zeros(args.num_envs, dtype=bool), pqn.EpisodeStats(args.num_envs), torch.tensor(0.5)
     policy = lambda obs, epsilon: pqn.act(q_network, obs, epsilon)  # noqa: E731
     train_step = lambda *mb: pqn.grad_step(q_network, optimizer, *mb, args.max_grad_norm)  # noqa: E731
