@@ -274,9 +274,9 @@ class RAdam:
         self.t = torch.zeros((), dtype=torch.float64, device=device)
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-        # The step updates its state in place. A CUDA graph (--compile --cudagraphs) is skipped when
-        # it mutates an input other than a parameter, unless the input is marked as keeping its
-        # address (as torch.optim marks its state when compiled).
+        # The step updates this state in place (and lr is changed in place between steps). A CUDA
+        # graph (--compile --cudagraphs) is skipped when it mutates an input other than a parameter,
+        # unless the input is marked as keeping its address (as torch.optim marks its state when compiled).
         for state in [self.lr, self.t, *self.exp_avg, *self.exp_avg_sq]:
             torch._dynamo.mark_static_address(state)
 

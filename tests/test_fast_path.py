@@ -134,6 +134,8 @@ def test_cudagraphs_backend_traces_the_steps_to_the_same_numbers():
     opt_plain, opt_fast = pqn.RAdam(q_plain.parameters(), lr=1e-2), pqn.RAdam(q_fast.parameters(), lr=1e-2)
     obs = torch.randn(32, 4)
     minibatch = (obs, torch.randint(3, (32,)), torch.randn(32), (torch.rand(32) < 0.8).float())
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     step_fast = pqn.accelerate(lambda *mb: pqn.grad_step(q_fast, opt_fast, *mb, 1.0), compile=False, cudagraphs=True)
     act_fast = pqn.accelerate(lambda o, e: pqn.act(q_fast, o, e), compile=False, cudagraphs=True)
     targets_fast = pqn.accelerate(lambda *r: pqn.q_lambda_returns(*r, 0.99, 0.65), compile=False, cudagraphs=True)
@@ -148,3 +150,6 @@ def test_cudagraphs_backend_traces_the_steps_to_the_same_numbers():
     torch.testing.assert_close(max_q, q.max(dim=1).values)
     rollout = random_rollout()
     torch.testing.assert_close(targets_fast(*rollout), pqn.q_lambda_returns(*rollout, 0.99, 0.65))
+    # Each of the three went through the cudagraphs backend whole, which then found CPU tensors.
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 3
+    assert not torch._dynamo.utils.counters["graph_break"]
