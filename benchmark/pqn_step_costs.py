@@ -1,6 +1,7 @@
 """Where pqn.py's time goes on this machine: one iteration split into rollout, Q(lambda) targets and
 update, and one gradient step split into its parts; plain (eager) PyTorch, one thread, and the
-gradient step as `--compile` makes it (one fused graph).
+gradient step as `--compile` makes it (one fused graph), with a torch.profiler table of where that
+step's time goes (Inductor's kernels profiled one by one); then acting on cleanrl's 4 envs.
 
     python benchmark/pqn_step_costs.py            # pqn.py's defaults (32 envs x 64 steps, 16 minibatches, 8 epochs)
 """
@@ -11,6 +12,7 @@ import time
 
 import numpy as np
 import torch
+import torch._inductor.config
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,6 +57,21 @@ if __name__ == "__main__":
     print(f"  fwd + bwd    {ms(forward_backward, 300):7.2f} ms")
     print(f"  clip         {ms(lambda: nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm, foreach=True), 300):7.2f} ms")
     print(f"  RAdam step   {ms(optimizer.step, 300):7.2f} ms")
+    torch._inductor.config.cpp.enable_kernel_profile = True  # each Inductor kernel its own profiler row
     compiled_step = pqn.accelerate(train_step, compile=True, cudagraphs=False)
     compiled_step(*mb)  # compiles
     print(f"  whole step, compiled (--compile) {ms(lambda: compiled_step(*mb), 300):7.2f} ms")
+    with torch.profiler.profile() as profile:
+        for _ in range(200):
+            compiled_step(*mb)
+    print("the compiled step under torch.profiler, 200 calls (self time; kernels are rows of their own):")
+    print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+    small_envs = pqn.make_envs(args.env_id, 4)
+    small_obs, small_epsilon = torch.as_tensor(small_envs.reset(seed=1)[0]), torch.tensor(0.5)
+    compiled_policy = pqn.accelerate(policy, compile=True, cudagraphs=False)
+    compiled_policy(small_obs, small_epsilon)  # compiles
+    print("per vector step with 4 envs (cleanrl's default):")
+    print(f"  act          {ms(lambda: policy(small_obs, small_epsilon), 1000):7.3f} ms")
+    print(f"  act, compiled {ms(lambda: compiled_policy(small_obs, small_epsilon), 1000):6.3f} ms")
+    print(f"  env step     {ms(lambda: small_envs.step(np.zeros(4, dtype=np.int64)), 1000):7.3f} ms")
