@@ -29,6 +29,7 @@ def ms(fn, repeat):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    torch.set_flush_denormal(True)  # as the scripts' main() does
     args = pqn.finalize_args(pqn.Args())
     envs = pqn.make_envs(args.env_id, args.num_envs)
     q_network = pqn.QNetwork(envs.single_observation_space, envs.single_action_space.n)
