@@ -455,8 +455,9 @@ def update(train_step, b, returns, update_epochs, minibatch_size):
 
 
 # --- shared: gym_evaluate ---
-def evaluate(q_network, envs, seed: int) -> np.ndarray:
-    """Returns of one greedy episode per env (one each, so short episodes are not over-counted)."""
+def evaluate(q_network, envs, seed: int | None) -> np.ndarray:
+    """Returns of one greedy episode per env (one each, so short episodes are not over-counted).
+    `seed` seeds the reset; None where the envs were seeded when made (envpool ignores it)."""
     device = next(q_network.parameters()).device
     obs, _ = envs.reset(seed=seed)
     returns = np.zeros(envs.num_envs)

@@ -5,9 +5,9 @@
 #
 #   classic  pqn_classic_control: pqn.py on CartPole-v1 and Acrobot-v1 (default flags) and on
 #            MountainCar-v0 with --exploration-fraction 0.1 --q-lambda 0.95; 500k steps (the default).
-#            Measured on a 2-core x86-64 CPU without GPU, two runs at a time: CartPole 1 min 35 s
-#            to 1 min 55 s, Acrobot 2 min 0 s to 2 min 8 s, MountainCar 1 min 45 s to 1 min 56 s
-#            per run; the 9 runs took 9 min 52 s with 2 workers.
+#            Measured on a 2-core x86-64 CPU without GPU, two runs at a time: CartPole 1 min 29 s
+#            to 1 min 40 s, Acrobot 1 min 28 s to 1 min 30 s, MountainCar 1 min 27 s to 1 min 29 s
+#            per run; the 9 runs took 7 min 37 s with 2 workers.
 #   atari    pqn_atari: pqn_atari_envpool.py on Breakout-v5, Pong-v5, BeamRider-v5; 10M steps.
 #   lstm     pqn_atari_lstm: pqn_atari_envpool_lstm.py on Breakout-v5, BeamRider-v5; 10M steps.
 #            The Atari blocks need a GPU and have not been timed on one here (for scale only:

@@ -1,7 +1,10 @@
-"""The README's Quickstart is what CI runs, and the pinned requirements agree with pyproject.toml."""
+"""The README's Quickstart is what CI runs, and the pinned requirements agree with pyproject.toml
+and with what the scripts import."""
 
+import ast
 import os
 import re
+import sys
 import tomllib
 
 from helpers import ROOT
@@ -26,19 +29,21 @@ def test_quickstart_is_two_commands_and_ci_runs_the_test_one():
     assert test in ci_lines
 
 
+def pinned(path):
+    """The package names a requirements file pins, with the files it includes (-r)."""
+    names = set()
+    for line in read(path).splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith("-r "):
+            names |= pinned(os.path.join(os.path.dirname(path), line[3:]))
+        elif line:
+            assert "==" in line, f"{path}: {line} is not pinned"
+            names.add(line.split("==")[0].lower())
+    return names
+
+
 def test_pinned_requirements_cover_pyproject_dependencies():
     project = tomllib.loads(read("pyproject.toml"))["project"]
-
-    def pinned(path):
-        names = set()
-        for line in read(path).splitlines():
-            line = line.split("#")[0].strip()
-            if line.startswith("-r "):
-                names |= pinned(os.path.join(os.path.dirname(path), line[3:]))
-            elif line:
-                assert "==" in line, f"{path}: {line} is not pinned"
-                names.add(line.split("==")[0].lower())
-        return names
 
     def names(deps):
         return {re.split(r"[<>=!~\[ ]", d)[0].lower() for d in deps}
@@ -46,3 +51,18 @@ def test_pinned_requirements_cover_pyproject_dependencies():
     assert names(project["dependencies"]) <= pinned("requirements/base.txt")
     for extra, deps in project["optional-dependencies"].items():
         assert names(deps) <= pinned(f"requirements/{extra}.txt"), extra
+
+
+def test_quickstart_requirements_cover_what_pqn_py_imports():
+    # The Quickstart installs requirements/base.txt and runs pqn.py: every package pqn.py imports at
+    # its top must be pinned there (these packages' import names are their distribution names).
+    tree = ast.parse(read("pqn.py"))
+    imported = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names)
+    assert {"torch", "gymnasium", "envpool"} <= third_party
+    assert third_party <= pinned("requirements/base.txt")

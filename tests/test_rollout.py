@@ -156,18 +156,19 @@ def test_epsilon_one_acts_randomly_and_zero_greedily():
     assert 0.3 < b["actions"].float().mean().item() < 0.7
 
 
-def test_cartpole_truncates_at_500_steps():
+def test_mountain_car_truncates_at_200_steps():
     # The real env: a time limit is a truncation, not a termination, so PQN bootstraps there.
-    envs = pqn.make_envs("CartPole-v1", 1)
-    envs.reset(seed=0)
-    envs.unwrapped.state[:] = 0.0
-    for _ in range(499):
-        envs.unwrapped.state[:] = 0.0  # hold the pole upright
-        _, _, term, trunc, _ = envs.step(np.zeros(1, dtype=np.int64))
-        assert not term[0] and not trunc[0]
-    envs.unwrapped.state[:] = 0.0
-    _, _, term, trunc, _ = envs.step(np.zeros(1, dtype=np.int64))
-    assert trunc[0] and not term[0]
+    # Never pushing (action 1), the car cannot reach the goal; the next step is a reset step.
+    envs = pqn.make_envs("MountainCar-v0", 2, seed=0)
+    envs.reset()
+    for _ in range(199):
+        _, _, term, trunc, _ = envs.step(np.ones(2, dtype=np.int64))
+        assert not term.any() and not trunc.any()
+    _, _, term, trunc, _ = envs.step(np.ones(2, dtype=np.int64))
+    assert trunc.all() and not term.any()
+    obs, reward, term, trunc, _ = envs.step(np.ones(2, dtype=np.int64))
+    assert (reward == 0).all() and not (term | trunc).any()
+    assert (obs[:, 1] == 0).all() and ((-0.6 <= obs[:, 0]) & (obs[:, 0] <= -0.4)).all()  # a new episode's start
 
 
 def updated_parameters(b, returns):
