@@ -25,7 +25,7 @@
 #                 them as slurm jobs (see python benchmark/run.py --help); the report is then skipped
 #   MACHINE       the machine line of the report (default: this machine's cores, CPU and GPU)
 #   PYTHON        the Python to run (default: python)
-# A smaller version (1 seed, 100k steps: 3 runs of 35–48 s each, 1 min 36 s in all on the CPU above):
+# A smaller version (1 seed, 100k steps: 3 runs of 22–25 s each, 50 s in all on the CPU above):
 #   SEEDS=1 EXTRA_FLAGS="--total-timesteps 100000" SUFFIX=_short bash benchmark/pqn.sh classic
 set -euo pipefail
 cd "$(dirname "$0")/.."
