@@ -140,7 +140,6 @@ def test_compiled_gradient_steps_match_the_plain_ones(two_rollouts):
         torch.testing.assert_close(p_fast, p_plain, rtol=1e-5, atol=1e-6)
 
 
-
 def test_compiled_steps_only_mutate_what_cuda_graphs_keep_in_place():
     # The LSTM's steps, traced through nn.LSTM, change nothing in place but the parameters and
     # RAdam's state, which CUDA graphs keep at their addresses (see test_fast_path.py for pqn.py).
@@ -155,6 +154,7 @@ def test_compiled_steps_only_mutate_what_cuda_graphs_keep_in_place():
     assert mutated_inputs_cuda_graphs_would_skip(lstm, step, *minibatch) == []
     policy = lambda *inputs: lstm.act(q_network, *inputs)  # noqa: E731
     assert mutated_inputs_cuda_graphs_would_skip(lstm, policy, frames[0], (h0, c0), episode_start[0], torch.tensor(0.1)) == []
+
 
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory):
