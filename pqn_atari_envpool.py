@@ -127,10 +127,11 @@ def finalize_args(args: Args) -> Args:
 def make_atari_envs(env_id, num_envs, seed, stack_num, args, evaluation=False):
     """envpool Atari envs: 84x84 grayscale, frame skip 4, `stack_num` stacked frames, uint8.
 
-    Evaluation envs play whole games (no episodic life, `eval_max_steps` at most) with unclipped
-    rewards, so their returns are game scores. envpool resets an env on the step after its episode ended; `info["reward"]` is
-    the unclipped reward and `info["terminated"]` marks game over (`terminated` alone may be a
-    lost life).
+    Evaluation envs follow the training envs' episode rules (`episodic_life` too: after a lost life
+    envpool's reset presses FIRE, as in training), with unclipped rewards and games cut at
+    `eval_max_steps`. envpool resets an env on the step after its episode ended; `info["reward"]`
+    is the unclipped reward and `info["terminated"]` marks game over (`terminated` alone may be a
+    lost life). The time limit counts the agent steps of the whole game, over all its lives.
     """
     if env_id not in envpool.list_all_envs():
         raise UsageError(f"unknown envpool env id {env_id!r} (Atari ids look like 'Breakout-v5')")
@@ -148,7 +149,7 @@ def make_atari_envs(env_id, num_envs, seed, stack_num, args, evaluation=False):
         repeat_action_probability=args.repeat_action_probability,
         noop_max=args.noop_max,
         max_episode_steps=args.eval_max_steps if evaluation else args.max_episode_steps,
-        episodic_life=args.episodic_life and not evaluation,
+        episodic_life=args.episodic_life,
         reward_clip=args.reward_clip and not evaluation,
     )
 
@@ -405,7 +406,12 @@ def update(train_step, b, returns, update_epochs, minibatch_size):
 
 # --- shared: atari_evaluate ---
 def evaluate(q_network, envs) -> np.ndarray:
-    """Scores of one greedy game per eval env (whole games, unclipped rewards, time-limited)."""
+    """Scores of one greedy game per eval env: the sum of its unclipped rewards over all its lives.
+
+    A game is over at game over (`info["terminated"]`) or at the time limit. A lost life alone only
+    ends an episode: the env resets on the next step (serving the ball, as in training) and the
+    game goes on. Envs whose game is over keep stepping until all are over; nothing more is counted.
+    """
     device = next(q_network.parameters()).device
     obs, _ = envs.reset()
     scores = np.zeros(envs.config["num_envs"])
@@ -413,9 +419,9 @@ def evaluate(q_network, envs) -> np.ndarray:
     while not finished.all():
         with torch.no_grad():
             actions = q_network(torch.as_tensor(obs, device=device)).argmax(dim=1)
-        obs, _, terminated, truncated, info = envs.step(actions.cpu().numpy())
+        obs, _, _, truncated, info = envs.step(actions.cpu().numpy())
         scores += np.where(finished, 0.0, info["reward"])
-        finished |= terminated | truncated
+        finished |= (info["terminated"] == 1) | truncated
     return scores
 # --- end shared: atari_evaluate ---
 

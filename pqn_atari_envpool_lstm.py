@@ -127,10 +127,11 @@ def finalize_args(args: Args) -> Args:
 def make_atari_envs(env_id, num_envs, seed, stack_num, args, evaluation=False):
     """envpool Atari envs: 84x84 grayscale, frame skip 4, `stack_num` stacked frames, uint8.
 
-    Evaluation envs play whole games (no episodic life, `eval_max_steps` at most) with unclipped
-    rewards, so their returns are game scores. envpool resets an env on the step after its episode ended; `info["reward"]` is
-    the unclipped reward and `info["terminated"]` marks game over (`terminated` alone may be a
-    lost life).
+    Evaluation envs follow the training envs' episode rules (`episodic_life` too: after a lost life
+    envpool's reset presses FIRE, as in training), with unclipped rewards and games cut at
+    `eval_max_steps`. envpool resets an env on the step after its episode ended; `info["reward"]`
+    is the unclipped reward and `info["terminated"]` marks game over (`terminated` alone may be a
+    lost life). The time limit counts the agent steps of the whole game, over all its lives.
     """
     if env_id not in envpool.list_all_envs():
         raise UsageError(f"unknown envpool env id {env_id!r} (Atari ids look like 'Breakout-v5')")
@@ -148,7 +149,7 @@ def make_atari_envs(env_id, num_envs, seed, stack_num, args, evaluation=False):
         repeat_action_probability=args.repeat_action_probability,
         noop_max=args.noop_max,
         max_episode_steps=args.eval_max_steps if evaluation else args.max_episode_steps,
-        episodic_life=args.episodic_life and not evaluation,
+        episodic_life=args.episodic_life,
         reward_clip=args.reward_clip and not evaluation,
     )
 
@@ -428,28 +429,29 @@ def update(train_step, b, returns, update_epochs, num_minibatches):
     return torch.stack(losses).mean().item(), torch.stack(q_taken_means).mean().item()
 
 
-def evaluate(q_network, envs, episodic_life: bool) -> np.ndarray:
-    """Scores of one greedy game per eval env (whole games, unclipped rewards, time-limited).
+def evaluate(q_network, envs) -> np.ndarray:
+    """Scores of one greedy game per eval env: the sum of its unclipped rewards over all its lives.
 
-    The state starts at zero and, if training ended episodes at lost lives, is zeroed at each new
-    life as it was in training.
+    A game is over at game over (`info["terminated"]`) or at the time limit; a lost life alone ends
+    an episode, the env resets on the next step (serving the ball, as in training) and the game goes
+    on. The state starts at zero and is zeroed where `rollout` zeroes it in training: before the
+    first observation of each new episode, the one a reset step returns.
     """
     device = next(q_network.parameters()).device
-    obs, info = envs.reset()
+    obs, _ = envs.reset()
     num_envs = len(obs)
     state = q_network.initial_state(num_envs, device)
-    episode_start = torch.ones(num_envs, dtype=torch.bool, device=device)
-    lives = info["lives"]
+    episode_start = np.ones(num_envs, dtype=bool)
+    is_reset = np.zeros(num_envs, dtype=bool)
     scores = np.zeros(num_envs)
     finished = np.zeros(num_envs, dtype=bool)
     while not finished.all():
         with torch.no_grad():
-            q, state = q_network(torch.as_tensor(obs, device=device)[None], state, episode_start[None])
+            q, state = q_network(torch.as_tensor(obs, device=device)[None], state, torch.as_tensor(episode_start, device=device)[None])
         obs, _, terminated, truncated, info = envs.step(q[0].argmax(dim=1).cpu().numpy())
         scores += np.where(finished, 0.0, info["reward"])
-        finished |= terminated | truncated
-        episode_start = torch.as_tensor(episodic_life & (info["lives"] < lives), device=device)
-        lives = info["lives"]
+        finished |= (info["terminated"] == 1) | truncated
+        episode_start, is_reset = is_reset, terminated | truncated
     return scores
 
 
@@ -536,7 +538,7 @@ def eval_checkpoint(args: Args, device: torch.device):
         q_network.load_state_dict(checkpoint["q_network"])
     except RuntimeError as e:
         raise UsageError(f"{args.eval_checkpoint} does not fit the Q-network: {str(e).splitlines()[0]}") from None
-    scores = evaluate(q_network, envs, checkpoint["args"]["episodic_life"])
+    scores = evaluate(q_network, envs)
     print(f"{env_id}: greedy score over {len(scores)} games {scores.mean():.2f} ± {scores.std():.2f}")
 
 
@@ -590,7 +592,7 @@ def main(args: Args):
     )
 
     def run_evaluation(global_step):
-        scores = evaluate(q_network, eval_envs, args.episodic_life)
+        scores = evaluate(q_network, eval_envs)
         writer.add_scalar("eval/episodic_return", scores.mean(), global_step)
         print(f"eval at step {global_step}: greedy score {scores.mean():.2f} ± {scores.std():.2f} ({len(scores)} games)", flush=True)
 

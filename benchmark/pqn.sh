@@ -13,10 +13,14 @@
 #            The Atari blocks need a GPU and have not been timed on one here (for scale only:
 #            cleanrl reports about 43 min per 10M-step run of its PQN on Atari with a GPU). On the
 #            2-core CPU above, PQN trained at 290–500 env steps/s over its first 49k steps (README).
+#   atari-cpu  pqn_atari_cpu: pqn_atari_envpool.py on Breakout-v5, 2M steps, seed 1, greedy evaluation
+#            every 500k steps and at the end (8 games): the Atari budget a CPU can run.
+#   lstm-cpu   pqn_atari_lstm_cpu: the same for pqn_atari_envpool_lstm.py.
 #
-# Usage (from anywhere):  bash benchmark/pqn.sh [classic] [atari] [lstm]     (no argument: all three)
+# Usage (from anywhere):  bash benchmark/pqn.sh [classic] [atari] [lstm] [atari-cpu] [lstm-cpu]
+#                         (no argument: classic, atari and lstm)
 # Environment variables:
-#   SEEDS         the seeds (default "1 2 3")
+#   SEEDS         the seeds (default "1 2 3"; "1" for atari-cpu and lstm-cpu)
 #   WORKERS       runs at a time (default 2 for classic, 1 for atari and lstm)
 #   EXTRA_FLAGS   flags appended to every command, e.g. "--total-timesteps 100000"
 #   SUFFIX        appended to the benchmark names (a run with other flags needs another name)
@@ -34,6 +38,8 @@ cd "$(dirname "$0")/.."
 invocation=$(for v in SEEDS WORKERS EXTRA_FLAGS SUFFIX ATARI_ENVS LSTM_ENVS; do [ -z "${!v:-}" ] || printf '%s="%s" ' "$v" "${!v}"; done)
 SELF=benchmark/pqn.sh
 PYTHON=${PYTHON:-python}
+# The CPU Atari presets are single runs (seed 1) unless SEEDS is given.
+CPU_SEEDS=${SEEDS:-1}
 SEEDS=${SEEDS:-"1 2 3"}
 EXTRA_FLAGS=${EXTRA_FLAGS:-}
 SUFFIX=${SUFFIX:-}
@@ -95,8 +101,14 @@ for block in "${blocks[@]}"; do
             run "pqn_atari_lstm$SUFFIX" "${WORKERS:-1}" pqn pqn_atari_envpool_lstm.py "$LSTM_ENVS"
             report "pqn_atari_lstm$SUFFIX" lstm
             ;;
+        atari-cpu | lstm-cpu)
+            if [ "$block" = atari-cpu ]; then name=pqn_atari_cpu script=pqn_atari_envpool.py; else name=pqn_atari_lstm_cpu script=pqn_atari_envpool_lstm.py; fi
+            SEEDS=$CPU_SEEDS run "$name$SUFFIX" "${WORKERS:-1}" pqn "$script" Breakout-v5 \
+                --total-timesteps 2000000 --eval-frequency 500000
+            report "$name$SUFFIX" "$block"
+            ;;
         *)
-            echo "error: unknown block $block (use classic, atari or lstm)" >&2
+            echo "error: unknown block $block (use classic, atari, lstm, atari-cpu or lstm-cpu)" >&2
             exit 2
             ;;
     esac
