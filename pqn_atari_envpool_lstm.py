@@ -34,7 +34,7 @@ class Args:
     save_model: bool = False
     """save the Q-network and these Args to runs/{run_name}/{exp_name}.pt at the end"""
     eval_checkpoint: str | None = None
-    """evaluate this saved model greedily for `eval_episodes` games and exit, without training"""
+    """evaluate this saved model greedily for `eval_episodes` games (with the episodic-life setting it was trained with) and exit, without training"""
 
     env_id: str = "Breakout-v5"
     """the id of an envpool Atari env (`*-v5`)"""
@@ -530,6 +530,7 @@ def load_checkpoint(path: str, device: torch.device) -> dict:
 def eval_checkpoint(args: Args, device: torch.device):
     checkpoint = load_checkpoint(args.eval_checkpoint, device)
     env_id = checkpoint["env_id"]
+    args.episodic_life = checkpoint["args"]["episodic_life"]  # evaluation plays as training played
     envs = make_atari_envs(env_id, args.eval_episodes, args.seed, 1, args, evaluation=True)
     if envs.action_space.n != checkpoint["num_actions"]:
         raise UsageError(f"{args.eval_checkpoint} has {checkpoint['num_actions']} actions, {env_id} has {envs.action_space.n}")

@@ -52,6 +52,13 @@ def error_line(result):
     return lines[0]
 
 
+def assert_greedy(actions, q):
+    """Each action's Q-value is its row's maximum, up to rounding: Q-values computed another way
+    (compiled, or with another batch size) may round differently, so comparing the argmax exactly
+    could fail on another machine where two actions are almost tied."""
+    torch.testing.assert_close(q.gather(1, actions[:, None]).squeeze(1), q.max(dim=1).values)
+
+
 def mutated_inputs_cuda_graphs_would_skip(script, fn, *inputs):
     """Traces `fn` as `script`'s --compile does (AOTAutograd keeping input mutations in the graph)
     and returns the indices of the inputs it mutates that are neither parameters nor marked static:

@@ -207,3 +207,54 @@ def test_lstm_initialisation():
             gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
             torch.testing.assert_close(gram, torch.eye(gram.shape[0]), rtol=0, atol=1e-4)
     assert torch.all(q_network.q_head.bias.detach() == 0)
+
+
+class RecordingQ(torch.nn.Module):
+    """Random Q-values from a seeded generator (greedy play is random play) that records the
+    episode starts each call is given: where the state would be zeroed."""
+
+    def __init__(self, num_actions=4):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.num_actions = num_actions
+        self.generator = torch.Generator().manual_seed(0)
+        self.episode_starts = []
+
+    def initial_state(self, num_envs, device=None):
+        return lstm.RecurrentQNetwork.initial_state(self, num_envs, device)
+
+    def forward(self, frames, state, episode_start):
+        self.episode_starts.append(episode_start[0].clone())
+        T, B = episode_start.shape
+        return torch.rand(T, B, self.num_actions, generator=self.generator), state
+
+
+def test_evaluation_zeroes_the_state_where_training_does():
+    # The same envs and the same action sequence, once through training's rollout, once through
+    # the evaluation: the state must be zeroed at the same steps.
+    args = tiny_args(max_episode_steps=1_000, eval_max_steps=1_000)
+    train_q, eval_q = RecordingQ(), RecordingQ()
+    train_envs = lstm.make_atari_envs(args.env_id, 2, 0, 1, args)
+    carry = start_carry([train_envs], train_q, 2)
+    policy = lambda *inputs: lstm.act(train_q, *inputs)  # noqa: E731
+    staging = torch.empty(carry[0].shape, dtype=torch.uint8)
+    b, _, _ = lstm.rollout([train_envs], policy, carry, torch.tensor(0.0), 150, [lstm.GameStats(2)], staging)
+    scores = lstm.evaluate(eval_q, lstm.make_atari_envs(args.env_id, 2, 0, 1, args, evaluation=True))
+    assert scores.shape == (2,)
+    eval_starts = torch.stack(eval_q.episode_starts)
+    assert len(eval_starts) > 150 and b["episode_start"][1:].sum() >= 4  # lives are lost inside the compared steps
+    assert torch.equal(eval_starts[:150], b["episode_start"])
+
+
+def test_noop_model_evaluation_from_the_command_line_ends_at_game_over(tmp_path):
+    # A saved model whose greedy action is always NOOP, evaluated with a step limit no game reaches.
+    q_network = lstm.RecurrentQNetwork(4)
+    with torch.no_grad():
+        q_network.q_head.weight.zero_()
+        q_network.q_head.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    path = str(tmp_path / "noop.pt")
+    lstm.save_checkpoint(path, q_network, tiny_args(), 4)
+    flags = ["--eval-checkpoint", path, "--eval-episodes", "2", "--eval-max-steps", "1000000", "--no-cuda"]
+    result = run_script("pqn_atari_envpool_lstm.py", *flags, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Breakout-v5: greedy score over 2 games 0.00 ± 0.00" in result.stdout
