@@ -395,6 +395,15 @@ class RAdam:
         for p in self.params:
             p.grad = None
 
+    def state_dict(self) -> dict:
+        return {"lr": self.lr, "t": self.t, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict):
+        """Copies in place: a compiled step keeps reading the tensors it was traced with."""
+        for mine, saved in zip([self.lr, self.t, *self.exp_avg, *self.exp_avg_sq], [state["lr"], state["t"], *state["exp_avg"], *state["exp_avg_sq"]], strict=True):
+            mine.copy_(saved)
+
     @torch.no_grad()
     def step(self):
         self.t += 1

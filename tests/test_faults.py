@@ -1,0 +1,200 @@
+"""Long runs survive faults (pqn.py): checkpoints and --resume, interrupts, non-finite losses, bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import pqn
+from helpers import ROOT, error_line, only_run_dir, read_scalars, run_script
+
+# 256 env steps per iteration, 40 iterations; a checkpoint every 4 iterations.
+FLAGS = ["--num-envs", "8", "--num-steps", "32", "--num-minibatches", "4", "--update-epochs", "2", "--eval-episodes", "2", "--no-cuda"]
+TOTAL, BATCH, EVERY = 10_240, 256, 1_024
+
+
+def start_script(*flags, cwd):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "pqn.py"), *flags], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for_checkpoint(cwd, min_step, process, timeout=120):
+    """The run directory once its checkpoint.pt holds `min_step` env steps or more."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, process.communicate()
+        paths = [os.path.join(cwd, "runs", d, "checkpoint.pt") for d in os.listdir(os.path.join(cwd, "runs"))] if os.path.isdir(os.path.join(cwd, "runs")) else []
+        if paths and os.path.isfile(paths[0]):
+            try:  # written atomically, so it is whole whenever it is there
+                if torch.load(paths[0], weights_only=True)["global_step"] >= min_step:
+                    return os.path.dirname(paths[0])
+            except FileNotFoundError:
+                pass
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint of step {min_step} after {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("resume")
+    process = start_script(*FLAGS, "--total-timesteps", str(TOTAL), "--checkpoint-frequency", str(EVERY), cwd=cwd)
+    run_dir = wait_for_checkpoint(cwd, 2 * EVERY, process)
+    process.kill()  # SIGKILL: nothing of the run gets to react
+    process.communicate()
+    saved = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    result = run_script("pqn.py", "--resume", os.path.relpath(run_dir, cwd), "--no-cuda", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    final = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    return run_dir, saved, final
+
+
+def test_a_killed_run_resumes_to_the_same_total_step_count(killed_and_resumed):
+    run_dir, saved, final = killed_and_resumed
+    assert saved["global_step"] >= 2 * EVERY and saved["global_step"] < TOTAL
+    assert final["global_step"] == TOTAL and final["iteration"] == TOTAL // BATCH
+    # RAdam's step count went on from the checkpoint: one step per minibatch of every iteration.
+    assert final["optimizer"]["t"].item() == (TOTAL // BATCH) * 2 * 4
+    assert saved["optimizer"]["t"].item() == saved["iteration"] * 2 * 4
+
+
+def test_resumed_logs_continue_without_overlap_and_with_the_schedules(killed_and_resumed):
+    run_dir, saved, _ = killed_and_resumed
+    scalars = read_scalars(run_dir)
+    # What the killed run logged after its checkpoint is purged: every iteration appears once.
+    assert [s for s, _ in scalars["losses/td_loss"]] == list(range(BATCH, TOTAL + 1, BATCH))
+    episode_steps = [s for s, _ in scalars["charts/episodic_return"]]
+    assert episode_steps == sorted(episode_steps)
+    args = pqn.finalize_args(pqn.Args(**{k: v for k, v in saved["args"].items() if k not in ("batch_size", "minibatch_size", "num_iterations")}))
+    for step, lr in scalars["charts/learning_rate"]:
+        iteration = step // BATCH
+        assert lr == pytest.approx(args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations))
+    for step, epsilon in scalars["charts/epsilon"]:
+        assert epsilon == pytest.approx(pqn.linear_schedule(args.start_e, args.end_e, args.exploration_fraction * TOTAL, step - BATCH))
+    assert len(scalars["eval/episodic_return"]) == 1
+
+
+def test_a_finished_run_says_so(killed_and_resumed):
+    run_dir, _, _ = killed_and_resumed
+    result = run_script("pqn.py", "--resume", run_dir, "--no-cuda", cwd=os.path.dirname(os.path.dirname(run_dir)))
+    assert result.returncode == 0 and "is finished (step 10,240 of 10,240): nothing to resume" in result.stdout
+
+
+def test_resume_rejects_a_flag_that_contradicts_the_run(killed_and_resumed):
+    run_dir, _, _ = killed_and_resumed
+    line = error_line(run_script("pqn.py", "--resume", run_dir, "--learning-rate", "0.1", cwd=os.path.dirname(run_dir)))
+    assert "--learning-rate 0.1 contradicts the resumed run's --learning-rate 0.00025" in line
+
+
+def test_loaded_training_state_continues_exactly_as_if_never_saved(tmp_path):
+    # The network and RAdam after a save and a load take the same steps as the ones never saved.
+    torch.manual_seed(0)
+    space = gym.spaces.Box(-1.0, 1.0, (4,))
+    q_network = pqn.QNetwork(space, 2)
+    optimizer = pqn.RAdam(q_network.parameters(), lr=1e-2)
+    minibatch = (torch.randn(32, 4), torch.randint(2, (32,)), torch.randn(32), torch.ones(32))
+    for _ in range(3):
+        pqn.grad_step(q_network, optimizer, *minibatch, 1.0)
+    pqn.save_atomically({"q_network": q_network.state_dict(), "optimizer": optimizer.state_dict()}, str(tmp_path / "state.pt"))
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    restored = pqn.QNetwork(space, 2)
+    restored_optimizer = pqn.RAdam(restored.parameters(), lr=0.5)
+    restored.load_state_dict(state["q_network"])
+    restored_optimizer.load_state_dict(state["optimizer"])
+    for p, q in zip(restored.parameters(), q_network.parameters()):
+        assert torch.equal(p, q)  # the saved numbers themselves, not a recomputation
+    for _ in range(8):  # through RAdam's rectification at step 6
+        pqn.grad_step(q_network, optimizer, *minibatch, 1.0)
+        pqn.grad_step(restored, restored_optimizer, *minibatch, 1.0)
+    for p, q in zip(restored.parameters(), q_network.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
+    class BreaksMidway:
+        def __reduce__(self):
+            raise KeyboardInterrupt  # as if the process were stopped while the file is being written
+
+    path = str(tmp_path / "checkpoint.pt")
+    pqn.save_atomically({"global_step": 1, "weights": torch.ones(1000)}, path)
+    with pytest.raises(KeyboardInterrupt):
+        pqn.save_atomically({"global_step": 2, "weights": torch.zeros(1000), "last": BreaksMidway()}, path)
+    assert os.path.getsize(path + ".tmp") > 0  # the broken write happened, beside the checkpoint
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_saves_a_checkpoint_and_the_model_and_exits_with_one_line(tmp_path, signum):
+    process = start_script(*FLAGS, "--total-timesteps", "1000000", "--save-model", cwd=tmp_path)
+    run_dir = None
+    deadline = time.time() + 120
+    while run_dir is None and time.time() < deadline:  # until the first iteration's scalars are written
+        assert process.poll() is None, process.communicate()
+        runs = os.path.join(tmp_path, "runs")
+        if os.path.isdir(runs) and os.listdir(runs) and any(f.startswith("events") for f in os.listdir(os.path.join(runs, os.listdir(runs)[0]))):
+            run_dir = os.path.join(runs, os.listdir(runs)[0])
+        time.sleep(0.05)
+    time.sleep(2)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signum
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert f"{signal.Signals(signum).name}: stopped at step" in stderr and f"--resume {os.path.relpath(run_dir, tmp_path)}" in stderr
+    checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert 0 < checkpoint["global_step"] < 1_000_000
+    assert os.path.isfile(os.path.join(run_dir, "pqn.pt"))
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss(tmp_path):
+    flags = [*FLAGS, "--total-timesteps", str(TOTAL), "--learning-rate", "1e30", "--max-grad-norm", "1e30"]
+    line = error_line(run_script("pqn.py", *flags, cwd=tmp_path))
+    assert "is not finite at step" in line
+    steps = [s for s, _ in read_scalars(only_run_dir(tmp_path)).get("losses/td_loss", [])]
+    stopped_at = int(line.split("at step ")[1].split(";")[0].replace(",", ""))
+    assert stopped_at < TOTAL and all(s < stopped_at for s in steps)  # nothing non-finite was logged
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--learning-rate", "nan"], "--learning-rate must be a finite number, got nan"),
+        (["--learning-rate", "inf"], "--learning-rate must be a finite number, got inf"),
+        (["--gamma", "nan"], "--gamma must be a finite number, got nan"),
+        (["--max-grad-norm", "-1"], "--max-grad-norm must be positive, got -1.0"),
+        (["--max-grad-norm", "0"], "--max-grad-norm must be positive, got 0.0"),
+        (["--checkpoint-frequency", "0"], "--checkpoint-frequency must be positive"),
+        (["--num-envs", "100000000000", "--total-timesteps", "100000000000000"], "the rollout would take"),
+        (["--resume", "nowhere"], "no checkpoint at nowhere/checkpoint.pt"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
+    line = error_line(run_script("pqn.py", *FLAGS, *flags, cwd=tmp_path))
+    assert line.startswith("error: ") and message in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_unwritable_output_folder_is_one_line_before_training(tmp_path):
+    (tmp_path / "runs").write_text("a file where the runs folder should be")
+    line = error_line(run_script("pqn.py", *FLAGS, "--total-timesteps", "1024", cwd=tmp_path))
+    assert line.startswith("error: cannot write to runs/CartPole-v1__pqn__1__")
+
+
+def test_broken_checkpoints_and_conflicting_env_ids_are_one_line(tmp_path):
+    torch.save({"format": pqn.CHECKPOINT_FORMAT}, tmp_path / "only_format.pt")
+    line = error_line(run_script("pqn.py", "--eval-checkpoint", "only_format.pt", "--no-cuda", cwd=tmp_path))
+    assert "only_format.pt is not a pqn.py checkpoint" in line
+    (tmp_path / "run").mkdir()
+    torch.save({"format": pqn.CHECKPOINT_FORMAT}, tmp_path / "run" / "checkpoint.pt")
+    line = error_line(run_script("pqn.py", "--resume", "run", "--no-cuda", cwd=tmp_path))
+    assert "run/checkpoint.pt is not a pqn.py training checkpoint" in line
+    q_network = pqn.QNetwork(gym.make("CartPole-v1").observation_space, 2)
+    torch.save({"q_network": q_network.state_dict(), "args": {"env_id": "CartPole-v1"}}, tmp_path / "cartpole.pt")
+    line = error_line(run_script("pqn.py", "--eval-checkpoint", "cartpole.pt", "--env-id", "Acrobot-v1", "--no-cuda", cwd=tmp_path))
+    assert "cartpole.pt was trained on CartPole-v1, not Acrobot-v1" in line
