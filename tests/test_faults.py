@@ -1,4 +1,5 @@
-"""Long runs survive faults (pqn.py): checkpoints and --resume, interrupts, non-finite losses, bad input."""
+"""Long runs survive faults: checkpoints and --resume, interrupts, non-finite losses, bad input
+(pqn.py and pqn_atari_envpool.py)."""
 
 import os
 import signal
@@ -12,17 +13,26 @@ import pytest
 import torch
 
 import pqn
+import pqn_atari_envpool as atari
 from helpers import ROOT, error_line, only_run_dir, read_scalars, run_script
 
 # 256 env steps per iteration, 40 iterations; a checkpoint every 4 iterations.
 FLAGS = ["--num-envs", "8", "--num-steps", "32", "--num-minibatches", "4", "--update-epochs", "2", "--eval-episodes", "2", "--no-cuda"]
 TOTAL, BATCH, EVERY = 10_240, 256, 1_024
+# Atari: 64 env steps per iteration, 24 iterations; a checkpoint every 4 iterations.
+ATARI_FLAGS = ["--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2", "--update-epochs", "2", "--eval-episodes", "2", "--eval-max-steps", "200", "--no-cuda"]
+ATARI_TOTAL, ATARI_BATCH, ATARI_EVERY = 1_536, 64, 256
+# script: (module, flags, total steps, steps per iteration, checkpoint frequency, gradient steps per iteration)
+SCRIPTS = {
+    "pqn.py": (pqn, FLAGS, TOTAL, BATCH, EVERY, 2 * 4),
+    "pqn_atari_envpool.py": (atari, ATARI_FLAGS, ATARI_TOTAL, ATARI_BATCH, ATARI_EVERY, 2 * 2),
+}
 
 
-def start_script(*flags, cwd):
+def start_script(*flags, cwd, script="pqn.py"):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     return subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "pqn.py"), *flags], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, os.path.join(ROOT, script), *flags], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
@@ -42,54 +52,59 @@ def wait_for_checkpoint(cwd, min_step, process, timeout=120):
     raise AssertionError(f"no checkpoint of step {min_step} after {timeout} s")
 
 
-@pytest.fixture(scope="module")
-def killed_and_resumed(tmp_path_factory):
+@pytest.fixture(scope="module", params=list(SCRIPTS))
+def killed_and_resumed(request, tmp_path_factory):
+    script = request.param
+    _, flags, total, _, every, _ = SCRIPTS[script]
     cwd = tmp_path_factory.mktemp("resume")
-    process = start_script(*FLAGS, "--total-timesteps", str(TOTAL), "--checkpoint-frequency", str(EVERY), cwd=cwd)
-    run_dir = wait_for_checkpoint(cwd, 2 * EVERY, process)
+    process = start_script(*flags, "--total-timesteps", str(total), "--checkpoint-frequency", str(every), cwd=cwd, script=script)
+    run_dir = wait_for_checkpoint(cwd, 2 * every, process)
     process.kill()  # SIGKILL: nothing of the run gets to react
     process.communicate()
     saved = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
-    result = run_script("pqn.py", "--resume", os.path.relpath(run_dir, cwd), "--no-cuda", cwd=cwd)
+    result = run_script(script, "--resume", os.path.relpath(run_dir, cwd), "--no-cuda", cwd=cwd)
     assert result.returncode == 0, result.stderr
     final = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
-    return run_dir, saved, final
+    return script, run_dir, saved, final
 
 
 def test_a_killed_run_resumes_to_the_same_total_step_count(killed_and_resumed):
-    run_dir, saved, final = killed_and_resumed
-    assert saved["global_step"] >= 2 * EVERY and saved["global_step"] < TOTAL
-    assert final["global_step"] == TOTAL and final["iteration"] == TOTAL // BATCH
+    script, run_dir, saved, final = killed_and_resumed
+    _, _, total, batch, every, grad_steps = SCRIPTS[script]
+    assert saved["global_step"] >= 2 * every and saved["global_step"] < total
+    assert final["global_step"] == total and final["iteration"] == total // batch
     # RAdam's step count went on from the checkpoint: one step per minibatch of every iteration.
-    assert final["optimizer"]["t"].item() == (TOTAL // BATCH) * 2 * 4
-    assert saved["optimizer"]["t"].item() == saved["iteration"] * 2 * 4
+    assert final["optimizer"]["t"].item() == (total // batch) * grad_steps
+    assert saved["optimizer"]["t"].item() == saved["iteration"] * grad_steps
 
 
 def test_resumed_logs_continue_without_overlap_and_with_the_schedules(killed_and_resumed):
-    run_dir, saved, _ = killed_and_resumed
+    script, run_dir, saved, _ = killed_and_resumed
+    module, _, total, batch, _, _ = SCRIPTS[script]
     scalars = read_scalars(run_dir)
     # What the killed run logged after its checkpoint is purged: every iteration appears once.
-    assert [s for s, _ in scalars["losses/td_loss"]] == list(range(BATCH, TOTAL + 1, BATCH))
+    assert [s for s, _ in scalars["losses/td_loss"]] == list(range(batch, total + 1, batch))
     episode_steps = [s for s, _ in scalars["charts/episodic_return"]]
     assert episode_steps == sorted(episode_steps)
-    args = pqn.finalize_args(pqn.Args(**{k: v for k, v in saved["args"].items() if k not in ("batch_size", "minibatch_size", "num_iterations")}))
+    args = module.finalize_args(module.Args(**{k: v for k, v in saved["args"].items() if k not in ("batch_size", "minibatch_size", "num_iterations")}))
     for step, lr in scalars["charts/learning_rate"]:
-        iteration = step // BATCH
+        iteration = step // batch
         assert lr == pytest.approx(args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations))
     for step, epsilon in scalars["charts/epsilon"]:
-        assert epsilon == pytest.approx(pqn.linear_schedule(args.start_e, args.end_e, args.exploration_fraction * TOTAL, step - BATCH))
+        assert epsilon == pytest.approx(module.linear_schedule(args.start_e, args.end_e, args.exploration_fraction * total, step - batch))
     assert len(scalars["eval/episodic_return"]) == 1
 
 
 def test_a_finished_run_says_so(killed_and_resumed):
-    run_dir, _, _ = killed_and_resumed
-    result = run_script("pqn.py", "--resume", run_dir, "--no-cuda", cwd=os.path.dirname(os.path.dirname(run_dir)))
-    assert result.returncode == 0 and "is finished (step 10,240 of 10,240): nothing to resume" in result.stdout
+    script, run_dir, _, _ = killed_and_resumed
+    total = SCRIPTS[script][2]
+    result = run_script(script, "--resume", run_dir, "--no-cuda", cwd=os.path.dirname(os.path.dirname(run_dir)))
+    assert result.returncode == 0 and f"is finished (step {total:,} of {total:,}): nothing to resume" in result.stdout
 
 
 def test_resume_rejects_a_flag_that_contradicts_the_run(killed_and_resumed):
-    run_dir, _, _ = killed_and_resumed
-    line = error_line(run_script("pqn.py", "--resume", run_dir, "--learning-rate", "0.1", cwd=os.path.dirname(run_dir)))
+    script, run_dir, _, _ = killed_and_resumed
+    line = error_line(run_script(script, "--resume", run_dir, "--learning-rate", "0.1", cwd=os.path.dirname(run_dir)))
     assert "--learning-rate 0.1 contradicts the resumed run's --learning-rate 0.00025" in line
 
 
@@ -130,9 +145,10 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_pa
     assert torch.load(path, weights_only=True)["global_step"] == 1
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupt_saves_a_checkpoint_and_the_model_and_exits_with_one_line(tmp_path, signum):
-    process = start_script(*FLAGS, "--total-timesteps", "1000000", "--save-model", cwd=tmp_path)
+@pytest.mark.parametrize("script, signum", [("pqn.py", signal.SIGINT), ("pqn.py", signal.SIGTERM), ("pqn_atari_envpool.py", signal.SIGINT)])
+def test_an_interrupt_saves_a_checkpoint_and_the_model_and_exits_with_one_line(tmp_path, script, signum):
+    flags = SCRIPTS[script][1]
+    process = start_script(*flags, "--total-timesteps", "1000000", "--save-model", cwd=tmp_path, script=script)
     run_dir = None
     deadline = time.time() + 120
     while run_dir is None and time.time() < deadline:  # until the first iteration's scalars are written
@@ -149,7 +165,7 @@ def test_an_interrupt_saves_a_checkpoint_and_the_model_and_exits_with_one_line(t
     assert f"{signal.Signals(signum).name}: stopped at step" in stderr and f"--resume {os.path.relpath(run_dir, tmp_path)}" in stderr
     checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     assert 0 < checkpoint["global_step"] < 1_000_000
-    assert os.path.isfile(os.path.join(run_dir, "pqn.pt"))
+    assert os.path.isfile(os.path.join(run_dir, script.replace(".py", ".pt")))
 
 
 def test_a_diverging_run_stops_at_the_first_non_finite_loss(tmp_path):
@@ -198,3 +214,27 @@ def test_broken_checkpoints_and_conflicting_env_ids_are_one_line(tmp_path):
     torch.save({"q_network": q_network.state_dict(), "args": {"env_id": "CartPole-v1"}}, tmp_path / "cartpole.pt")
     line = error_line(run_script("pqn.py", "--eval-checkpoint", "cartpole.pt", "--env-id", "Acrobot-v1", "--no-cuda", cwd=tmp_path))
     assert "cartpole.pt was trained on CartPole-v1, not Acrobot-v1" in line
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--learning-rate", "nan"], "--learning-rate must be a finite number, got nan"),
+        (["--max-grad-norm", "-1"], "--max-grad-norm must be positive, got -1.0"),
+        (["--num-envs", "1000000", "--num-minibatches", "1", "--total-timesteps", "100000000"], "the rollout would take"),
+    ],
+)
+def test_atari_bad_input_gives_one_clear_line(tmp_path, flags, message):
+    line = error_line(run_script("pqn_atari_envpool.py", *ATARI_FLAGS, *flags, cwd=tmp_path))
+    assert line.startswith("error: ") and message in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_atari_broken_model_and_conflicting_env_id_are_one_line(tmp_path):
+    torch.save({"format": atari.MODEL_FORMAT}, tmp_path / "only_format.pt")
+    line = error_line(run_script("pqn_atari_envpool.py", "--eval-checkpoint", "only_format.pt", "--no-cuda", cwd=tmp_path))
+    assert "only_format.pt is not a pqn_atari_envpool.py model" in line
+    args = atari.finalize_args(atari.Args(num_envs=4, num_steps=16, num_minibatches=2, total_timesteps=64))
+    atari.save_model(str(tmp_path / "breakout.pt"), atari.QNetwork(4, 4), args, 4)
+    line = error_line(run_script("pqn_atari_envpool.py", "--eval-checkpoint", "breakout.pt", "--env-id", "Pong-v5", "--no-cuda", cwd=tmp_path))
+    assert "breakout.pt was trained on Breakout-v5, not Pong-v5" in line

@@ -166,7 +166,7 @@ def test_tiny_run_logs_the_convention_scalars(saved_run):
 def test_saved_model_is_the_documented_format_and_loads(saved_run):
     path = os.path.join(only_run_dir(saved_run), "pqn_atari_envpool.pt")
     checkpoint = torch.load(path, weights_only=True)
-    assert checkpoint["format"] == atari.CHECKPOINT_FORMAT
+    assert checkpoint["format"] == atari.MODEL_FORMAT
     assert checkpoint["env_id"] == "Breakout-v5" and checkpoint["num_actions"] == 4
     assert checkpoint["observation_shape"] == [4, 84, 84] and checkpoint["args"]["num_envs"] == 4
     atari.QNetwork(4, checkpoint["num_actions"]).load_state_dict(checkpoint["q_network"])
@@ -281,7 +281,7 @@ def test_noop_model_evaluation_from_the_command_line_ends_at_game_over(tmp_path)
         q_network.q_head.weight.zero_()
         q_network.q_head.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
     path = str(tmp_path / "noop.pt")
-    atari.save_checkpoint(path, q_network, tiny_args(), 4)
+    atari.save_model(path, q_network, tiny_args(), 4)
     flags = ["--eval-checkpoint", path, "--eval-episodes", "2", "--eval-max-steps", "1000000", "--no-cuda"]
     result = run_script("pqn_atari_envpool.py", *flags, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
