@@ -1,11 +1,14 @@
 """Recurrent PQN (Gallici et al., "Simplifying Deep Temporal Difference Learning", ICLR 2025): an LSTM Q-network on single Atari frames through envpool."""
 
 import collections
+import math
 import os
 import random
+import signal
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import envpool
 import numpy as np
@@ -35,6 +38,10 @@ class Args:
     """save the Q-network and these Args to runs/{run_name}/{exp_name}.pt at the end"""
     eval_checkpoint: str | None = None
     """evaluate this saved model greedily for `eval_episodes` games (with the episodic-life setting it was trained with) and exit, without training"""
+    checkpoint_frequency: int | None = None
+    """write the whole training state to runs/{run_name}/checkpoint.pt every this many env steps (default: every tenth of the run), at an interrupt and at the end"""
+    resume: str | None = None
+    """continue the run in this run directory (runs/{run_name}) from its checkpoint.pt, with its Args; envs start afresh, so games in flight are lost"""
 
     env_id: str = "Breakout-v5"
     """the id of an envpool Atari env (`*-v5`)"""
@@ -100,8 +107,12 @@ def finalize_args(args: Args) -> Args:
     for name in ["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes", "max_episode_steps", "eval_max_steps"]:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.learning_rate <= 0:
-        raise UsageError(f"--learning-rate must be positive, got {args.learning_rate}")
+    check_finite(args)
+    for name in ["learning_rate", "max_grad_norm"]:
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.checkpoint_frequency is not None and args.checkpoint_frequency <= 0:
+        raise UsageError(f"--checkpoint-frequency must be positive, got {args.checkpoint_frequency}")
     if args.eval_frequency < 0 or args.noop_max < 0:
         raise UsageError("--eval-frequency and --noop-max must not be negative")
     for name in ["gamma", "q_lambda", "start_e", "end_e", "exploration_fraction", "repeat_action_probability"]:
@@ -120,6 +131,8 @@ def finalize_args(args: Args) -> Args:
         )
     args.minibatch_size = args.batch_size // args.num_minibatches  # = (num_envs // num_minibatches) sequences of num_steps
     args.num_iterations = args.total_timesteps // args.batch_size
+    # The rollout's uint8 frames, and as many again for each env's emulator and its frame buffers.
+    check_memory((args.batch_size + 2 * args.num_envs) * 84 * 84, "the rollout")
     return args
 
 
@@ -507,13 +520,117 @@ class Progress:
 # --- end shared: progress ---
 
 
-CHECKPOINT_FORMAT = "pqn_atari_envpool_lstm/recurrent_q_network/v1"
+# --- shared: faults ---
+class RunFault(Exception):
+    """A fault during the run (a non-finite loss, an unwritable file): one line on stderr, exit status 1."""
 
 
-def save_checkpoint(path: str, q_network: RecurrentQNetwork, args: Args, num_actions: int):
-    torch.save(
+def check_finite(args):
+    """Every float flag must be a number: NaN passes every range check (`nan <= 0` is False)."""
+    for name, value in asdict(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+
+
+def check_memory(num_bytes: int, what: str):
+    """Sizes that could never fit are one clear line before anything is allocated."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if num_bytes > total:
+        raise UsageError(f"{what} would take {num_bytes / 2**30:.1f} GiB and this machine has {total / 2**30:.1f} GiB; use smaller sizes")
+
+
+def check_writable(directory: str):
+    """A folder the run cannot write to is found before training, not when the model is saved."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write to {directory}: {e.strerror}") from None
+
+
+def save_atomically(obj, path: str):
+    """torch.save to a temporary file, then rename: a kill during the write leaves the previous file whole."""
+    try:
+        torch.save(obj, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
+    except OSError as e:
+        raise RunFault(f"cannot write {path}: {e.strerror}") from None
+
+
+def flags_given(argv: list[str]) -> set[str]:
+    """The names of the flags on the command line (`--max-grad-norm 5`, `--seed=2`, `--no-anneal-lr`)."""
+    names = set()
+    for token in argv:
+        if token.startswith("--"):
+            name = token[2:].split("=")[0].replace("-", "_")
+            names |= {name, name.removeprefix("no_")}
+    return names
+
+
+# Flags a resumed run may change: where and how fast it runs, and where it logs; not what it computes.
+RESUME_MAY_CHANGE = {"resume", "checkpoint_frequency", "save_model", "cuda", "compile", "cudagraphs", "track", "wandb_project_name", "wandb_entity"}
+
+
+def resumed_args(args, given: set[str], saved: dict):
+    """The Args of the run to resume (saved in its checkpoint), with the flags of RESUME_MAY_CHANGE
+    given now. Any other flag given now must agree with the saved one."""
+    resumed = type(args)(**{f.name: saved[f.name] for f in fields(args) if f.init})
+    for name in sorted(given & set(saved)):
+        if name in RESUME_MAY_CHANGE:
+            setattr(resumed, name, getattr(args, name))
+        elif getattr(args, name) != saved[name]:
+            flag = f"--{name.replace('_', '-')}"
+            raise UsageError(f"{flag} {getattr(args, name)} contradicts the resumed run's {flag} {saved[name]}; leave it out to resume")
+    return resumed
+
+
+def rng_state() -> dict:
+    """Python's, numpy's and torch's random states, in types that load with weights_only=True."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Interrupts:
+    """SIGINT and SIGTERM ask the run to stop after the current iteration, with a checkpoint; a
+    second signal stops it at once, without one."""
+
+    def __init__(self):
+        self.signal = None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal is not None:
+            print(f"{signal.Signals(signum).name} again: stopped without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signal = signum
+# --- end shared: faults ---
+
+
+MODEL_FORMAT = "pqn_atari_envpool_lstm/recurrent_q_network/v1"
+CHECKPOINT_FORMAT = "pqn_atari_envpool_lstm/training_state/v1"
+
+
+def save_model(path: str, q_network: RecurrentQNetwork, args: Args, num_actions: int):
+    """The file `--save-model` writes."""
+    save_atomically(
         {
-            "format": CHECKPOINT_FORMAT,
+            "format": MODEL_FORMAT,
             "env_id": args.env_id,
             "num_actions": num_actions,
             "observation_shape": [1, 84, 84],
@@ -524,22 +641,43 @@ def save_checkpoint(path: str, q_network: RecurrentQNetwork, args: Args, num_act
     )
 
 
-def load_checkpoint(path: str, device: torch.device) -> dict:
+def load_model(path: str, device: torch.device) -> dict:
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}; write one with `python pqn_atari_envpool_lstm.py --save-model`")
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         raise UsageError(f"{path} is not a torch checkpoint ({type(e).__name__})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"{path} is not a pqn_atari_envpool_lstm.py checkpoint (format {CHECKPOINT_FORMAT})")
-    return checkpoint
+    try:
+        if checkpoint["format"] != MODEL_FORMAT:
+            raise ValueError
+        return {key: checkpoint[key] for key in ["env_id", "num_actions", "q_network"]} | {"episodic_life": checkpoint["args"]["episodic_life"]}
+    except Exception:
+        raise UsageError(f"{path} is not a pqn_atari_envpool_lstm.py model (format {MODEL_FORMAT})") from None
 
 
-def eval_checkpoint(args: Args, device: torch.device):
-    checkpoint = load_checkpoint(args.eval_checkpoint, device)
+def load_training_state(run_dir: str, device: torch.device) -> dict:
+    """A run's checkpoint.pt, checked for every key that resuming reads."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}: --resume takes the run directory (runs/<run_name>) of a run that wrote one")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        if state["format"] != CHECKPOINT_FORMAT:
+            raise ValueError
+        for key in ["args", "q_network", "optimizer", "iteration", "global_step", "recent_scores", "rng"]:
+            state[key]
+        return state
+    except Exception:
+        raise UsageError(f"{path} is not a pqn_atari_envpool_lstm.py training checkpoint (format {CHECKPOINT_FORMAT})") from None
+
+
+def eval_checkpoint(args: Args, given: set[str], device: torch.device):
+    checkpoint = load_model(args.eval_checkpoint, device)
     env_id = checkpoint["env_id"]
-    args.episodic_life = checkpoint["args"]["episodic_life"]  # evaluation plays as training played
+    if "env_id" in given and args.env_id != env_id:
+        raise UsageError(f"{args.eval_checkpoint} was trained on {env_id}, not {args.env_id}; leave --env-id out")
+    args.episodic_life = checkpoint["episodic_life"]  # evaluation plays as training played
     envs = make_atari_envs(env_id, args.eval_episodes, args.seed, 1, args, evaluation=True)
     if envs.action_space.n != checkpoint["num_actions"]:
         raise UsageError(f"{args.eval_checkpoint} has {checkpoint['num_actions']} actions, {env_id} has {envs.action_space.n}")
@@ -552,29 +690,45 @@ def eval_checkpoint(args: Args, device: torch.device):
     print(f"{env_id}: greedy score over {len(scores)} games {scores.mean():.2f} ± {scores.std():.2f}")
 
 
-def main(args: Args):
+def main(args: Args, given: set[str]):
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     # Adam's first moment of a weight that gets no gradient (a dead ReLU unit) decays by 0.9 a step and
-    # turns denormal after ~800 steps, and x86 CPUs compute on denormals many times slower (with 15% of
-    # them denormal, pqn.py's fused RAdam kernel took 3x as long). Flushed to zero, nothing of size changes.
+    # turns denormal after ~800 steps, and x86 CPUs compute on denormals many times slower. Flushed
+    # to zero, nothing of size changes.
     torch.set_flush_denormal(True)
     if args.eval_checkpoint:
-        return eval_checkpoint(args, device)
+        return eval_checkpoint(args, given, device)
 
+    total_steps = args.num_iterations * args.batch_size
+    state = load_training_state(args.resume, device) if args.resume else None
+    if state and state["global_step"] >= total_steps:
+        print(f"{args.resume} is finished (step {state['global_step']:,} of {total_steps:,}): nothing to resume")
+        return
+    run_dir = args.resume or f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    checkpoint_frequency = args.checkpoint_frequency or max(args.total_timesteps // 10, 1)
+    interrupts = Interrupts()
+
+    seed = args.seed
+    if state:
+        # Envs cannot be saved: a resumed run makes them afresh, with seeds of its own (drawn from the
+        # restored random state, so not the first games of the run again).
+        set_rng_state(state["rng"])
+        seed = int(np.random.randint(2**30))
     # On a GPU the envs run in two groups, each its own envpool, so that one group steps while the
     # GPU acts for the other (see `rollout`). On a CPU the same cores would do both: one group.
-    # Env i has seed args.seed + i either way.
+    # Env i has seed `seed + i` either way.
     first = args.num_envs // 2 if device.type == "cuda" else args.num_envs
     env_groups = [
-        make_atari_envs(args.env_id, n, args.seed + start, 1, args) for start, n in [(0, first), (first, args.num_envs - first)] if n > 0
+        make_atari_envs(args.env_id, n, seed + start, 1, args) for start, n in [(0, first), (first, args.num_envs - first)] if n > 0
     ]
-    eval_envs = make_atari_envs(args.env_id, args.eval_episodes, args.seed + 1_000_000, 1, args, evaluation=True)
+    eval_envs = make_atari_envs(args.env_id, args.eval_episodes, seed + 1_000_000, 1, args, evaluation=True)
+    check_writable(run_dir)
     num_actions = int(env_groups[0].action_space.n)
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     if args.track:
         try:
             import wandb
@@ -585,17 +739,26 @@ def main(args: Args):
             entity=args.wandb_entity,
             sync_tensorboard=True,
             config=asdict(args),
-            name=run_name,
+            name=os.path.basename(run_dir),
             save_code=True,
         )
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    # A resumed run writes on from its checkpoint's step: what the interrupted run logged after it is purged.
+    writer = SummaryWriter(run_dir, purge_step=state["global_step"] + 1 if state else None)
+    if not state:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
     q_network = RecurrentQNetwork(num_actions).to(device)
     optimizer = RAdam(q_network.parameters(), lr=args.learning_rate)
+    recent_scores = collections.deque(maxlen=20)
+    start_iteration, global_step = 0, 0
+    if state:
+        q_network.load_state_dict(state["q_network"])
+        optimizer.load_state_dict(state["optimizer"])
+        recent_scores.extend(state["recent_scores"])
+        start_iteration, global_step = state["iteration"], state["global_step"]
     policy = accelerate(lambda *inputs: act(q_network, *inputs), args.compile, args.cudagraphs)
-    # Inductor took a minute to compile the loop over a 128-step rollout on a 2-core CPU, to save ~2 ms
-    # per rollout there; a CUDA graph of it (no Inductor) saves a kernel launch per step on the GPU.
+    # Inductor would compile the loop over the rollout's steps for a long time, to save little; a
+    # CUDA graph of it (no Inductor) saves a kernel launch per step on the GPU.
     targets = accelerate(lambda *rollout: q_lambda_returns(*rollout, args.gamma, args.q_lambda), False, args.cudagraphs)
     train_step = accelerate(
         lambda *minibatch: grad_step(q_network, optimizer, *minibatch, args.max_grad_norm), args.compile, args.cudagraphs
@@ -605,6 +768,26 @@ def main(args: Args):
         scores = evaluate(q_network, eval_envs)
         writer.add_scalar("eval/episodic_return", scores.mean(), global_step)
         print(f"eval at step {global_step}: greedy score {scores.mean():.2f} ± {scores.std():.2f} ({len(scores)} games)", flush=True)
+
+    def save_checkpoint(iteration):
+        save_atomically(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "args": asdict(args),
+                "q_network": q_network.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "iteration": iteration,
+                "global_step": global_step,
+                "recent_scores": [float(score) for score in recent_scores],
+                "rng": rng_state(),
+            },
+            checkpoint_path,
+        )
+
+    def save_trained_model():
+        path = os.path.join(run_dir, f"{args.exp_name}.pt")
+        save_model(path, q_network, args, num_actions)
+        print(f"model saved to {path}")
 
     obs = np.concatenate([envs.reset()[0] for envs in env_groups])
     # Frames reach the device through one pinned host buffer: a pinned copy is faster and asynchronous.
@@ -616,49 +799,71 @@ def main(args: Args):
         q_network.initial_state(args.num_envs, device),
     )
     game_stats = [GameStats(envs.config["num_envs"]) for envs in env_groups]
-    recent_scores = collections.deque(maxlen=20)
-    progress = Progress(args.num_iterations * args.batch_size)
-    global_step = 0
-    start_time = time.time()
-    for iteration in range(1, args.num_iterations + 1):
-        lr = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations) if args.anneal_lr else args.learning_rate
-        optimizer.lr.fill_(lr)  # in place: a compiled step reads this very tensor
-        epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, global_step)
-        b, carry, games = rollout(env_groups, policy, carry, torch.tensor(epsilon, device=device), args.num_steps, game_stats, staging)
-        for step, score, length in games:
-            writer.add_scalar("charts/episodic_return", score, global_step + (step + 1) * args.num_envs)
-            writer.add_scalar("charts/episodic_length", length, global_step + (step + 1) * args.num_envs)
-            recent_scores.append(score)
-        global_step += args.batch_size
+    progress = Progress(total_steps)
+    start_step, start_time = global_step, time.time()
+    try:
+        for iteration in range(start_iteration + 1, args.num_iterations + 1):
+            lr = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations) if args.anneal_lr else args.learning_rate
+            optimizer.lr.fill_(lr)  # in place: a compiled step reads this very tensor
+            epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, global_step)
+            b, carry, games = rollout(env_groups, policy, carry, torch.tensor(epsilon, device=device), args.num_steps, game_stats, staging)
+            for step, score, length in games:
+                writer.add_scalar("charts/episodic_return", score, global_step + (step + 1) * args.num_envs)
+                writer.add_scalar("charts/episodic_length", length, global_step + (step + 1) * args.num_envs)
+                recent_scores.append(score)
+            global_step += args.batch_size
 
-        returns = targets(b["rewards"], b["terminations"], b["truncations"], b["next_q"])
-        td_loss_mean, q_values_mean = update(train_step, b, returns, args.update_epochs, args.num_minibatches)
+            returns = targets(b["rewards"], b["terminations"], b["truncations"], b["next_q"])
+            td_loss_mean, q_values_mean = update(train_step, b, returns, args.update_epochs, args.num_minibatches)
+            if not (math.isfinite(td_loss_mean) and math.isfinite(q_values_mean)):
+                last = f"the last checkpoint is {checkpoint_path}" if os.path.isfile(checkpoint_path) else "no checkpoint was written"
+                raise RunFault(f"the TD loss ({td_loss_mean}) or mean Q ({q_values_mean}) is not finite at step {global_step:,}; {last}")
 
-        sps = global_step / (time.time() - start_time)
-        writer.add_scalar("losses/td_loss", td_loss_mean, global_step)
-        writer.add_scalar("losses/q_values", q_values_mean, global_step)
-        writer.add_scalar("charts/learning_rate", lr, global_step)
-        writer.add_scalar("charts/epsilon", epsilon, global_step)
-        writer.add_scalar("charts/SPS", sps, global_step)
-        progress.update(global_step, sps, float(np.mean(recent_scores)) if recent_scores else float("nan"))
-        if args.eval_frequency and global_step // args.eval_frequency > (global_step - args.batch_size) // args.eval_frequency:
-            if iteration < args.num_iterations:  # the final evaluation follows the loop
-                run_evaluation(global_step)
+            sps = (global_step - start_step) / (time.time() - start_time)
+            writer.add_scalar("losses/td_loss", td_loss_mean, global_step)
+            writer.add_scalar("losses/q_values", q_values_mean, global_step)
+            writer.add_scalar("charts/learning_rate", lr, global_step)
+            writer.add_scalar("charts/epsilon", epsilon, global_step)
+            writer.add_scalar("charts/SPS", sps, global_step)
+            progress.update(global_step, sps, float(np.mean(recent_scores)) if recent_scores else float("nan"))
+            if iteration < args.num_iterations:  # the final evaluation and checkpoint follow the loop
+                if args.eval_frequency and global_step // args.eval_frequency > (global_step - args.batch_size) // args.eval_frequency:
+                    run_evaluation(global_step)
+                if global_step // checkpoint_frequency > (global_step - args.batch_size) // checkpoint_frequency:
+                    save_checkpoint(iteration)
+            if interrupts.signal:
+                save_checkpoint(iteration)
+                if args.save_model:
+                    save_trained_model()
+                name = signal.Signals(interrupts.signal).name
+                print(f"{name}: stopped at step {global_step:,}; continue with `python pqn_atari_envpool_lstm.py --resume {run_dir}`", file=sys.stderr)
+                return 128 + interrupts.signal
 
-    run_evaluation(global_step)
-    if args.save_model:
-        path = f"runs/{run_name}/{args.exp_name}.pt"
-        save_checkpoint(path, q_network, args, num_actions)
-        print(f"model saved to {path}")
-    for envs in env_groups:
-        envs.close()
-    eval_envs.close()
-    writer.close()
+        run_evaluation(global_step)
+        if args.save_model:
+            save_trained_model()
+        save_checkpoint(args.num_iterations)
+    finally:
+        for envs in env_groups:
+            envs.close()
+        eval_envs.close()
+        writer.close()
 
 
 if __name__ == "__main__":
     try:
-        main(finalize_args(tyro.cli(Args)))
+        args = tyro.cli(Args)
+        given = flags_given(sys.argv[1:])
+        if args.resume:
+            saved = load_training_state(args.resume, torch.device("cpu"))["args"]
+            try:
+                args = resumed_args(args, given, saved)
+            except (KeyError, TypeError):
+                raise UsageError(f"{args.resume}/checkpoint.pt is not a pqn_atari_envpool_lstm.py training checkpoint") from None
+        sys.exit(main(finalize_args(args), given))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunFault as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

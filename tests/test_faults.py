@@ -1,5 +1,5 @@
 """Long runs survive faults: checkpoints and --resume, interrupts, non-finite losses, bad input
-(pqn.py and pqn_atari_envpool.py)."""
+(pqn.py and the Atari scripts)."""
 
 import os
 import signal
@@ -8,12 +8,12 @@ import sys
 import time
 
 import gymnasium as gym
-import numpy as np
 import pytest
 import torch
 
 import pqn
 import pqn_atari_envpool as atari
+import pqn_atari_envpool_lstm as lstm
 from helpers import ROOT, error_line, only_run_dir, read_scalars, run_script
 
 # 256 env steps per iteration, 40 iterations; a checkpoint every 4 iterations.
@@ -26,6 +26,7 @@ ATARI_TOTAL, ATARI_BATCH, ATARI_EVERY = 1_536, 64, 256
 SCRIPTS = {
     "pqn.py": (pqn, FLAGS, TOTAL, BATCH, EVERY, 2 * 4),
     "pqn_atari_envpool.py": (atari, ATARI_FLAGS, ATARI_TOTAL, ATARI_BATCH, ATARI_EVERY, 2 * 2),
+    "pqn_atari_envpool_lstm.py": (lstm, ATARI_FLAGS, ATARI_TOTAL, ATARI_BATCH, ATARI_EVERY, 2 * 2),
 }
 
 
@@ -224,8 +225,9 @@ def test_broken_checkpoints_and_conflicting_env_ids_are_one_line(tmp_path):
         (["--num-envs", "1000000", "--num-minibatches", "1", "--total-timesteps", "100000000"], "the rollout would take"),
     ],
 )
-def test_atari_bad_input_gives_one_clear_line(tmp_path, flags, message):
-    line = error_line(run_script("pqn_atari_envpool.py", *ATARI_FLAGS, *flags, cwd=tmp_path))
+@pytest.mark.parametrize("script", ["pqn_atari_envpool.py", "pqn_atari_envpool_lstm.py"])
+def test_atari_bad_input_gives_one_clear_line(tmp_path, script, flags, message):
+    line = error_line(run_script(script, *ATARI_FLAGS, *flags, cwd=tmp_path))
     assert line.startswith("error: ") and message in line
     assert not (tmp_path / "runs").exists()
 

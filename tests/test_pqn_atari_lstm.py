@@ -176,7 +176,7 @@ def test_tiny_run_logs_the_convention_scalars(saved_run):
 def test_saved_model_loads_and_evaluates(saved_run):
     path = os.path.join(only_run_dir(saved_run), "pqn_atari_envpool_lstm.pt")
     checkpoint = torch.load(path, weights_only=True)
-    assert checkpoint["format"] == lstm.CHECKPOINT_FORMAT and checkpoint["observation_shape"] == [1, 84, 84]
+    assert checkpoint["format"] == lstm.MODEL_FORMAT and checkpoint["observation_shape"] == [1, 84, 84]
     lstm.RecurrentQNetwork(checkpoint["num_actions"]).load_state_dict(checkpoint["q_network"])
     result = run_script("pqn_atari_envpool_lstm.py", "--eval-checkpoint", path, "--eval-episodes", "1", "--eval-max-steps", "30", "--no-cuda", cwd=saved_run)
     assert result.returncode == 0, result.stderr
@@ -253,7 +253,7 @@ def test_noop_model_evaluation_from_the_command_line_ends_at_game_over(tmp_path)
         q_network.q_head.weight.zero_()
         q_network.q_head.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
     path = str(tmp_path / "noop.pt")
-    lstm.save_checkpoint(path, q_network, tiny_args(), 4)
+    lstm.save_model(path, q_network, tiny_args(), 4)
     flags = ["--eval-checkpoint", path, "--eval-episodes", "2", "--eval-max-steps", "1000000", "--no-cuda"]
     result = run_script("pqn_atari_envpool_lstm.py", *flags, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
