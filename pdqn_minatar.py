@@ -1,11 +1,14 @@
 """PDQN: PQN (Gallici et al., ICLR 2025) with a learned world model and Dyna-style planning, on MinAtar."""
 
 import collections
+import math
 import os
 import random
+import signal
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
 import gymnasium as gym
@@ -36,6 +39,12 @@ class Args:
     """the wandb entity (team)"""
     save_model: bool = False
     """save the Q-network, the world model and these Args to runs/{run_name}/{exp_name}.pt at the end"""
+    eval_checkpoint: str | None = None
+    """evaluate this saved model's Q-network greedily for `eval_episodes` episodes and exit, without training"""
+    checkpoint_frequency: int | None = None
+    """write the whole training state to runs/{run_name}/checkpoint.pt every this many env steps (default: every tenth of the run), at an interrupt and at the end"""
+    resume: str | None = None
+    """continue the run in this run directory (runs/{run_name}) from its checkpoint.pt, with its Args; envs start afresh, so episodes in flight are lost"""
 
     env_id: str = "MinAtar/Breakout-v1"
     """a MinAtar game: MinAtar/{Breakout,Asterix,Freeway,SpaceInvaders,Seaquest}-v1"""
@@ -102,7 +111,8 @@ def finalize_args(args: Args) -> Args:
     for name in positive:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["learning_rate", "model_learning_rate"]:
+    check_finite(args)
+    for name in ["learning_rate", "model_learning_rate", "max_grad_norm"]:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ["eval_frequency", "planning_steps", "planning_delay_updates"]:
@@ -111,6 +121,8 @@ def finalize_args(args: Args) -> Args:
     for name in ["gamma", "q_lambda", "start_e", "end_e", "exploration_fraction"]:
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if args.checkpoint_frequency is not None and args.checkpoint_frequency <= 0:
+        raise UsageError(f"--checkpoint-frequency must be positive, got {args.checkpoint_frequency}")
     if args.planning_epsilon is not None and not 0.0 <= args.planning_epsilon <= 1.0:
         raise UsageError(f"--planning-epsilon must be in [0, 1], got {args.planning_epsilon}")
     if args.cudagraphs and not (args.cuda and torch.cuda.is_available()):
@@ -126,6 +138,9 @@ def finalize_args(args: Args) -> Args:
         )
     args.minibatch_size = args.batch_size // args.num_minibatches
     args.num_iterations = args.total_timesteps // args.batch_size
+    # The rollout's float observations (at most 10 channels of 10x10), twice for the world model's
+    # targets, and its actions, values, rewards and flags.
+    check_memory(args.batch_size * (2 * 4 * 10 * 10 * 10 + 64), "the rollout")
     return args
 
 
@@ -524,20 +539,195 @@ class Progress:
 # --- end shared: progress ---
 
 
-def main(args: Args):
+# --- shared: faults ---
+class RunFault(Exception):
+    """A fault during the run (a non-finite loss, an unwritable file): one line on stderr, exit status 1."""
+
+
+def check_finite(args):
+    """Every float flag must be a number: NaN passes every range check (`nan <= 0` is False)."""
+    for name, value in asdict(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+
+
+def check_memory(num_bytes: int, what: str):
+    """Sizes that could never fit are one clear line before anything is allocated."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if num_bytes > total:
+        raise UsageError(f"{what} would take {num_bytes / 2**30:.1f} GiB and this machine has {total / 2**30:.1f} GiB; use smaller sizes")
+
+
+def check_writable(directory: str):
+    """A folder the run cannot write to is found before training, not when the model is saved."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write to {directory}: {e.strerror}") from None
+
+
+def save_atomically(obj, path: str):
+    """torch.save to a temporary file, then rename: a kill during the write leaves the previous file whole."""
+    try:
+        torch.save(obj, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
+    except OSError as e:
+        raise RunFault(f"cannot write {path}: {e.strerror}") from None
+
+
+def flags_given(argv: list[str]) -> set[str]:
+    """The names of the flags on the command line (`--max-grad-norm 5`, `--seed=2`, `--no-anneal-lr`)."""
+    names = set()
+    for token in argv:
+        if token.startswith("--"):
+            name = token[2:].split("=")[0].replace("-", "_")
+            names |= {name, name.removeprefix("no_")}
+    return names
+
+
+# Flags a resumed run may change: where and how fast it runs, and where it logs; not what it computes.
+RESUME_MAY_CHANGE = {"resume", "checkpoint_frequency", "save_model", "cuda", "compile", "cudagraphs", "track", "wandb_project_name", "wandb_entity"}
+
+
+def resumed_args(args, given: set[str], saved: dict):
+    """The Args of the run to resume (saved in its checkpoint), with the flags of RESUME_MAY_CHANGE
+    given now. Any other flag given now must agree with the saved one."""
+    resumed = type(args)(**{f.name: saved[f.name] for f in fields(args) if f.init})
+    for name in sorted(given & set(saved)):
+        if name in RESUME_MAY_CHANGE:
+            setattr(resumed, name, getattr(args, name))
+        elif getattr(args, name) != saved[name]:
+            flag = f"--{name.replace('_', '-')}"
+            raise UsageError(f"{flag} {getattr(args, name)} contradicts the resumed run's {flag} {saved[name]}; leave it out to resume")
+    return resumed
+
+
+def rng_state() -> dict:
+    """Python's, numpy's and torch's random states, in types that load with weights_only=True."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Interrupts:
+    """SIGINT and SIGTERM ask the run to stop after the current iteration, with a checkpoint; a
+    second signal stops it at once, without one."""
+
+    def __init__(self):
+        self.signal = None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal is not None:
+            print(f"{signal.Signals(signum).name} again: stopped without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signal = signum
+# --- end shared: faults ---
+
+
+MODEL_FORMAT = "pdqn_minatar/model/v1"
+CHECKPOINT_FORMAT = "pdqn_minatar/training_state/v1"
+
+
+def load_model(path: str, device: torch.device) -> dict:
+    """A `--save-model` file, or a run's checkpoint.pt (both hold the networks and `args`)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}; write one with `python pdqn_minatar.py --save-model`")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        if checkpoint["format"] not in (MODEL_FORMAT, CHECKPOINT_FORMAT):
+            raise ValueError
+        return {"env_id": checkpoint["args"]["env_id"], "q_network": dict(checkpoint["q_network"])}
+    except Exception:
+        raise UsageError(f"{path} is not a pdqn_minatar.py model (format {MODEL_FORMAT})") from None
+
+
+def load_training_state(run_dir: str, device: torch.device) -> dict:
+    """A run's checkpoint.pt, checked for every key that resuming reads."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}: --resume takes the run directory (runs/<run_name>) of a run that wrote one")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        if state["format"] != CHECKPOINT_FORMAT:
+            raise ValueError
+        keys = ["args", "q_network", "world_model", "optimizer", "model_optimizer", "iteration", "global_step", "recent_returns", "rng"]
+        for key in keys:
+            state[key]
+        return state
+    except Exception:
+        raise UsageError(f"{path} is not a pdqn_minatar.py training checkpoint (format {CHECKPOINT_FORMAT})") from None
+
+
+def eval_checkpoint(args: Args, given: set[str], device: torch.device):
+    checkpoint = load_model(args.eval_checkpoint, device)
+    if "env_id" in given and args.env_id != checkpoint["env_id"]:
+        raise UsageError(f"{args.eval_checkpoint} was trained on {checkpoint['env_id']}, not {args.env_id}; leave --env-id out")
+    args.env_id = checkpoint["env_id"]
+    envs = make_envs(args, args.eval_episodes)
+    q_network, _ = make_networks(envs.single_observation_space.shape[0], int(envs.single_action_space.n))
+    try:
+        q_network.to(device).load_state_dict(checkpoint["q_network"])
+    except RuntimeError as e:
+        raise UsageError(f"{args.eval_checkpoint} does not fit the Q-network for {args.env_id}: {str(e).splitlines()[0]}") from None
+    returns = evaluate(q_network, envs, seed=args.seed)
+    envs.close()
+    print(f"{args.env_id}: greedy return over {len(returns)} episodes {returns.mean():.2f} ± {returns.std():.2f}")
+
+
+def main(args: Args, given: set[str]):
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     # Adam's first moment of a weight that gets no gradient (a dead ReLU unit) decays by 0.9 a step and
-    # turns denormal after ~800 steps, and x86 CPUs compute on denormals many times slower (with 15% of
-    # them denormal, pqn.py's fused RAdam kernel took 3x as long). Flushed to zero, nothing of size changes.
+    # turns denormal after ~800 steps, and x86 CPUs compute on denormals many times slower. Flushed
+    # to zero, nothing of size changes.
     torch.set_flush_denormal(True)
+    if args.eval_checkpoint:
+        return eval_checkpoint(args, given, device)
 
+    total_steps = args.num_iterations * args.batch_size
+    state = load_training_state(args.resume, device) if args.resume else None
+    if state and state["global_step"] >= total_steps:
+        print(f"{args.resume} is finished (step {state['global_step']:,} of {total_steps:,}): nothing to resume")
+        return
+    run_dir = args.resume or f"runs/{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    checkpoint_frequency = args.checkpoint_frequency or max(args.total_timesteps // 10, 1)
+    # Async env workers are made with SIGINT and SIGTERM ignored (they inherit that): Ctrl-C and
+    # Slurm's SIGTERM reach every process of the job, and only this one should answer, by stopping
+    # cleanly and then closing the workers.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     envs = make_envs(args, args.num_envs)
     eval_envs = make_envs(args, args.eval_episodes)
-    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    interrupts = Interrupts()
+    check_writable(run_dir)
+
+    seed = args.seed
+    if state:
+        # Envs cannot be saved: a resumed run resets them afresh, with seeds of its own (drawn from
+        # the restored random state, so not the first episodes of the run again).
+        set_rng_state(state["rng"])
+        seed = int(np.random.randint(2**30))
     if args.track:
         try:
             import wandb
@@ -548,93 +738,149 @@ def main(args: Args):
             entity=args.wandb_entity,
             sync_tensorboard=True,
             config=asdict(args),
-            name=run_name,
+            name=os.path.basename(run_dir),
             save_code=True,
         )
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    # A resumed run writes on from its checkpoint's step: what the interrupted run logged after it is purged.
+    writer = SummaryWriter(run_dir, purge_step=state["global_step"] + 1 if state else None)
+    if not state:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
     channels, num_actions = envs.single_observation_space.shape[0], int(envs.single_action_space.n)
     q_network, world_model = (net.to(device) for net in make_networks(channels, num_actions))
     optimizer = RAdam(q_network.parameters(), lr=args.learning_rate)
+    model_optimizer = torch.optim.Adam(world_model.parameters(), lr=args.model_learning_rate)
+    recent_returns = collections.deque(maxlen=20)
+    start_iteration, global_step = 0, 0
+    if state:
+        q_network.load_state_dict(state["q_network"])
+        world_model.load_state_dict(state["world_model"])
+        optimizer.load_state_dict(state["optimizer"])
+        model_optimizer.load_state_dict(state["model_optimizer"])
+        recent_returns.extend(state["recent_returns"])
+        start_iteration, global_step = state["iteration"], state["global_step"]
     policy = accelerate(lambda obs, epsilon: act(q_network, obs, epsilon), args.compile, args.cudagraphs)
-    # Inductor took a minute to compile the loop over a 128-step rollout on a 2-core CPU, to save ~2 ms
-    # per rollout there; a CUDA graph of it (no Inductor) saves a kernel launch per step on the GPU.
+    # Inductor would compile the loop over the rollout's steps for a long time, to save little; a
+    # CUDA graph of it (no Inductor) saves a kernel launch per step on the GPU.
     targets = accelerate(lambda *rollout: q_lambda_returns(*rollout, args.gamma, args.q_lambda), False, args.cudagraphs)
     train_step = accelerate(
         lambda *minibatch: grad_step(q_network, optimizer, *minibatch, args.max_grad_norm), args.compile, args.cudagraphs
     )
-    model_optimizer = torch.optim.Adam(world_model.parameters(), lr=args.model_learning_rate)
 
     def run_evaluation(global_step):
-        returns = evaluate(q_network, eval_envs, seed=args.seed + 1_000_000)
+        returns = evaluate(q_network, eval_envs, seed=seed + 1_000_000)
         writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
         print(f"eval at step {global_step}: greedy return {returns.mean():.2f} ± {returns.std():.2f} ({len(returns)} episodes)", flush=True)
 
-    obs, _ = envs.reset(seed=args.seed)
+    def save_checkpoint(iteration):
+        save_atomically(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "args": asdict(args),
+                "q_network": q_network.state_dict(),
+                "world_model": world_model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "model_optimizer": model_optimizer.state_dict(),
+                "iteration": iteration,
+                "global_step": global_step,
+                "recent_returns": [float(r) for r in recent_returns],
+                "rng": rng_state(),
+            },
+            checkpoint_path,
+        )
+
+    def save_model():
+        path = os.path.join(run_dir, f"{args.exp_name}.pt")
+        model = {"format": MODEL_FORMAT, "q_network": q_network.state_dict(), "world_model": world_model.state_dict(), "args": asdict(args)}
+        save_atomically(model, path)
+        print(f"model saved to {path}")
+
+    obs, _ = envs.reset(seed=seed)
     obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
     is_reset = np.zeros(args.num_envs, dtype=bool)
     episode_stats = EpisodeStats(args.num_envs)
-    recent_returns = collections.deque(maxlen=20)
-    progress = Progress(args.num_iterations * args.batch_size)
-    global_step = 0
-    start_time = time.time()
-    for iteration in range(1, args.num_iterations + 1):
-        lr = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations) if args.anneal_lr else args.learning_rate
-        optimizer.lr.fill_(lr)  # in place: a compiled step reads this very tensor
-        epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, global_step)
-        b, obs, is_reset, episodes = rollout(
-            envs, policy, obs, is_reset, torch.tensor(epsilon, device=device), args.num_steps, episode_stats
-        )
-        b["final_obs"] = obs
-        for step, episodic_return, episodic_length in episodes:
-            writer.add_scalar("charts/episodic_return", episodic_return, global_step + (step + 1) * args.num_envs)
-            writer.add_scalar("charts/episodic_length", episodic_length, global_step + (step + 1) * args.num_envs)
-            recent_returns.append(episodic_return)
-        global_step += args.batch_size
+    progress = Progress(total_steps)
+    start_step, start_time = global_step, time.time()
+    try:
+        for iteration in range(start_iteration + 1, args.num_iterations + 1):
+            lr = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations) if args.anneal_lr else args.learning_rate
+            optimizer.lr.fill_(lr)  # in place: a compiled step reads this very tensor
+            epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, global_step)
+            b, obs, is_reset, episodes = rollout(
+                envs, policy, obs, is_reset, torch.tensor(epsilon, device=device), args.num_steps, episode_stats
+            )
+            b["final_obs"] = obs
+            for step, episodic_return, episodic_length in episodes:
+                writer.add_scalar("charts/episodic_return", episodic_return, global_step + (step + 1) * args.num_envs)
+                writer.add_scalar("charts/episodic_length", episodic_length, global_step + (step + 1) * args.num_envs)
+                recent_returns.append(episodic_return)
+            global_step += args.batch_size
 
-        # 1. PQN on the real rollout.
-        returns = targets(b["rewards"], b["terminations"], b["truncations"], b["next_q"])
-        td_loss_mean, q_values_mean = update(train_step, b, returns, args.update_epochs, args.minibatch_size)
-        writer.add_scalar("losses/td_loss", td_loss_mean, global_step)
-        writer.add_scalar("losses/q_values", q_values_mean, global_step)
+            # 1. PQN on the real rollout.
+            returns = targets(b["rewards"], b["terminations"], b["truncations"], b["next_q"])
+            td_loss_mean, q_values_mean = update(train_step, b, returns, args.update_epochs, args.minibatch_size)
+            losses = {"td_loss": td_loss_mean, "q_values": q_values_mean}
 
-        if args.planning_steps > 0:
-            # 2. The world model learns from the same real transitions.
-            model_stats = model_update(world_model, model_optimizer, b, args.update_epochs, args.minibatch_size, args.max_grad_norm)
-            for name, value in zip(["model_loss", "model_obs_loss", "model_reward_loss", "model_termination_loss", "model_obs_accuracy"], model_stats):
+            if args.planning_steps > 0:
+                # 2. The world model learns from the same real transitions.
+                model_stats = model_update(world_model, model_optimizer, b, args.update_epochs, args.minibatch_size, args.max_grad_norm)
+                losses.update(zip(["model_loss", "model_obs_loss", "model_reward_loss", "model_termination_loss", "model_obs_accuracy"], model_stats))
+                # 3. Dyna: Q also learns from imagined steps, from the last real observations (not
+                #    from those that ended an episode: nothing follows them).
+                if iteration > args.planning_delay_updates:
+                    planning_epsilon = epsilon if args.planning_epsilon is None else args.planning_epsilon
+                    alive = torch.as_tensor(~is_reset, device=device)
+                    imagined = imagine(world_model, q_network, obs, alive, args.planning_steps, planning_epsilon)
+                    losses["planning_loss"] = planning_update(train_step, q_network, imagined, args.gamma, args.minibatch_size)
+            not_finite = [name for name, value in losses.items() if not math.isfinite(value)]
+            if not_finite:
+                last = f"the last checkpoint is {checkpoint_path}" if os.path.isfile(checkpoint_path) else "no checkpoint was written"
+                raise RunFault(f"{', '.join(not_finite)} not finite at step {global_step:,}; {last}")
+
+            for name, value in losses.items():
                 writer.add_scalar(f"losses/{name}", value, global_step)
-            # 3. Dyna: Q also learns from imagined steps, from the last real observations (not
-            #    from those that ended an episode: nothing follows them).
-            if iteration > args.planning_delay_updates:
-                planning_epsilon = epsilon if args.planning_epsilon is None else args.planning_epsilon
-                alive = torch.as_tensor(~is_reset, device=device)
-                imagined = imagine(world_model, q_network, obs, alive, args.planning_steps, planning_epsilon)
-                planning_loss = planning_update(train_step, q_network, imagined, args.gamma, args.minibatch_size)
-                writer.add_scalar("losses/planning_loss", planning_loss, global_step)
+            sps = (global_step - start_step) / (time.time() - start_time)
+            writer.add_scalar("charts/learning_rate", lr, global_step)
+            writer.add_scalar("charts/epsilon", epsilon, global_step)
+            writer.add_scalar("charts/SPS", sps, global_step)
+            progress.update(global_step, sps, float(np.mean(recent_returns)) if recent_returns else float("nan"))
+            if iteration < args.num_iterations:  # the final evaluation and checkpoint follow the loop
+                if args.eval_frequency and global_step // args.eval_frequency > (global_step - args.batch_size) // args.eval_frequency:
+                    run_evaluation(global_step)
+                if global_step // checkpoint_frequency > (global_step - args.batch_size) // checkpoint_frequency:
+                    save_checkpoint(iteration)
+            if interrupts.signal:
+                save_checkpoint(iteration)
+                if args.save_model:
+                    save_model()
+                name = signal.Signals(interrupts.signal).name
+                print(f"{name}: stopped at step {global_step:,}; continue with `python pdqn_minatar.py --resume {run_dir}`", file=sys.stderr)
+                return 128 + interrupts.signal
 
-        sps = global_step / (time.time() - start_time)
-        writer.add_scalar("charts/learning_rate", lr, global_step)
-        writer.add_scalar("charts/epsilon", epsilon, global_step)
-        writer.add_scalar("charts/SPS", sps, global_step)
-        progress.update(global_step, sps, float(np.mean(recent_returns)) if recent_returns else float("nan"))
-        if args.eval_frequency and global_step // args.eval_frequency > (global_step - args.batch_size) // args.eval_frequency:
-            if iteration < args.num_iterations:  # the final evaluation follows the loop
-                run_evaluation(global_step)
-
-    run_evaluation(global_step)
-    if args.save_model:
-        path = f"runs/{run_name}/{args.exp_name}.pt"
-        torch.save({"q_network": q_network.state_dict(), "world_model": world_model.state_dict(), "args": asdict(args)}, path)
-        print(f"model saved to {path}")
-    envs.close()
-    eval_envs.close()
-    writer.close()
+        run_evaluation(global_step)
+        if args.save_model:
+            save_model()
+        save_checkpoint(args.num_iterations)
+    finally:
+        envs.close()
+        eval_envs.close()
+        writer.close()
 
 
 if __name__ == "__main__":
     try:
-        main(finalize_args(tyro.cli(Args)))
+        args = tyro.cli(Args)
+        given = flags_given(sys.argv[1:])
+        if args.resume:
+            saved = load_training_state(args.resume, torch.device("cpu"))["args"]
+            try:
+                args = resumed_args(args, given, saved)
+            except (KeyError, TypeError):
+                raise UsageError(f"{args.resume}/checkpoint.pt is not a pdqn_minatar.py training checkpoint") from None
+        sys.exit(main(finalize_args(args), given))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunFault as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,5 +1,5 @@
 """Long runs survive faults: checkpoints and --resume, interrupts, non-finite losses, bad input
-(pqn.py and the Atari scripts)."""
+(every PQN-family script; QDagger's are not done yet)."""
 
 import os
 import signal
@@ -11,6 +11,7 @@ import gymnasium as gym
 import pytest
 import torch
 
+import pdqn_minatar as pdqn
 import pqn
 import pqn_atari_envpool as atari
 import pqn_atari_envpool_lstm as lstm
@@ -22,11 +23,16 @@ TOTAL, BATCH, EVERY = 10_240, 256, 1_024
 # Atari: 64 env steps per iteration, 24 iterations; a checkpoint every 4 iterations.
 ATARI_FLAGS = ["--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2", "--update-epochs", "2", "--eval-episodes", "2", "--eval-max-steps", "200", "--no-cuda"]
 ATARI_TOTAL, ATARI_BATCH, ATARI_EVERY = 1_536, 64, 256
-# script: (module, flags, total steps, steps per iteration, checkpoint frequency, gradient steps per iteration)
+# script: (module, flags, total steps, steps per iteration, checkpoint frequency, RAdam steps after n iterations)
 SCRIPTS = {
-    "pqn.py": (pqn, FLAGS, TOTAL, BATCH, EVERY, 2 * 4),
-    "pqn_atari_envpool.py": (atari, ATARI_FLAGS, ATARI_TOTAL, ATARI_BATCH, ATARI_EVERY, 2 * 2),
-    "pqn_atari_envpool_lstm.py": (lstm, ATARI_FLAGS, ATARI_TOTAL, ATARI_BATCH, ATARI_EVERY, 2 * 2),
+    "pqn.py": (pqn, FLAGS, TOTAL, BATCH, EVERY, lambda n: n * 2 * 4),
+    "pqn_atari_envpool.py": (atari, ATARI_FLAGS, ATARI_TOTAL, ATARI_BATCH, ATARI_EVERY, lambda n: n * 2 * 2),
+    "pqn_atari_envpool_lstm.py": (lstm, ATARI_FLAGS, ATARI_TOTAL, ATARI_BATCH, ATARI_EVERY, lambda n: n * 2 * 2),
+    # MinAtar in async env workers: 8 envs x 32 steps; from the 4th update on, one more step on the
+    # 32 imagined transitions (8 envs x 4 planning steps, one minibatch).
+    "pdqn_minatar.py": (
+        pdqn, [*FLAGS, "--vectorization", "async", "--planning-delay-updates", "3"], 6_144, BATCH, EVERY, lambda n: n * 2 * 4 + max(n - 3, 0)
+    ),
 }
 
 
@@ -75,8 +81,8 @@ def test_a_killed_run_resumes_to_the_same_total_step_count(killed_and_resumed):
     assert saved["global_step"] >= 2 * every and saved["global_step"] < total
     assert final["global_step"] == total and final["iteration"] == total // batch
     # RAdam's step count went on from the checkpoint: one step per minibatch of every iteration.
-    assert final["optimizer"]["t"].item() == (total // batch) * grad_steps
-    assert saved["optimizer"]["t"].item() == saved["iteration"] * grad_steps
+    assert final["optimizer"]["t"].item() == grad_steps(total // batch)
+    assert saved["optimizer"]["t"].item() == grad_steps(saved["iteration"])
 
 
 def test_resumed_logs_continue_without_overlap_and_with_the_schedules(killed_and_resumed):
@@ -146,7 +152,10 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_pa
     assert torch.load(path, weights_only=True)["global_step"] == 1
 
 
-@pytest.mark.parametrize("script, signum", [("pqn.py", signal.SIGINT), ("pqn.py", signal.SIGTERM), ("pqn_atari_envpool.py", signal.SIGINT)])
+@pytest.mark.parametrize(
+    "script, signum",
+    [("pqn.py", signal.SIGINT), ("pqn.py", signal.SIGTERM), ("pqn_atari_envpool.py", signal.SIGINT), ("pdqn_minatar.py", signal.SIGTERM)],
+)
 def test_an_interrupt_saves_a_checkpoint_and_the_model_and_exits_with_one_line(tmp_path, script, signum):
     flags = SCRIPTS[script][1]
     process = start_script(*flags, "--total-timesteps", "1000000", "--save-model", cwd=tmp_path, script=script)
@@ -240,3 +249,53 @@ def test_atari_broken_model_and_conflicting_env_id_are_one_line(tmp_path):
     atari.save_model(str(tmp_path / "breakout.pt"), atari.QNetwork(4, 4), args, 4)
     line = error_line(run_script("pqn_atari_envpool.py", "--eval-checkpoint", "breakout.pt", "--env-id", "Pong-v5", "--no-cuda", cwd=tmp_path))
     assert "breakout.pt was trained on Breakout-v5, not Pong-v5" in line
+
+
+def test_pdqn_interrupt_reaching_its_env_workers_too_stops_cleanly(tmp_path):
+    # Ctrl-C and Slurm signal every process of the job: the async env workers must leave the
+    # answer to the main process, which stops with one line.
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    flags = [*SCRIPTS["pdqn_minatar.py"][1], "--total-timesteps", "1000000"]
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "pdqn_minatar.py"), *flags], cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while not list((tmp_path / "runs").glob("*/events*")) and time.time() < deadline:
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    time.sleep(3)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert list((tmp_path / "runs").glob("*/checkpoint.pt"))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model-learning-rate", "inf"], "--model-learning-rate must be a finite number, got inf"),
+        (["--learning-rate", "nan"], "--learning-rate must be a finite number, got nan"),
+        (["--max-grad-norm", "0"], "--max-grad-norm must be positive"),
+        (["--num-envs", "1000000000", "--total-timesteps", "100000000000"], "the rollout would take"),
+    ],
+)
+def test_pdqn_bad_input_gives_one_clear_line(tmp_path, flags, message):
+    line = error_line(run_script("pdqn_minatar.py", *FLAGS, *flags, cwd=tmp_path))
+    assert line.startswith("error: ") and message in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_pdqn_saved_model_evaluates_and_a_broken_one_is_one_line(tmp_path):
+    result = run_script("pdqn_minatar.py", *FLAGS, "--total-timesteps", "512", "--save-model", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    path = os.path.relpath(os.path.join(only_run_dir(tmp_path), "pdqn_minatar.pt"), tmp_path)
+    result = run_script("pdqn_minatar.py", "--eval-checkpoint", path, "--eval-episodes", "2", "--no-cuda", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "MinAtar/Breakout-v1: greedy return over 2 episodes" in result.stdout
+    line = error_line(run_script("pdqn_minatar.py", "--eval-checkpoint", path, "--env-id", "MinAtar/Asterix-v1", cwd=tmp_path))
+    assert "was trained on MinAtar/Breakout-v1, not MinAtar/Asterix-v1" in line
+    torch.save({"format": pdqn.MODEL_FORMAT}, tmp_path / "only_format.pt")
+    line = error_line(run_script("pdqn_minatar.py", "--eval-checkpoint", "only_format.pt", cwd=tmp_path))
+    assert "only_format.pt is not a pdqn_minatar.py model" in line
