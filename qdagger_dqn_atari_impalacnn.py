@@ -1,6 +1,7 @@
 """QDagger (Agarwal et al., "Reincarnating Reinforcement Learning", NeurIPS 2022): a DQN student with an IMPALA CNN, distilled from a PQN teacher, on Atari through envpool."""
 
 import collections
+import math
 import os
 import random
 import sys
@@ -104,6 +105,9 @@ def finalize_args(args: Args) -> Args:
     for name in positive:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name, value in asdict(args).items():  # NaN passes every range check below (`nan <= 0` is False)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     for name in ["learning_rate", "temperature"]:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -115,6 +119,13 @@ def finalize_args(args: Args) -> Args:
             raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     if args.buffer_size < args.num_envs or args.teacher_steps < args.num_envs:
         raise UsageError("--buffer-size and --teacher-steps must hold at least one step of every env")
+    if args.batch_size > min(args.buffer_size, args.teacher_steps):
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the replay buffers (--buffer-size, --teacher-steps)")
+    # The teacher buffer is freed before the student's is made: the larger of the two must fit.
+    largest = max(FrameReplayBuffer.nbytes(args.teacher_steps, args.num_envs), FrameReplayBuffer.nbytes(args.buffer_size, args.num_envs))
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if largest > memory:
+        raise UsageError(f"the replay buffers would take {largest / 2**30:.1f} GiB and this machine has {memory / 2**30:.1f} GiB; lower --buffer-size or --teacher-steps")
     if args.teacher_model_path is None:
         raise UsageError(f"--teacher-model-path is required; {TEACHER_HINT.format(env_id=args.env_id)}")
     return args
@@ -465,7 +476,8 @@ def load_teacher(path: str, env_id: str, num_actions: int, device: torch.device)
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         raise UsageError(f"{path} is not a torch checkpoint ({type(e).__name__}); {hint}") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != TEACHER_FORMAT:
+    keys = ["env_id", "num_actions", "observation_shape", "q_network"]
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != TEACHER_FORMAT or any(key not in checkpoint for key in keys):
         raise UsageError(f"{path} is not a pqn_atari_envpool.py checkpoint; {hint}")
     if checkpoint["env_id"] != env_id:
         raise UsageError(f"the teacher at {path} was trained on {checkpoint['env_id']}, this run is {env_id}; {hint}")

@@ -206,8 +206,25 @@ def test_bad_or_mismatched_teacher_gives_one_clear_line(teacher, tmp_path):
     torch.save({"q_network": {}}, tmp_path / "other.pt")
     line = error_line(run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", "other.pt", *TINY, cwd=tmp_path))
     assert "other.pt is not a pqn_atari_envpool.py checkpoint" in line
+    torch.save({"format": qd.TEACHER_FORMAT}, tmp_path / "only_format.pt")
+    line = error_line(run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", "only_format.pt", *TINY, cwd=tmp_path))
+    assert "only_format.pt is not a pqn_atari_envpool.py checkpoint" in line
     checkpoint = torch.load(teacher, weights_only=True)
     checkpoint["q_network"] = {k: v[..., :1] if v.ndim else v for k, v in checkpoint["q_network"].items()}
     torch.save(checkpoint, tmp_path / "broken.pt")
     line = error_line(run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", "broken.pt", *TINY, cwd=tmp_path))
     assert "does not fit the Q-network" in line
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--learning-rate", "nan"], "--learning-rate must be a finite number, got nan"),
+        (["--temperature", "inf"], "--temperature must be a finite number, got inf"),
+        (["--buffer-size", "100000000"], "the replay buffers would take"),
+        (["--batch-size", "4096", "--buffer-size", "1024"], "--batch-size 4096 is larger than the replay buffers"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
+    line = error_line(run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", "teacher.pt", *TINY, *flags, cwd=tmp_path))
+    assert line.startswith("error: ") and message in line
