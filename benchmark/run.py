@@ -24,7 +24,11 @@ runs do not stop the others; they are listed at the end and the exit status is 1
 benchmark/slurm_template.sbatch and submits it with `sbatch`; the job writes the same log and .done
 files. A job that uses {run_dir:EXP} starts after the job of EXP (--dependency=afterok) when that was
 submitted and has not finished. A command submitted before (its slurm/*.jobid exists) is not
-submitted again. With --dry-run nothing is run or submitted: the commands are printed (with --slurm,
+submitted again. A job asks Slurm for SIGTERM five minutes before its time limit and passes it to
+the run, which stops with a checkpoint; the job then writes the run directory to
+<exp>__<env>__<seed>.resume and requeues itself, and the requeued job continues the run with
+`--resume` (qdagger_dqn_atari_impalacnn.py has no `--resume` yet: its requeued job fails with
+an unknown-flag error). With --dry-run nothing is run or submitted: the commands are printed (with --slurm,
 the job files are written and the sbatch commands printed).
 
 benchmark/report.py turns the finished runs of a benchmark into a table and learning curves.
@@ -224,6 +228,9 @@ def write_job_file(job, args):
         "command": command,
         "run_prefix": shlex.quote(job.run_prefix),
         "done": shlex.quote(job.done),
+        # Where a job stopped by SIGTERM leaves the run directory its requeued job continues.
+        "resume": shlex.quote(job.done[: -len(".done")] + ".resume"),
+        "resume_command": shlex.join([*job.argv[:2], "--resume"]),
     }
     for name, value in fields.items():
         text = text.replace("{{" + name + "}}", value)

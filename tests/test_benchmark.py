@@ -20,15 +20,21 @@ REPORT = os.path.join(ROOT, "benchmark", "report.py")
 # Stands in for a training script: makes runs/<env>__<exp>__<seed>__<time>/ as the real ones do,
 # prints what it got, and fails for the env named in $FAKE_FAIL_ENV.
 FAKE_SCRIPT = """\
-import argparse, os, sys, time
+import argparse, os, signal, sys, time
 parser = argparse.ArgumentParser()
-for flag in ("--env-id", "--seed", "--exp-name", "--teacher", "--tag"):
+for flag in ("--env-id", "--seed", "--exp-name", "--teacher", "--tag", "--resume"):
     parser.add_argument(flag)
 args = parser.parse_args()
 print("argv", sys.argv[1:], "OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS"))
+if args.resume:
+    sys.exit(0 if os.path.isdir(args.resume) else f"no run {args.resume}")
 if args.env_id == os.environ.get("FAKE_FAIL_ENV"):
     sys.exit("fake failure")
 os.makedirs(f"runs/{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
+if os.environ.get("FAKE_WAIT_FOR_SIGTERM"):  # as the real scripts: a checkpoint, then exit 128 + 15
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    print("waiting", flush=True)
+    time.sleep(60)
 """
 
 
@@ -142,7 +148,7 @@ def test_slurm_writes_job_files_submits_them_and_the_jobs_work(root, tmp_path):
     text = job_file.read_text()
     for line in ("#SBATCH --cpus-per-task=4", "#SBATCH --gres=gpu:1", "#SBATCH --time=2:00:00", f"#SBATCH --output={logs(root)}/teacher__A__1.log"):
         assert line in text.splitlines()
-    assert "python fake.py --env-id A --seed 1 --exp-name teacher\n" in text
+    assert "    python fake.py --env-id A --seed 1 --exp-name teacher &\n" in text
     # Submitted jobs are not submitted again.
     again = runner(root, *slurm_flags, exp="teacher", envs=["A"], seeds=["1"], env=env)
     assert "# skipped, submitted before as job 101" in again.stdout and len(calls.read_text().splitlines()) == 2
@@ -156,6 +162,34 @@ def test_slurm_writes_job_files_submits_them_and_the_jobs_work(root, tmp_path):
     assert (root / teacher_dir).is_dir()
     assert (logs(root) / "student__A__1.done").exists()
     assert runner(root, "--dry-run", exp="student", envs=["A"], seeds=["1"]).stdout.startswith("# skipped, already done")
+
+
+def test_a_slurm_job_stopped_by_sigterm_requeues_itself_and_resumes_its_run(root, tmp_path):
+    env, calls = fake_sbatch(tmp_path)
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.write_text(f'#!/bin/bash\necho "$@" >> {tmp_path / "scontrol_calls"}\n')
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+    assert runner(root, "--slurm", exp="e", envs=["A"], seeds=["1"], env=env).returncode == 0
+    job_file = logs(root) / "slurm" / "e__A__1.sbatch"
+    text = job_file.read_text()
+    assert "#SBATCH --signal=B:TERM@300" in text and "#SBATCH --requeue" in text
+    # Slurm signals the job script (B:), which passes SIGTERM on to the run.
+    job_env = dict(os.environ, PATH=env["PATH"], SLURM_JOB_ID="7", FAKE_WAIT_FOR_SIGTERM="1")
+    job = subprocess.Popen(["bash", str(job_file)], cwd=root, env=job_env, stdout=subprocess.PIPE, text=True)
+    for line in job.stdout:
+        if line.startswith("waiting"):
+            break
+    job.send_signal(15)
+    out, _ = job.communicate(timeout=30)
+    assert job.returncode == 0, out
+    assert (tmp_path / "scontrol_calls").read_text().split() == ["requeue", "7"]
+    run_dir = (logs(root) / "e__A__1.resume").read_text().strip()
+    assert run_dir.startswith("runs/A__e__1__") and not (logs(root) / "e__A__1.done").exists()
+    # The requeued job continues that run with --resume and marks it done.
+    again = subprocess.run(["bash", str(job_file)], cwd=root, env=dict(job_env, FAKE_WAIT_FOR_SIGTERM=""), capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"argv ['--resume', '{run_dir}']" in again.stdout
+    assert (logs(root) / "e__A__1.done").read_text().strip() == run_dir and not (logs(root) / "e__A__1.resume").exists()
 
 
 @pytest.mark.parametrize(
