@@ -539,6 +539,24 @@ def flags_given(argv: list[str]) -> set[str]:
     return names
 
 
+class Interrupts:
+    """SIGINT and SIGTERM ask the run to stop at the end of the current iteration, where the script
+    saves what it can and exits with 128 + the signal's number; a second signal stops it at once."""
+
+    def __init__(self):
+        self.signal = None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal is not None:
+            print(f"{signal.Signals(signum).name} again: stopped at once, nothing saved", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signal = signum
+# --- end shared: faults ---
+
+
+# --- shared: resume ---
 # Flags a resumed run may change: where and how fast it runs, and where it logs; not what it computes.
 RESUME_MAY_CHANGE = {"resume", "checkpoint_frequency", "save_model", "cuda", "compile", "cudagraphs", "track", "wandb_project_name", "wandb_entity"}
 
@@ -574,23 +592,7 @@ def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class Interrupts:
-    """SIGINT and SIGTERM ask the run to stop after the current iteration, with a checkpoint; a
-    second signal stops it at once, without one."""
-
-    def __init__(self):
-        self.signal = None
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self.handle)
-
-    def handle(self, signum, frame):
-        if self.signal is not None:
-            print(f"{signal.Signals(signum).name} again: stopped without a checkpoint", file=sys.stderr, flush=True)
-            os._exit(128 + signum)
-        self.signal = signum
-# --- end shared: faults ---
+# --- end shared: resume ---
 
 
 MODEL_FORMAT = "pqn_atari_envpool/q_network/v1"

@@ -4,7 +4,9 @@ import collections
 import math
 import os
 import random
+import signal
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -34,7 +36,9 @@ class Args:
     wandb_entity: str | None = None
     """the wandb entity (team)"""
     save_model: bool = False
-    """save the student and these Args to runs/{run_name}/{exp_name}.pt at the end"""
+    """save the student and these Args to runs/{run_name}/{exp_name}.pt at the end (and at an interrupt)"""
+    eval_checkpoint: str | None = None
+    """evaluate this saved student greedily for `eval_episodes` games (with the episodic-life setting it was trained with) and exit"""
 
     teacher_model_path: str | None = None
     """the teacher: a checkpoint written by `pqn_atari_envpool.py --save-model` for the same env"""
@@ -105,9 +109,7 @@ def finalize_args(args: Args) -> Args:
     for name in positive:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name, value in asdict(args).items():  # NaN passes every range check below (`nan <= 0` is False)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    check_finite(args)
     for name in ["learning_rate", "temperature"]:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -123,10 +125,8 @@ def finalize_args(args: Args) -> Args:
         raise UsageError(f"--batch-size {args.batch_size} is larger than the replay buffers (--buffer-size, --teacher-steps)")
     # The teacher buffer is freed before the student's is made: the larger of the two must fit.
     largest = max(FrameReplayBuffer.nbytes(args.teacher_steps, args.num_envs), FrameReplayBuffer.nbytes(args.buffer_size, args.num_envs))
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if largest > memory:
-        raise UsageError(f"the replay buffers would take {largest / 2**30:.1f} GiB and this machine has {memory / 2**30:.1f} GiB; lower --buffer-size or --teacher-steps")
-    if args.teacher_model_path is None:
+    check_memory(largest, "the larger replay buffer (--buffer-size, --teacher-steps)")
+    if args.teacher_model_path is None and args.eval_checkpoint is None:
         raise UsageError(f"--teacher-model-path is required; {TEACHER_HINT.format(env_id=args.env_id)}")
     return args
 
@@ -464,6 +464,71 @@ class Progress:
 # --- end shared: progress ---
 
 
+# --- shared: faults ---
+class RunFault(Exception):
+    """A fault during the run (a non-finite loss, an unwritable file): one line on stderr, exit status 1."""
+
+
+def check_finite(args):
+    """Every float flag must be a number: NaN passes every range check (`nan <= 0` is False)."""
+    for name, value in asdict(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+
+
+def check_memory(num_bytes: int, what: str):
+    """Sizes that could never fit are one clear line before anything is allocated."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if num_bytes > total:
+        raise UsageError(f"{what} would take {num_bytes / 2**30:.1f} GiB and this machine has {total / 2**30:.1f} GiB; use smaller sizes")
+
+
+def check_writable(directory: str):
+    """A folder the run cannot write to is found before training, not when the model is saved."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write to {directory}: {e.strerror}") from None
+
+
+def save_atomically(obj, path: str):
+    """torch.save to a temporary file, then rename: a kill during the write leaves the previous file whole."""
+    try:
+        torch.save(obj, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
+    except OSError as e:
+        raise RunFault(f"cannot write {path}: {e.strerror}") from None
+
+
+def flags_given(argv: list[str]) -> set[str]:
+    """The names of the flags on the command line (`--max-grad-norm 5`, `--seed=2`, `--no-anneal-lr`)."""
+    names = set()
+    for token in argv:
+        if token.startswith("--"):
+            name = token[2:].split("=")[0].replace("-", "_")
+            names |= {name, name.removeprefix("no_")}
+    return names
+
+
+class Interrupts:
+    """SIGINT and SIGTERM ask the run to stop at the end of the current iteration, where the script
+    saves what it can and exits with 128 + the signal's number; a second signal stops it at once."""
+
+    def __init__(self):
+        self.signal = None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal is not None:
+            print(f"{signal.Signals(signum).name} again: stopped at once, nothing saved", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signal = signum
+# --- end shared: faults ---
+
+
 TEACHER_FORMAT = "pqn_atari_envpool/q_network/v1"
 
 
@@ -494,7 +559,33 @@ def load_teacher(path: str, env_id: str, num_actions: int, device: torch.device)
     return teacher.eval()
 
 
-def main(args: Args):
+STUDENT_FORMAT = "qdagger_dqn_atari_impalacnn/student/v1"
+
+
+def eval_checkpoint(args: Args, given: set[str], device: torch.device):
+    """Evaluates a student saved with --save-model."""
+    path = args.eval_checkpoint
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}; write one with `python qdagger_dqn_atari_impalacnn.py --save-model`")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        if checkpoint["format"] != STUDENT_FORMAT:
+            raise ValueError
+        env_id, num_actions, episodic_life = checkpoint["env_id"], checkpoint["num_actions"], checkpoint["args"]["episodic_life"]
+        student = ImpalaQNetwork(num_actions).to(device)
+        student.load_state_dict(checkpoint["student"])
+    except Exception:
+        raise UsageError(f"{path} is not a qdagger_dqn_atari_impalacnn.py student (format {STUDENT_FORMAT})") from None
+    if "env_id" in given and args.env_id != env_id:
+        raise UsageError(f"{path} was trained on {env_id}, not {args.env_id}; leave --env-id out")
+    args.episodic_life = episodic_life  # evaluation plays as training played
+    envs = make_atari_envs(env_id, args.eval_episodes, args.seed, 4, args, evaluation=True)
+    scores = evaluate(student, envs)
+    envs.close()
+    print(f"{env_id}: greedy score over {len(scores)} games {scores.mean():.2f} ± {scores.std():.2f}")
+
+
+def main(args: Args, given: set[str]):
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -504,6 +595,8 @@ def main(args: Args):
     # turns denormal after ~800 steps, and x86 CPUs compute on denormals many times slower (with 15% of
     # them denormal, pqn.py's fused RAdam kernel took 3x as long). Flushed to zero, nothing of size changes.
     torch.set_flush_denormal(True)
+    if args.eval_checkpoint:
+        return eval_checkpoint(args, given, device)
     rng = np.random.default_rng(args.seed)
 
     envs = make_atari_envs(args.env_id, args.num_envs, args.seed, 4, args)
@@ -511,6 +604,8 @@ def main(args: Args):
     num_actions = int(envs.action_space.n)
     teacher = load_teacher(args.teacher_model_path, args.env_id, num_actions, device)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    check_writable(f"runs/{run_name}")
+    interrupts = Interrupts()
     if args.track:
         try:
             import wandb
@@ -527,141 +622,169 @@ def main(args: Args):
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
-    # The teacher's score sets the scale of the distillation coefficient.
-    teacher_eval_envs = make_atari_envs(args.env_id, args.teacher_eval_episodes, args.seed + 2_000_000, 4, args, evaluation=True)
-    teacher_scores = evaluate(teacher, teacher_eval_envs)
-    teacher_eval_envs.close()
-    teacher_return = float(teacher_scores.mean())
-    writer.add_scalar("charts/teacher/avg_episodic_return", teacher_return, 0)
-    print(f"teacher: greedy score {teacher_return:.2f} ± {teacher_scores.std():.2f} ({len(teacher_scores)} games)", flush=True)
-    if teacher_return <= 0:
-        print("warning: the teacher scores <= 0; distillation stops once the student scores as much", flush=True)
+    student = None  # made after phase 1
 
-    # Phase 1: the teacher plays epsilon-greedily and fills the teacher buffer.
-    teacher_rb = FrameReplayBuffer(args.teacher_steps, args.num_envs)
-    student_nbytes = FrameReplayBuffer.nbytes(args.buffer_size, args.num_envs)
-    print(f"replay buffers: teacher {FrameReplayBuffer.nbytes(args.teacher_steps, args.num_envs) / 2**30:.2f} GiB "
-          f"({args.teacher_steps:,} transitions), student {student_nbytes / 2**30:.2f} GiB ({args.buffer_size:,})", flush=True)
-    obs, _ = envs.reset()
-    teacher_rb.observe(obs)
-    is_reset = np.zeros(args.num_envs, dtype=bool)
-    game_stats = GameStats(args.num_envs)
-    start_time = time.time()
-    for step in range(0, args.teacher_steps // args.num_envs):
-        teacher_step = (step + 1) * args.num_envs
-        epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.teacher_steps, step * args.num_envs)
-        obs, is_reset, games = play_step(envs, teacher, teacher_rb, obs, is_reset, epsilon, game_stats, device)
-        for score, _ in games:
-            writer.add_scalar("charts/teacher/episodic_return", score, teacher_step)
-    writer.add_scalar("charts/teacher/SPS", args.teacher_steps / (time.time() - start_time), args.teacher_steps)
-    print(f"phase 1: {len(teacher_rb):,} teacher transitions in {time.time() - start_time:.0f} s", flush=True)
-
-    student = ImpalaQNetwork(num_actions).to(device)
-    target_network = ImpalaQNetwork(num_actions).to(device)
-    target_network.load_state_dict(student.state_dict())
-    optimizer = torch.optim.Adam(student.parameters(), lr=args.learning_rate)
-
-    def gradient_step(rb, distill_coeff):
-        obs_b, actions_b, rewards_b, next_obs_b, terminations_b = rb.sample(args.batch_size, rng, device)
-        target = td_target(target_network, rewards_b, next_obs_b, terminations_b, args.gamma)
-        student_q = student(obs_b)
-        q_taken = student_q.gather(1, actions_b[:, None]).squeeze(1)
-        td_loss = F.mse_loss(q_taken, target)
-        with torch.no_grad():
-            teacher_q = teacher(obs_b)
-        d_loss = distill_loss(teacher_q, student_q, args.temperature)
-        loss = td_loss + distill_coeff * d_loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        return td_loss.detach(), d_loss.detach(), q_taken.detach().mean()
-
-    def log_losses(prefix, losses, step):
-        td, distill, q = (torch.stack(x).mean().item() for x in zip(*losses))
-        writer.add_scalar(f"losses/{prefix}td_loss", td, step)
-        writer.add_scalar(f"losses/{prefix}distill_loss", distill, step)
-        writer.add_scalar(f"losses/{prefix}q_values", q, step)
-
-    # Phase 2: offline, the student learns from the teacher's buffer (TD + distillation).
-    start_time = time.time()
-    losses = []
-    for offline_step in range(1, args.offline_steps + 1):
-        losses.append(gradient_step(teacher_rb, 1.0))
-        if offline_step % args.target_network_frequency == 0:
-            target_network.load_state_dict(student.state_dict())
-        if offline_step % 100 == 0 or offline_step == args.offline_steps:
-            log_losses("offline/", losses, offline_step)
-            writer.add_scalar("charts/offline/SPS", offline_step / (time.time() - start_time), offline_step)
-            losses = []
-        if offline_step % args.offline_eval_frequency == 0 or offline_step == args.offline_steps:
-            scores = evaluate(student, eval_envs)
-            writer.add_scalar("charts/offline/avg_episodic_return", scores.mean(), offline_step)
-            print(f"phase 2: step {offline_step:,}: student greedy score {scores.mean():.2f} ± {scores.std():.2f}", flush=True)
-    del teacher_rb
-
-    # Phase 3: online, the student acts and learns from its own buffer; distillation fades as
-    # the student's score approaches the teacher's.
-    rb = FrameReplayBuffer(args.buffer_size, args.num_envs)
-    obs, _ = envs.reset()
-    rb.observe(obs)
-    is_reset = np.zeros(args.num_envs, dtype=bool)
-    game_stats = GameStats(args.num_envs)
-    student_scores = collections.deque(maxlen=10)
-    recent_scores = collections.deque(maxlen=20)
-    num_vector_steps = args.total_timesteps // args.num_envs
-    progress = Progress(num_vector_steps * args.num_envs)
-    distill_coeff, losses, pending_train_steps = 1.0, [], 0
-    start_time = time.time()
-    for step in range(num_vector_steps):
-        global_step = (step + 1) * args.num_envs
-        epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, step * args.num_envs)
-        obs, is_reset, games = play_step(envs, student, rb, obs, is_reset, epsilon, game_stats, device)
-        for score, length in games:
-            writer.add_scalar("charts/episodic_return", score, global_step)
-            writer.add_scalar("charts/episodic_length", length, global_step)
-            student_scores.append(score)
-            recent_scores.append(score)
-
-        if global_step > args.learning_starts:
-            # One gradient step per `train_frequency` env steps, whatever the number of envs.
-            pending_train_steps += args.num_envs
-            while pending_train_steps >= args.train_frequency:
-                pending_train_steps -= args.train_frequency
-                distill_coeff = distill_coefficient(student_scores, teacher_return)
-                losses.append(gradient_step(rb, distill_coeff))
-        if global_step // args.target_network_frequency > (global_step - args.num_envs) // args.target_network_frequency:
-            target_network.load_state_dict(student.state_dict())
-        if global_step // 1000 > (global_step - args.num_envs) // 1000 or step == num_vector_steps - 1:
-            sps = global_step / (time.time() - start_time)
-            if losses:
-                log_losses("", losses, global_step)
-                losses = []
-            writer.add_scalar("charts/distill_coeff", distill_coeff, global_step)
-            writer.add_scalar("charts/epsilon", epsilon, global_step)
-            writer.add_scalar("charts/learning_rate", args.learning_rate, global_step)
-            writer.add_scalar("charts/SPS", sps, global_step)
-            progress.update(global_step, sps, float(np.mean(recent_scores)) if recent_scores else float("nan"))
-        if args.eval_frequency and global_step // args.eval_frequency > (global_step - args.num_envs) // args.eval_frequency:
-            if step < num_vector_steps - 1:  # the final evaluation follows the loop
-                scores = evaluate(student, eval_envs)
-                writer.add_scalar("eval/episodic_return", scores.mean(), global_step)
-                print(f"eval at step {global_step}: greedy score {scores.mean():.2f} ± {scores.std():.2f}", flush=True)
-
-    scores = evaluate(student, eval_envs)
-    writer.add_scalar("eval/episodic_return", scores.mean(), num_vector_steps * args.num_envs)
-    print(f"student: greedy score {scores.mean():.2f} ± {scores.std():.2f} ({len(scores)} games)", flush=True)
-    if args.save_model:
+    def save_student():
         path = f"runs/{run_name}/{args.exp_name}.pt"
-        torch.save({"student": student.state_dict(), "num_actions": num_actions, "args": asdict(args)}, path)
+        checkpoint = {"format": STUDENT_FORMAT, "env_id": args.env_id, "num_actions": num_actions, "student": student.state_dict(), "args": asdict(args)}
+        save_atomically(checkpoint, path)
         print(f"model saved to {path}")
-    envs.close()
-    eval_envs.close()
-    writer.close()
+
+    def stop(where):
+        """An interrupt: the student saved (with --save-model, once it exists), one line, exit 128 + signal."""
+        if args.save_model and student is not None:
+            save_student()
+        name = signal.Signals(interrupts.signal).name
+        print(f"{name}: stopped {where}; this script cannot resume a run yet", file=sys.stderr)
+        return 128 + interrupts.signal
+
+    try:
+        # The teacher's score sets the scale of the distillation coefficient.
+        teacher_eval_envs = make_atari_envs(args.env_id, args.teacher_eval_episodes, args.seed + 2_000_000, 4, args, evaluation=True)
+        teacher_scores = evaluate(teacher, teacher_eval_envs)
+        teacher_eval_envs.close()
+        teacher_return = float(teacher_scores.mean())
+        writer.add_scalar("charts/teacher/avg_episodic_return", teacher_return, 0)
+        print(f"teacher: greedy score {teacher_return:.2f} ± {teacher_scores.std():.2f} ({len(teacher_scores)} games)", flush=True)
+        if teacher_return <= 0:
+            print("warning: the teacher scores <= 0; distillation stops once the student scores as much", flush=True)
+
+        # Phase 1: the teacher plays epsilon-greedily and fills the teacher buffer.
+        teacher_rb = FrameReplayBuffer(args.teacher_steps, args.num_envs)
+        student_nbytes = FrameReplayBuffer.nbytes(args.buffer_size, args.num_envs)
+        print(f"replay buffers: teacher {FrameReplayBuffer.nbytes(args.teacher_steps, args.num_envs) / 2**30:.2f} GiB "
+              f"({args.teacher_steps:,} transitions), student {student_nbytes / 2**30:.2f} GiB ({args.buffer_size:,})", flush=True)
+        obs, _ = envs.reset()
+        teacher_rb.observe(obs)
+        is_reset = np.zeros(args.num_envs, dtype=bool)
+        game_stats = GameStats(args.num_envs)
+        start_time = time.time()
+        for step in range(0, args.teacher_steps // args.num_envs):
+            teacher_step = (step + 1) * args.num_envs
+            epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.teacher_steps, step * args.num_envs)
+            obs, is_reset, games = play_step(envs, teacher, teacher_rb, obs, is_reset, epsilon, game_stats, device)
+            for score, _ in games:
+                writer.add_scalar("charts/teacher/episodic_return", score, teacher_step)
+            if interrupts.signal:
+                return stop(f"in phase 1 at teacher step {teacher_step:,}")
+        writer.add_scalar("charts/teacher/SPS", args.teacher_steps / (time.time() - start_time), args.teacher_steps)
+        print(f"phase 1: {len(teacher_rb):,} teacher transitions in {time.time() - start_time:.0f} s", flush=True)
+
+        student = ImpalaQNetwork(num_actions).to(device)
+        target_network = ImpalaQNetwork(num_actions).to(device)
+        target_network.load_state_dict(student.state_dict())
+        optimizer = torch.optim.Adam(student.parameters(), lr=args.learning_rate)
+
+        def gradient_step(rb, distill_coeff):
+            obs_b, actions_b, rewards_b, next_obs_b, terminations_b = rb.sample(args.batch_size, rng, device)
+            target = td_target(target_network, rewards_b, next_obs_b, terminations_b, args.gamma)
+            student_q = student(obs_b)
+            q_taken = student_q.gather(1, actions_b[:, None]).squeeze(1)
+            td_loss = F.mse_loss(q_taken, target)
+            with torch.no_grad():
+                teacher_q = teacher(obs_b)
+            d_loss = distill_loss(teacher_q, student_q, args.temperature)
+            loss = td_loss + distill_coeff * d_loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            return td_loss.detach(), d_loss.detach(), q_taken.detach().mean()
+
+        def log_losses(prefix, losses, step):
+            td, distill, q = (torch.stack(x).mean().item() for x in zip(*losses))
+            if not all(math.isfinite(value) for value in (td, distill, q)):
+                phase = "offline gradient step" if prefix else "online env step"
+            raise RunFault(f"a loss or mean Q is not finite at {phase} {step:,} (TD {td}, distillation {distill}, Q {q})")
+            writer.add_scalar(f"losses/{prefix}td_loss", td, step)
+            writer.add_scalar(f"losses/{prefix}distill_loss", distill, step)
+            writer.add_scalar(f"losses/{prefix}q_values", q, step)
+
+        # Phase 2: offline, the student learns from the teacher's buffer (TD + distillation).
+        start_time = time.time()
+        losses = []
+        for offline_step in range(1, args.offline_steps + 1):
+            losses.append(gradient_step(teacher_rb, 1.0))
+            if offline_step % args.target_network_frequency == 0:
+                target_network.load_state_dict(student.state_dict())
+            if offline_step % 100 == 0 or offline_step == args.offline_steps:
+                log_losses("offline/", losses, offline_step)
+                writer.add_scalar("charts/offline/SPS", offline_step / (time.time() - start_time), offline_step)
+                losses = []
+            if offline_step % args.offline_eval_frequency == 0 or offline_step == args.offline_steps:
+                scores = evaluate(student, eval_envs)
+                writer.add_scalar("charts/offline/avg_episodic_return", scores.mean(), offline_step)
+                print(f"phase 2: step {offline_step:,}: student greedy score {scores.mean():.2f} ± {scores.std():.2f}", flush=True)
+            if interrupts.signal:
+                return stop(f"in phase 2 at offline step {offline_step:,}")
+        del teacher_rb
+
+        # Phase 3: online, the student acts and learns from its own buffer; distillation fades as
+        # the student's score approaches the teacher's.
+        rb = FrameReplayBuffer(args.buffer_size, args.num_envs)
+        obs, _ = envs.reset()
+        rb.observe(obs)
+        is_reset = np.zeros(args.num_envs, dtype=bool)
+        game_stats = GameStats(args.num_envs)
+        student_scores = collections.deque(maxlen=10)
+        recent_scores = collections.deque(maxlen=20)
+        num_vector_steps = args.total_timesteps // args.num_envs
+        progress = Progress(num_vector_steps * args.num_envs)
+        distill_coeff, losses, pending_train_steps = 1.0, [], 0
+        start_time = time.time()
+        for step in range(num_vector_steps):
+            global_step = (step + 1) * args.num_envs
+            epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, step * args.num_envs)
+            obs, is_reset, games = play_step(envs, student, rb, obs, is_reset, epsilon, game_stats, device)
+            for score, length in games:
+                writer.add_scalar("charts/episodic_return", score, global_step)
+                writer.add_scalar("charts/episodic_length", length, global_step)
+                student_scores.append(score)
+                recent_scores.append(score)
+
+            if global_step > args.learning_starts:
+                # One gradient step per `train_frequency` env steps, whatever the number of envs.
+                pending_train_steps += args.num_envs
+                while pending_train_steps >= args.train_frequency:
+                    pending_train_steps -= args.train_frequency
+                    distill_coeff = distill_coefficient(student_scores, teacher_return)
+                    losses.append(gradient_step(rb, distill_coeff))
+            if global_step // args.target_network_frequency > (global_step - args.num_envs) // args.target_network_frequency:
+                target_network.load_state_dict(student.state_dict())
+            if global_step // 1000 > (global_step - args.num_envs) // 1000 or step == num_vector_steps - 1:
+                sps = global_step / (time.time() - start_time)
+                if losses:
+                    log_losses("", losses, global_step)
+                    losses = []
+                writer.add_scalar("charts/distill_coeff", distill_coeff, global_step)
+                writer.add_scalar("charts/epsilon", epsilon, global_step)
+                writer.add_scalar("charts/learning_rate", args.learning_rate, global_step)
+                writer.add_scalar("charts/SPS", sps, global_step)
+                progress.update(global_step, sps, float(np.mean(recent_scores)) if recent_scores else float("nan"))
+            if args.eval_frequency and global_step // args.eval_frequency > (global_step - args.num_envs) // args.eval_frequency:
+                if step < num_vector_steps - 1:  # the final evaluation follows the loop
+                    scores = evaluate(student, eval_envs)
+                    writer.add_scalar("eval/episodic_return", scores.mean(), global_step)
+                    print(f"eval at step {global_step}: greedy score {scores.mean():.2f} ± {scores.std():.2f}", flush=True)
+            if interrupts.signal:
+                return stop(f"in phase 3 at step {global_step:,}")
+
+        scores = evaluate(student, eval_envs)
+        writer.add_scalar("eval/episodic_return", scores.mean(), num_vector_steps * args.num_envs)
+        print(f"student: greedy score {scores.mean():.2f} ± {scores.std():.2f} ({len(scores)} games)", flush=True)
+        if args.save_model:
+            save_student()
+    finally:
+        envs.close()
+        eval_envs.close()
+        writer.close()
 
 
 if __name__ == "__main__":
     try:
-        main(finalize_args(tyro.cli(Args)))
+        sys.exit(main(finalize_args(tyro.cli(Args)), flags_given(sys.argv[1:])))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunFault as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,13 +1,17 @@
 """qdagger_dqn_atari_impalacnn.py: the frame replay buffer, the distillation loss, the three phases, bad teachers."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
 import qdagger_dqn_atari_impalacnn as qd
-from helpers import error_line, only_run_dir, read_scalars, run_script
+from helpers import ROOT, error_line, only_run_dir, read_scalars, run_script
 
 
 def buffer_args(**overrides):
@@ -193,7 +197,34 @@ def test_three_phases_log_their_metrics(teacher, tmp_path):
     assert [s for s, _ in scalars["charts/offline/avg_episodic_return"]] == [10, 20]
     assert all(v == 1.0 for _, v in scalars["charts/distill_coeff"])  # fewer than 10 student games
     saved = torch.load(os.path.join(run_dir, "qdagger_dqn_atari_impalacnn.pt"), weights_only=True)
+    assert saved["format"] == qd.STUDENT_FORMAT and saved["env_id"] == "Breakout-v5"
     qd.ImpalaQNetwork(saved["num_actions"]).load_state_dict(saved["student"])
+    # The saved student evaluates from the command line; another --env-id is one clear line.
+    path = os.path.relpath(os.path.join(run_dir, "qdagger_dqn_atari_impalacnn.pt"), tmp_path)
+    result = run_script("qdagger_dqn_atari_impalacnn.py", "--eval-checkpoint", path, "--eval-episodes", "1", "--eval-max-steps", "30", "--no-cuda", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Breakout-v5: greedy score over 1 games" in result.stdout
+    line = error_line(run_script("qdagger_dqn_atari_impalacnn.py", "--eval-checkpoint", path, "--env-id", "Pong-v5", cwd=tmp_path))
+    assert "was trained on Breakout-v5, not Pong-v5" in line
+
+
+def test_sigint_in_the_online_phase_saves_the_student_and_exits_with_one_line(teacher, tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    flags = [*TINY, "--total-timesteps", "1000000", "--save-model"]
+    script = os.path.join(ROOT, "qdagger_dqn_atari_impalacnn.py")
+    process = subprocess.Popen(
+        [sys.executable, script, "--teacher-model-path", teacher, *flags], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    for line in process.stdout:  # phase 2 ends with its evaluation at offline step 20
+        if line.startswith("phase 2: step 20:"):
+            break
+    time.sleep(2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1 and "SIGINT: stopped in phase 3 at step" in stderr, stderr
+    saved = torch.load(os.path.join(only_run_dir(tmp_path), "qdagger_dqn_atari_impalacnn.pt"), weights_only=True)
+    assert saved["format"] == qd.STUDENT_FORMAT
 
 
 def test_bad_or_mismatched_teacher_gives_one_clear_line(teacher, tmp_path):
@@ -221,10 +252,15 @@ def test_bad_or_mismatched_teacher_gives_one_clear_line(teacher, tmp_path):
     [
         (["--learning-rate", "nan"], "--learning-rate must be a finite number, got nan"),
         (["--temperature", "inf"], "--temperature must be a finite number, got inf"),
-        (["--buffer-size", "100000000"], "the replay buffers would take"),
+        (["--buffer-size", "100000000"], "the larger replay buffer (--buffer-size, --teacher-steps) would take"),
         (["--batch-size", "4096", "--buffer-size", "1024"], "--batch-size 4096 is larger than the replay buffers"),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
     line = error_line(run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", "teacher.pt", *TINY, *flags, cwd=tmp_path))
     assert line.startswith("error: ") and message in line
+
+
+def test_a_diverging_student_stops_at_the_first_non_finite_loss(teacher, tmp_path):
+    line = error_line(run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", teacher, *TINY, "--learning-rate", "1e30", cwd=tmp_path))
+    assert "a loss or mean Q is not finite at offline gradient step" in line
