@@ -151,13 +151,18 @@ def needed_runs(flags):
     return list(dict.fromkeys(exps))
 
 
-def find_run_dir(root, run_prefix, start, before):
-    """The newest runs/<run_prefix><unix time> with time >= start that did not exist before the run."""
+def find_run_dir(root, run_prefix, start, before, pid=None):
+    """The newest runs/<run_prefix><unix time> with time >= start that did not exist before the run.
+    Another runner may have started a run with the same prefix meanwhile (another script with the
+    same exp name, env and seed): the directory whose TensorBoard file the run's own process `pid`
+    wrote (the file name holds the writer's pid) is taken first."""
     found = []
     for path in glob.glob(os.path.join(root, "runs", glob.escape(run_prefix) + "*")):
         stamp = os.path.basename(path)[len(run_prefix) :]
         if stamp.isdigit() and int(stamp) >= int(start) and path not in before and os.path.isdir(path):
             found.append((int(stamp), path))
+    own = [(stamp, path) for stamp, path in found if pid is not None and glob.glob(os.path.join(glob.escape(path), f"events.out.tfevents.*.{pid}.*"))]
+    found = own or found
     return os.path.relpath(max(found)[1], root) if found else None
 
 
@@ -180,13 +185,18 @@ def run_local(job, root):
         log.write(f"# started: {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         log.flush()
         # "python" in the shown command is the interpreter that runs this file.
-        status = subprocess.call([sys.executable] + argv[1:], cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen([sys.executable] + argv[1:], cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            status = process.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached the run too: let it write its checkpoint
+            process.wait()
+            raise
         elapsed = time.time() - start
         log.write(f"# exit status {status} after {format_duration(elapsed)}\n")
     if status != 0:
         how = f"killed by signal {-status}" if status < 0 else f"exit {status}"
         return False, f"{how} after {format_duration(elapsed)}"
-    run_dir = find_run_dir(root, job.run_prefix, start, before)
+    run_dir = find_run_dir(root, job.run_prefix, start, before, process.pid)
     if run_dir is None:
         return False, f"exit 0 but it made no runs/{job.run_prefix}<unix time> directory"
     with open(job.done + ".tmp", "w", encoding="utf-8") as f:

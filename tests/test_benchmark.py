@@ -364,3 +364,17 @@ def test_speed_reads_progress_lines_and_the_steady_rate(tmp_path):
     assert speed.steady_sps([(1.0, 1000, 4000, 0), (4.0, 3000, 4000, 0), (6.0, 4000, 4000, 0)]) == 500.0
     with pytest.raises(SystemExit, match="failed \\(exit 3\\)"):
         speed.timed_progress([sys.executable, str(fake), "3"])
+
+
+def test_a_run_directory_is_found_by_the_process_that_wrote_it(tmp_path):
+    # Two runners started runs of the same prefix at the same time (two scripts with the same exp
+    # name, env and seed): each takes the directory its own process wrote to.
+    sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+    import run
+
+    for stamp, pid in [(100, 4321), (101, 8765)]:
+        (tmp_path / "runs" / f"A__e__1__{stamp}").mkdir(parents=True)
+        (tmp_path / "runs" / f"A__e__1__{stamp}" / f"events.out.tfevents.{stamp}.host.{pid}.0").write_text("")
+    assert run.find_run_dir(str(tmp_path), "A__e__1__", 0, set(), pid=4321) == os.path.join("runs", "A__e__1__100")
+    assert run.find_run_dir(str(tmp_path), "A__e__1__", 0, set(), pid=8765) == os.path.join("runs", "A__e__1__101")
+    assert run.find_run_dir(str(tmp_path), "A__e__1__", 0, set()) == os.path.join("runs", "A__e__1__101")  # the newest
