@@ -694,7 +694,7 @@ def main(args: Args, given: set[str]):
             td, distill, q = (torch.stack(x).mean().item() for x in zip(*losses))
             if not all(math.isfinite(value) for value in (td, distill, q)):
                 phase = "offline gradient step" if prefix else "online env step"
-            raise RunFault(f"a loss or mean Q is not finite at {phase} {step:,} (TD {td}, distillation {distill}, Q {q})")
+                raise RunFault(f"a loss or mean Q is not finite at {phase} {step:,} (TD {td}, distillation {distill}, Q {q})")
             writer.add_scalar(f"losses/{prefix}td_loss", td, step)
             writer.add_scalar(f"losses/{prefix}distill_loss", distill, step)
             writer.add_scalar(f"losses/{prefix}q_values", q, step)
