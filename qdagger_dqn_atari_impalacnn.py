@@ -592,8 +592,8 @@ def main(args: Args, given: set[str]):
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     # Adam's first moment of a weight that gets no gradient (a dead ReLU unit) decays by 0.9 a step and
-    # turns denormal after ~800 steps, and x86 CPUs compute on denormals many times slower (with 15% of
-    # them denormal, pqn.py's fused RAdam kernel took 3x as long). Flushed to zero, nothing of size changes.
+    # turns denormal after ~800 steps, and x86 CPUs compute on denormals many times slower. Flushed
+    # to zero, nothing of size changes.
     torch.set_flush_denormal(True)
     if args.eval_checkpoint:
         return eval_checkpoint(args, given, device)
