@@ -32,7 +32,7 @@ from run import ROOT, Parser, fail, format_duration, logged_command, logs_dir, r
 
 TAIL = 0.1  # the behaviour return of a run: its episodes in this last fraction of its env steps
 BINS = 50  # the learning curves: equal-width bins of env steps
-# Tags logged against env steps (CONVENTIONS section 4): the largest step among them is the run's length.
+# Tags logged against env steps (the README's Logged metrics): the largest step among them is the run's length.
 ENV_STEP_TAGS = ("charts/SPS", "charts/episodic_return", "eval/episodic_return")
 
 

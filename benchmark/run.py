@@ -92,7 +92,7 @@ class Job:
         self.log, self.done = (os.path.join(directory, self.stem + ext) for ext in (".log", ".done"))
         self.job_file = os.path.join(directory, "slurm", self.stem + ".sbatch")
         self.job_id_file = os.path.join(directory, "slurm", self.stem + ".jobid")
-        # `runs/<this prefix><unix time>` is the directory the script makes (CONVENTIONS section 4).
+        # `runs/<this prefix><unix time>` is the directory the script makes (the README's Logged metrics).
         self.run_prefix = f"{env_id.replace('/', '-')}__{args.exp_name}__{seed}__"
         # The runs this one needs: {exp: its .done file}, from the {run_dir:EXP} placeholders.
         self.needs = {exp: os.path.join(directory, stem(exp, env_id, seed) + ".done") for exp in needed_runs(args.extra)}

@@ -1,4 +1,4 @@
-"""Episode boundaries in pqn.py's rollout on a scripted vector env (CONVENTIONS §2)."""
+"""Episode boundaries in pqn.py's rollout on a scripted vector env (the README's episode-boundary rule)."""
 
 import gymnasium as gym
 import numpy as np
