@@ -724,12 +724,9 @@ def main(args: Args, given: set[str]):
     interrupts = Interrupts()
     check_writable(run_dir)
 
-    seed = args.seed
-    if state:
-        # Envs cannot be saved: a resumed run resets them afresh, with seeds of its own (drawn from
-        # the restored random state, so not the first episodes of the run again).
-        set_rng_state(state["rng"])
-        seed = int(np.random.randint(2**30))
+    # Envs cannot be saved: a resumed run makes them afresh, seeded from the run's seed and the step
+    # it resumes from, so that it does not play the run's first episodes again.
+    seed = int(np.random.SeedSequence([args.seed, state["global_step"]]).generate_state(1)[0] % 2**30) if state else args.seed
     if args.track:
         try:
             import wandb
@@ -761,6 +758,7 @@ def main(args: Args, given: set[str]):
         model_optimizer.load_state_dict(state["model_optimizer"])
         recent_returns.extend(state["recent_returns"])
         start_iteration, global_step = state["iteration"], state["global_step"]
+        set_rng_state(state["rng"])  # last: making the networks drew from torch's generator
     policy = accelerate(lambda obs, epsilon: act(q_network, obs, epsilon), args.compile, args.cudagraphs)
     # Inductor would compile the loop over the rollout's steps for a long time, to save little; a
     # CUDA graph of it (no Inductor) saves a kernel launch per step on the GPU.

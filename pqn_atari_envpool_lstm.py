@@ -131,7 +131,8 @@ def finalize_args(args: Args) -> Args:
         )
     args.minibatch_size = args.batch_size // args.num_minibatches  # = (num_envs // num_minibatches) sequences of num_steps
     args.num_iterations = args.total_timesteps // args.batch_size
-    # The rollout's uint8 frames, and as many again for each env's emulator and its frame buffers.
+    # The rollout's uint8 frames, and two observations per env for envpool's own buffers: a lower
+    # bound, so what it refuses could never fit.
     check_memory((args.batch_size + 2 * args.num_envs) * 84 * 84, "the rollout")
     return args
 
@@ -715,12 +716,9 @@ def main(args: Args, given: set[str]):
     checkpoint_frequency = args.checkpoint_frequency or max(args.total_timesteps // 10, 1)
     interrupts = Interrupts()
 
-    seed = args.seed
-    if state:
-        # Envs cannot be saved: a resumed run makes them afresh, with seeds of its own (drawn from the
-        # restored random state, so not the first games of the run again).
-        set_rng_state(state["rng"])
-        seed = int(np.random.randint(2**30))
+    # Envs cannot be saved: a resumed run makes them afresh, seeded from the run's seed and the step
+    # it resumes from, so that it does not play the run's first games again.
+    seed = int(np.random.SeedSequence([args.seed, state["global_step"]]).generate_state(1)[0] % 2**30) if state else args.seed
     # On a GPU the envs run in two groups, each its own envpool, so that one group steps while the
     # GPU acts for the other (see `rollout`). On a CPU the same cores would do both: one group.
     # Env i has seed `seed + i` either way.
@@ -758,6 +756,7 @@ def main(args: Args, given: set[str]):
         optimizer.load_state_dict(state["optimizer"])
         recent_scores.extend(state["recent_scores"])
         start_iteration, global_step = state["iteration"], state["global_step"]
+        set_rng_state(state["rng"])  # last: making the networks drew from torch's generator
     policy = accelerate(lambda *inputs: act(q_network, *inputs), args.compile, args.cudagraphs)
     # Inductor would compile the loop over the rollout's steps for a long time, to save little; a
     # CUDA graph of it (no Inductor) saves a kernel launch per step on the GPU.

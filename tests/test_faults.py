@@ -2,12 +2,15 @@
 (every PQN-family script; QDagger's are not done yet)."""
 
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 
@@ -69,6 +72,7 @@ def killed_and_resumed(request, tmp_path_factory):
     process.kill()  # SIGKILL: nothing of the run gets to react
     process.communicate()
     saved = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    shutil.copy(os.path.join(run_dir, "checkpoint.pt"), os.path.join(cwd, "killed_checkpoint.pt"))
     result = run_script(script, "--resume", os.path.relpath(run_dir, cwd), "--no-cuda", cwd=cwd)
     assert result.returncode == 0, result.stderr
     final = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
@@ -100,6 +104,22 @@ def test_resumed_logs_continue_without_overlap_and_with_the_schedules(killed_and
     for step, epsilon in scalars["charts/epsilon"]:
         assert epsilon == pytest.approx(module.linear_schedule(args.start_e, args.end_e, args.exploration_fraction * total, step - batch))
     assert len(scalars["eval/episodic_return"]) == 1
+
+
+def test_a_run_resumed_from_behind_what_it_logged_logs_each_step_once(killed_and_resumed, tmp_path):
+    # The resumed run's event files hold every step to the end. Resumed once more from the killed
+    # run's checkpoint, it redoes steps already logged: they must replace the logged ones, not add to them.
+    script, run_dir, saved, _ = killed_and_resumed
+    _, _, total, batch, _, _ = SCRIPTS[script]
+    copy = shutil.copytree(run_dir, tmp_path / "run")
+    shutil.copy(os.path.join(os.path.dirname(os.path.dirname(run_dir)), "killed_checkpoint.pt"), copy / "checkpoint.pt")
+    result = run_script(script, "--resume", "run", "--no-cuda", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    scalars = read_scalars(str(copy))
+    assert [s for s, _ in scalars["losses/td_loss"]] == list(range(batch, total + 1, batch))
+    assert [s for s, _ in scalars["eval/episodic_return"]] == [total]
+    episode_steps = [s for s, _ in scalars["charts/episodic_return"]]
+    assert episode_steps == sorted(episode_steps)
 
 
 def test_a_finished_run_says_so(killed_and_resumed):
@@ -137,6 +157,14 @@ def test_loaded_training_state_continues_exactly_as_if_never_saved(tmp_path):
         pqn.grad_step(restored, restored_optimizer, *minibatch, 1.0)
     for p, q in zip(restored.parameters(), q_network.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def test_random_states_survive_a_checkpoint(tmp_path):
+    pqn.save_atomically({"rng": pqn.rng_state()}, str(tmp_path / "rng.pt"))
+    draws = (random.random(), np.random.rand(), torch.rand(3))
+    pqn.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    again = (random.random(), np.random.rand(), torch.rand(3))
+    assert draws[:2] == again[:2] and torch.equal(draws[2], again[2])
 
 
 def test_an_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
