@@ -112,6 +112,8 @@ def finalize_args(args: Args) -> Args:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check_finite(args)
+    if args.seed < 0:
+        raise UsageError(f"--seed must not be negative, got {args.seed}")
     for name in ["learning_rate", "model_learning_rate", "max_grad_norm"]:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -142,6 +144,17 @@ def finalize_args(args: Args) -> Args:
     # targets, and its actions, values, rewards and flags.
     check_memory(args.batch_size * (2 * 4 * 10 * 10 * 10 + 64), "the rollout")
     return args
+
+
+# --- shared: env_seeds ---
+def env_seeds(seed: int, stream: str, num_envs: int, step: int = 0) -> list[int]:
+    """One seed per env, each hashed from (run seed, stream, step) by numpy's SeedSequence, so the
+    envs of one run share no seed with those of another run (`seed + i` would: seeds 1 and 2
+    would share all envs but one) or of another stream ("training", "evaluation"). A resumed run
+    passes the step it resumes from, so that its new envs do not replay the run's first episodes."""
+    state = np.random.SeedSequence([seed, step, *stream.encode()]).generate_state(num_envs, dtype=np.uint64)
+    return [int(s) for s in state % 2**31]  # envpool takes int32 seeds
+# --- end shared: env_seeds ---
 
 
 def make_envs(args: Args, num_envs: int) -> gym.vector.VectorEnv:
@@ -479,11 +492,11 @@ def update(train_step, b, returns, update_epochs, minibatch_size):
 
 
 # --- shared: gym_evaluate ---
-def evaluate(q_network, envs, seed: int | None) -> np.ndarray:
+def evaluate(q_network, envs, seeds: list[int] | None) -> np.ndarray:
     """Returns of one greedy episode per env (one each, so short episodes are not over-counted).
-    `seed` seeds the reset; None where the envs were seeded when made (envpool ignores it)."""
+    `seeds` seed the reset, one per env; None where the envs were seeded when made (envpool ignores them)."""
     device = next(q_network.parameters()).device
-    obs, _ = envs.reset(seed=seed)
+    obs, _ = envs.reset(seed=seeds)
     returns = np.zeros(envs.num_envs)
     finished = np.zeros(envs.num_envs, dtype=bool)
     while not finished.all():
@@ -688,7 +701,7 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
         q_network.to(device).load_state_dict(checkpoint["q_network"])
     except RuntimeError as e:
         raise UsageError(f"{args.eval_checkpoint} does not fit the Q-network for {args.env_id}: {str(e).splitlines()[0]}") from None
-    returns = evaluate(q_network, envs, seed=args.seed)
+    returns = evaluate(q_network, envs, env_seeds(args.seed, "evaluation", args.eval_episodes))
     envs.close()
     print(f"{args.env_id}: greedy return over {len(returns)} episodes {returns.mean():.2f} ± {returns.std():.2f}")
 
@@ -726,7 +739,7 @@ def main(args: Args, given: set[str]):
 
     # Envs cannot be saved: a resumed run makes them afresh, seeded from the run's seed and the step
     # it resumes from, so that it does not play the run's first episodes again.
-    seed = int(np.random.SeedSequence([args.seed, state["global_step"]]).generate_state(1)[0] % 2**30) if state else args.seed
+    resume_step = state["global_step"] if state else 0
     if args.track:
         try:
             import wandb
@@ -768,7 +781,7 @@ def main(args: Args, given: set[str]):
     )
 
     def run_evaluation(global_step):
-        returns = evaluate(q_network, eval_envs, seed=seed + 1_000_000)
+        returns = evaluate(q_network, eval_envs, env_seeds(args.seed, "evaluation", args.eval_episodes, resume_step))
         writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
         print(f"eval at step {global_step}: greedy return {returns.mean():.2f} ± {returns.std():.2f} ({len(returns)} episodes)", flush=True)
 
@@ -795,7 +808,7 @@ def main(args: Args, given: set[str]):
         save_atomically(model, path)
         print(f"model saved to {path}")
 
-    obs, _ = envs.reset(seed=seed)
+    obs, _ = envs.reset(seed=env_seeds(args.seed, "training", args.num_envs, resume_step))
     obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
     is_reset = np.zeros(args.num_envs, dtype=bool)
     episode_stats = EpisodeStats(args.num_envs)

@@ -98,6 +98,8 @@ def finalize_args(args: Args) -> Args:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check_finite(args)
+    if args.seed < 0:
+        raise UsageError(f"--seed must not be negative, got {args.seed}")
     for name in ["learning_rate", "max_grad_norm"]:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -131,8 +133,19 @@ def finalize_args(args: Args) -> Args:
 warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32")
 
 
-def make_envs(env_id: str, num_envs: int, seed: int) -> gym.vector.VectorEnv:
-    """envpool's vector env of `env_id` (env i seeded with seed + i), checked for PQN's spaces.
+# --- shared: env_seeds ---
+def env_seeds(seed: int, stream: str, num_envs: int, step: int = 0) -> list[int]:
+    """One seed per env, each hashed from (run seed, stream, step) by numpy's SeedSequence, so the
+    envs of one run share no seed with those of another run (`seed + i` would: seeds 1 and 2
+    would share all envs but one) or of another stream ("training", "evaluation"). A resumed run
+    passes the step it resumes from, so that its new envs do not replay the run's first episodes."""
+    state = np.random.SeedSequence([seed, step, *stream.encode()]).generate_state(num_envs, dtype=np.uint64)
+    return [int(s) for s in state % 2**31]  # envpool takes int32 seeds
+# --- end shared: env_seeds ---
+
+
+def make_envs(env_id: str, seeds: list[int]) -> gym.vector.VectorEnv:
+    """envpool's vector env of `env_id`, one env per seed, checked for PQN's spaces.
     Its dynamics, spaces and time limits are gymnasium's, and like gymnasium's it auto-resets on
     the next step. envpool steps its envs in C++: gymnasium steps Acrobot and MountainCar one env
     at a time in Python (32 Acrobot envs: 2.9 ms per step there, 0.2 ms in envpool); CartPole,
@@ -142,7 +155,7 @@ def make_envs(env_id: str, num_envs: int, seed: int) -> gym.vector.VectorEnv:
         raise UsageError(f"cannot make env {env_id!r}: envpool has no such env (classic control: CartPole-v1, Acrobot-v1, MountainCar-v0)")
     # One thread: a classic-control step takes microseconds, and threads of envpool's own would
     # compete with the learner for the cores (Acrobot pinned to one core: 5.4k SPS, 4.1k with envpool's default).
-    envs = envpool.make_gymnasium(env_id, num_envs=num_envs, seed=seed, num_threads=1)
+    envs = envpool.make_gymnasium(env_id, num_envs=len(seeds), seed=seeds, num_threads=1)
     if not isinstance(envs.single_action_space, gym.spaces.Discrete):
         envs.close()
         raise UsageError(f"{env_id} has action space {envs.single_action_space}; PQN needs a Discrete one")
@@ -376,11 +389,11 @@ def update(train_step, b, returns, update_epochs, minibatch_size):
 
 
 # --- shared: gym_evaluate ---
-def evaluate(q_network, envs, seed: int | None) -> np.ndarray:
+def evaluate(q_network, envs, seeds: list[int] | None) -> np.ndarray:
     """Returns of one greedy episode per env (one each, so short episodes are not over-counted).
-    `seed` seeds the reset; None where the envs were seeded when made (envpool ignores it)."""
+    `seeds` seed the reset, one per env; None where the envs were seeded when made (envpool ignores them)."""
     device = next(q_network.parameters()).device
-    obs, _ = envs.reset(seed=seed)
+    obs, _ = envs.reset(seed=seeds)
     returns = np.zeros(envs.num_envs)
     finished = np.zeros(envs.num_envs, dtype=bool)
     while not finished.all():
@@ -575,13 +588,13 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
     env_id = checkpoint["env_id"]
     if "env_id" in given and args.env_id != env_id:
         raise UsageError(f"{args.eval_checkpoint} was trained on {env_id}, not {args.env_id}; leave --env-id out")
-    envs = make_envs(env_id, args.eval_episodes, seed=args.seed)
+    envs = make_envs(env_id, env_seeds(args.seed, "evaluation", args.eval_episodes))
     q_network = QNetwork(envs.single_observation_space, envs.single_action_space.n).to(device)
     try:
         q_network.load_state_dict(checkpoint["q_network"])
     except RuntimeError as e:
         raise UsageError(f"{args.eval_checkpoint} does not fit the Q-network for {env_id}: {str(e).splitlines()[0]}") from None
-    returns = evaluate(q_network, envs, seed=None)  # seeded when made
+    returns = evaluate(q_network, envs, seeds=None)  # seeded when made
     print(f"{env_id}: greedy return over {len(returns)} episodes {returns.mean():.2f} ± {returns.std():.2f}")
 
 
@@ -610,10 +623,9 @@ def main(args: Args, given: set[str]):
 
     # Envs cannot be saved: a resumed run makes them afresh, seeded from the run's seed and the step
     # it resumes from, so that it does not play the run's first episodes again.
-    seed = int(np.random.SeedSequence([args.seed, state["global_step"]]).generate_state(1)[0] % 2**30) if state else args.seed
-    envs = make_envs(args.env_id, args.num_envs, seed=seed)
-    # Its own seeds, so evaluation episodes are not the training ones.
-    eval_envs = make_envs(args.env_id, args.eval_episodes, seed=seed + 1_000_000)
+    resume_step = state["global_step"] if state else 0
+    envs = make_envs(args.env_id, env_seeds(args.seed, "training", args.num_envs, resume_step))
+    eval_envs = make_envs(args.env_id, env_seeds(args.seed, "evaluation", args.eval_episodes, resume_step))
     check_writable(run_dir)
     if args.track:
         try:
@@ -652,7 +664,7 @@ def main(args: Args, given: set[str]):
     )
 
     def run_evaluation(global_step):
-        returns = evaluate(q_network, eval_envs, seed=None)  # seeded when made
+        returns = evaluate(q_network, eval_envs, seeds=None)  # seeded when made
         writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
         print(f"eval at step {global_step}: greedy return {returns.mean():.2f} ± {returns.std():.2f} ({len(returns)} episodes)", flush=True)
 

@@ -108,6 +108,8 @@ def finalize_args(args: Args) -> Args:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check_finite(args)
+    if args.seed < 0:
+        raise UsageError(f"--seed must not be negative, got {args.seed}")
     for name in ["learning_rate", "max_grad_norm"]:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -137,9 +139,20 @@ def finalize_args(args: Args) -> Args:
     return args
 
 
+# --- shared: env_seeds ---
+def env_seeds(seed: int, stream: str, num_envs: int, step: int = 0) -> list[int]:
+    """One seed per env, each hashed from (run seed, stream, step) by numpy's SeedSequence, so the
+    envs of one run share no seed with those of another run (`seed + i` would: seeds 1 and 2
+    would share all envs but one) or of another stream ("training", "evaluation"). A resumed run
+    passes the step it resumes from, so that its new envs do not replay the run's first episodes."""
+    state = np.random.SeedSequence([seed, step, *stream.encode()]).generate_state(num_envs, dtype=np.uint64)
+    return [int(s) for s in state % 2**31]  # envpool takes int32 seeds
+# --- end shared: env_seeds ---
+
+
 # --- shared: envpool_atari ---
-def make_atari_envs(env_id, num_envs, seed, stack_num, args, evaluation=False):
-    """envpool Atari envs: 84x84 grayscale, frame skip 4, `stack_num` stacked frames, uint8.
+def make_atari_envs(env_id, seeds, stack_num, args, evaluation=False):
+    """envpool Atari envs, one per seed: 84x84 grayscale, frame skip 4, `stack_num` stacked frames, uint8.
 
     Evaluation envs follow the training envs' episode rules (`episodic_life` too: after a lost life
     envpool's reset presses FIRE, as in training), with unclipped rewards and games cut at
@@ -154,8 +167,8 @@ def make_atari_envs(env_id, num_envs, seed, stack_num, args, evaluation=False):
     return envpool.make(
         env_id,
         env_type="gymnasium",
-        num_envs=num_envs,
-        seed=seed,
+        num_envs=len(seeds),
+        seed=seeds,
         stack_num=stack_num,
         img_height=84,
         img_width=84,
@@ -652,7 +665,7 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
     if "env_id" in given and args.env_id != env_id:
         raise UsageError(f"{args.eval_checkpoint} was trained on {env_id}, not {args.env_id}; leave --env-id out")
     args.episodic_life = checkpoint["episodic_life"]  # evaluation plays as training played
-    envs = make_atari_envs(env_id, args.eval_episodes, args.seed, 4, args, evaluation=True)
+    envs = make_atari_envs(env_id, env_seeds(args.seed, "evaluation", args.eval_episodes), 4, args, evaluation=True)
     if envs.action_space.n != checkpoint["num_actions"]:
         raise UsageError(f"{args.eval_checkpoint} has {checkpoint['num_actions']} actions, {env_id} has {envs.action_space.n}")
     q_network = QNetwork(4, checkpoint["num_actions"]).to(device)
@@ -689,15 +702,14 @@ def main(args: Args, given: set[str]):
 
     # Envs cannot be saved: a resumed run makes them afresh, seeded from the run's seed and the step
     # it resumes from, so that it does not play the run's first games again.
-    seed = int(np.random.SeedSequence([args.seed, state["global_step"]]).generate_state(1)[0] % 2**30) if state else args.seed
+    resume_step = state["global_step"] if state else 0
     # On a GPU the envs run in two groups, each its own envpool, so that one group steps while the
     # GPU acts for the other (see `rollout`). On a CPU the same cores would do both: one group.
-    # Env i has seed `seed + i` either way.
+    # Env i has the same seed either way.
+    seeds = env_seeds(args.seed, "training", args.num_envs, resume_step)
     first = args.num_envs // 2 if device.type == "cuda" else args.num_envs
-    env_groups = [
-        make_atari_envs(args.env_id, n, seed + start, 4, args) for start, n in [(0, first), (first, args.num_envs - first)] if n > 0
-    ]
-    eval_envs = make_atari_envs(args.env_id, args.eval_episodes, seed + 1_000_000, 4, args, evaluation=True)
+    env_groups = [make_atari_envs(args.env_id, group, 4, args) for group in (seeds[:first], seeds[first:]) if group]
+    eval_envs = make_atari_envs(args.env_id, env_seeds(args.seed, "evaluation", args.eval_episodes, resume_step), 4, args, evaluation=True)
     check_writable(run_dir)
     num_actions = int(env_groups[0].action_space.n)
     if args.track:

@@ -110,6 +110,8 @@ def finalize_args(args: Args) -> Args:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check_finite(args)
+    if args.seed < 0:
+        raise UsageError(f"--seed must not be negative, got {args.seed}")
     for name in ["learning_rate", "temperature"]:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -134,9 +136,20 @@ def finalize_args(args: Args) -> Args:
 TEACHER_HINT = "produce a teacher with `python pqn_atari_envpool.py --env-id {env_id} --save-model` (it writes runs/<run_name>/pqn_atari_envpool.pt)"
 
 
+# --- shared: env_seeds ---
+def env_seeds(seed: int, stream: str, num_envs: int, step: int = 0) -> list[int]:
+    """One seed per env, each hashed from (run seed, stream, step) by numpy's SeedSequence, so the
+    envs of one run share no seed with those of another run (`seed + i` would: seeds 1 and 2
+    would share all envs but one) or of another stream ("training", "evaluation"). A resumed run
+    passes the step it resumes from, so that its new envs do not replay the run's first episodes."""
+    state = np.random.SeedSequence([seed, step, *stream.encode()]).generate_state(num_envs, dtype=np.uint64)
+    return [int(s) for s in state % 2**31]  # envpool takes int32 seeds
+# --- end shared: env_seeds ---
+
+
 # --- shared: envpool_atari ---
-def make_atari_envs(env_id, num_envs, seed, stack_num, args, evaluation=False):
-    """envpool Atari envs: 84x84 grayscale, frame skip 4, `stack_num` stacked frames, uint8.
+def make_atari_envs(env_id, seeds, stack_num, args, evaluation=False):
+    """envpool Atari envs, one per seed: 84x84 grayscale, frame skip 4, `stack_num` stacked frames, uint8.
 
     Evaluation envs follow the training envs' episode rules (`episodic_life` too: after a lost life
     envpool's reset presses FIRE, as in training), with unclipped rewards and games cut at
@@ -151,8 +164,8 @@ def make_atari_envs(env_id, num_envs, seed, stack_num, args, evaluation=False):
     return envpool.make(
         env_id,
         env_type="gymnasium",
-        num_envs=num_envs,
-        seed=seed,
+        num_envs=len(seeds),
+        seed=seeds,
         stack_num=stack_num,
         img_height=84,
         img_width=84,
@@ -579,7 +592,7 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
     if "env_id" in given and args.env_id != env_id:
         raise UsageError(f"{path} was trained on {env_id}, not {args.env_id}; leave --env-id out")
     args.episodic_life = episodic_life  # evaluation plays as training played
-    envs = make_atari_envs(env_id, args.eval_episodes, args.seed, 4, args, evaluation=True)
+    envs = make_atari_envs(env_id, env_seeds(args.seed, "evaluation", args.eval_episodes), 4, args, evaluation=True)
     scores = evaluate(student, envs)
     envs.close()
     print(f"{env_id}: greedy score over {len(scores)} games {scores.mean():.2f} ± {scores.std():.2f}")
@@ -599,8 +612,8 @@ def main(args: Args, given: set[str]):
         return eval_checkpoint(args, given, device)
     rng = np.random.default_rng(args.seed)
 
-    envs = make_atari_envs(args.env_id, args.num_envs, args.seed, 4, args)
-    eval_envs = make_atari_envs(args.env_id, args.eval_episodes, args.seed + 1_000_000, 4, args, evaluation=True)
+    envs = make_atari_envs(args.env_id, env_seeds(args.seed, "training", args.num_envs), 4, args)
+    eval_envs = make_atari_envs(args.env_id, env_seeds(args.seed, "evaluation", args.eval_episodes), 4, args, evaluation=True)
     num_actions = int(envs.action_space.n)
     teacher = load_teacher(args.teacher_model_path, args.env_id, num_actions, device)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -640,7 +653,7 @@ def main(args: Args, given: set[str]):
 
     try:
         # The teacher's score sets the scale of the distillation coefficient.
-        teacher_eval_envs = make_atari_envs(args.env_id, args.teacher_eval_episodes, args.seed + 2_000_000, 4, args, evaluation=True)
+        teacher_eval_envs = make_atari_envs(args.env_id, env_seeds(args.seed, "teacher evaluation", args.teacher_eval_episodes), 4, args, evaluation=True)
         teacher_scores = evaluate(teacher, teacher_eval_envs)
         teacher_eval_envs.close()
         teacher_return = float(teacher_scores.mean())

@@ -31,7 +31,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)  # as the scripts' main() does
     args = pqn.finalize_args(pqn.Args())
-    envs = pqn.make_envs(args.env_id, args.num_envs, seed=1)
+    envs = pqn.make_envs(args.env_id, list(range(1, args.num_envs + 1)))
     q_network = pqn.QNetwork(envs.single_observation_space, envs.single_action_space.n)
     optimizer = pqn.RAdam(q_network.parameters(), lr=args.learning_rate)
     obs = torch.as_tensor(envs.reset()[0])
@@ -68,7 +68,7 @@ if __name__ == "__main__":
     print("the compiled step under torch.profiler, 200 calls (self time; kernels are rows of their own):")
     print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
-    small_envs = pqn.make_envs(args.env_id, 4, seed=1)
+    small_envs = pqn.make_envs(args.env_id, [1, 2, 3, 4])
     small_obs, small_epsilon = torch.as_tensor(small_envs.reset()[0]), torch.tensor(0.5)
     compiled_policy = pqn.accelerate(policy, compile=True, cudagraphs=False)
     compiled_policy(small_obs, small_epsilon)  # compiles

@@ -55,7 +55,7 @@ def run_rollout(env_groups, q_network, epsilon, num_steps):
 
 def random_rollout(num_steps, **overrides):
     args = tiny_args(**overrides)
-    envs = Recorder(atari.make_atari_envs(args.env_id, args.num_envs, 0, 4, args))
+    envs = Recorder(atari.make_atari_envs(args.env_id, list(range(args.num_envs)), 4, args))
     torch.manual_seed(0)
     q_network = atari.QNetwork(4, envs.envs.action_space.n)
     b, _, _, games = run_rollout([envs], q_network, 1.0, num_steps)
@@ -66,8 +66,8 @@ def test_two_env_groups_give_the_rollout_of_one():
     args = tiny_args()
     torch.manual_seed(0)
     q_network = atari.QNetwork(4, 4)
-    one = run_rollout([atari.make_atari_envs(args.env_id, 4, 0, 4, args)], q_network, 0.0, 60)
-    two = run_rollout([atari.make_atari_envs(args.env_id, 2, 0, 4, args), atari.make_atari_envs(args.env_id, 2, 2, 4, args)], q_network, 0.0, 60)
+    one = run_rollout([atari.make_atari_envs(args.env_id, [0, 1, 2, 3], 4, args)], q_network, 0.0, 60)
+    two = run_rollout([atari.make_atari_envs(args.env_id, [0, 1], 4, args), atari.make_atari_envs(args.env_id, [2, 3], 4, args)], q_network, 0.0, 60)
     # Frames, actions, rewards and flags exactly (this network's greedy actions win by more than 0.9,
     # far above rounding); Q-values up to rounding: CPU kernels round differently with the batch
     # size, 4 envs against two groups of 2.
@@ -194,8 +194,8 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
 @pytest.mark.parametrize("episodic_life", [True, False])
 def test_training_and_evaluation_envs_are_configured_as_documented(episodic_life):
     args = tiny_args(eval_max_steps=77, repeat_action_probability=0.25, noop_max=5, episodic_life=episodic_life)
-    train = atari.make_atari_envs(args.env_id, 2, 0, 4, args).config
-    evaluation = atari.make_atari_envs(args.env_id, 2, 0, 4, args, evaluation=True).config
+    train = atari.make_atari_envs(args.env_id, [0, 1], 4, args).config
+    evaluation = atari.make_atari_envs(args.env_id, [0, 1], 4, args, evaluation=True).config
     for config in (train, evaluation):
         assert (config["img_height"], config["img_width"], config["stack_num"], config["frame_skip"]) == (84, 84, 4, 4)
         assert config["repeat_action_probability"] == 0.25 and config["noop_max"] == 5
@@ -246,7 +246,7 @@ def test_evaluation_of_a_noop_policy_ends_at_game_over_far_below_the_step_limit(
     # Always NOOP never serves the ball. With the lives of a game as training episodes, envpool's
     # reset after each lost life presses FIRE, so the game is over once all 5 balls are lost.
     args = tiny_args(eval_max_steps=1_000_000)
-    envs = StepLimit(atari.make_atari_envs(args.env_id, 2, 0, 4, args, evaluation=True), max_steps=2_000)
+    envs = StepLimit(atari.make_atari_envs(args.env_id, [0, 1], 4, args, evaluation=True), max_steps=2_000)
     scores = atari.evaluate(ConstantQ(0), envs)
     np.testing.assert_array_equal(scores, [0.0, 0.0])
     lives = np.stack([info["lives"] for *_, info in envs.steps])
@@ -259,7 +259,7 @@ def test_evaluation_of_a_noop_policy_ends_at_game_over_far_below_the_step_limit(
 
 def test_evaluation_score_is_the_sum_of_unclipped_rewards_over_every_life_of_the_game():
     args = tiny_args(eval_max_steps=5_000)
-    envs = StepLimit(atari.make_atari_envs(args.env_id, 4, 0, 4, args, evaluation=True), max_steps=5_000)
+    envs = StepLimit(atari.make_atari_envs(args.env_id, [0, 1, 2, 3], 4, args, evaluation=True), max_steps=5_000)
     scores = atari.evaluate(RandomQ(), envs)
     rewards = np.stack([info["reward"] for *_, info in envs.steps])
     over = np.stack([(info["terminated"] == 1) | trunc for _, _, _, trunc, info in envs.steps])

@@ -36,7 +36,7 @@ def two_rollouts():
     from two env groups (each group's slice of the recurrent state is updated on its own)."""
     args = tiny_args()
     half = args.num_envs // 2
-    env_groups = [lstm.make_atari_envs(args.env_id, half, 0, 1, args), lstm.make_atari_envs(args.env_id, half, half, 1, args)]
+    env_groups = [lstm.make_atari_envs(args.env_id, list(range(half)), 1, args), lstm.make_atari_envs(args.env_id, list(range(half, 2 * half)), 1, args)]
     torch.manual_seed(0)
     q_network = lstm.RecurrentQNetwork(int(env_groups[0].action_space.n))
     carry = start_carry(env_groups, q_network, args.num_envs)
@@ -234,12 +234,12 @@ def test_evaluation_zeroes_the_state_where_training_does():
     # the evaluation: the state must be zeroed at the same steps.
     args = tiny_args(max_episode_steps=1_000, eval_max_steps=1_000)
     train_q, eval_q = RecordingQ(), RecordingQ()
-    train_envs = lstm.make_atari_envs(args.env_id, 2, 0, 1, args)
+    train_envs = lstm.make_atari_envs(args.env_id, [0, 1], 1, args)
     carry = start_carry([train_envs], train_q, 2)
     policy = lambda *inputs: lstm.act(train_q, *inputs)  # noqa: E731
     staging = torch.empty(carry[0].shape, dtype=torch.uint8)
     b, _, _ = lstm.rollout([train_envs], policy, carry, torch.tensor(0.0), 150, [lstm.GameStats(2)], staging)
-    scores = lstm.evaluate(eval_q, lstm.make_atari_envs(args.env_id, 2, 0, 1, args, evaluation=True))
+    scores = lstm.evaluate(eval_q, lstm.make_atari_envs(args.env_id, [0, 1], 1, args, evaluation=True))
     assert scores.shape == (2,)
     eval_starts = torch.stack(eval_q.episode_starts)
     assert len(eval_starts) > 150 and b["episode_start"][1:].sum() >= 4  # lives are lost inside the compared steps

@@ -42,7 +42,7 @@ def fill_from_breakout(capacity, num_envs, num_steps, seed=0):
     """Random play (epsilon 1) on real Breakout through the script's play_step, and, naively, every
     real transition in full."""
     np.random.seed(seed)
-    envs = RecordingEnvs(qd.make_atari_envs("Breakout-v5", num_envs, seed, 4, buffer_args()))
+    envs = RecordingEnvs(qd.make_atari_envs("Breakout-v5", list(range(seed, seed + num_envs)), 4, buffer_args()))
     rb = qd.FrameReplayBuffer(capacity, num_envs)
     naive = [[] for _ in range(num_envs)]
     obs, _ = envs.envs.reset()

@@ -160,7 +160,7 @@ def test_epsilon_one_acts_randomly_and_zero_greedily():
 def test_mountain_car_truncates_at_200_steps():
     # The real env: a time limit is a truncation, not a termination, so PQN bootstraps there.
     # Never pushing (action 1), the car cannot reach the goal; the next step is a reset step.
-    envs = pqn.make_envs("MountainCar-v0", 2, seed=0)
+    envs = pqn.make_envs("MountainCar-v0", [0, 1])
     envs.reset()
     for _ in range(199):
         _, _, term, trunc, _ = envs.step(np.ones(2, dtype=np.int64))
