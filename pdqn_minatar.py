@@ -52,38 +52,38 @@ class Args:
     """run the envs in this process (sync) or in one subprocess each (async)"""
     max_episode_steps: int = 10_000
     """truncate an episode after this many steps (MinAtar games have no time limit of their own)"""
+    sticky_action_prob: float = 0.1
+    """the probability that an env repeats the previous action instead of the one given (MinAtar's default)"""
     total_timesteps: int = 10_000_000
     """total environment steps, summed over all envs"""
-    learning_rate: float = 2.5e-4
-    """the learning rate of the RAdam optimizer of the Q-network"""
+    learning_rate: float = 5e-4
+    """the learning rate of the RAdam optimizers of the Q-network and the world model"""
     anneal_lr: bool = True
-    """anneal the learning rate linearly to 0 over training"""
+    """anneal the learning rates linearly to 0 over training"""
     num_envs: int = 128
     """the number of parallel environments"""
     num_steps: int = 32
     """the number of steps each env runs per rollout"""
-    num_minibatches: int = 16
+    num_minibatches: int = 32
     """the number of minibatches a rollout is split into"""
     update_epochs: int = 2
-    """the number of passes over each rollout (Q-network and world model)"""
+    """the number of passes of the Q-network over each rollout"""
     gamma: float = 0.99
     """the discount factor"""
     q_lambda: float = 0.65
     """the lambda of Peng's Q(lambda) targets"""
     start_e: float = 1.0
     """the starting epsilon of the epsilon-greedy behaviour policy"""
-    end_e: float = 0.01
+    end_e: float = 0.05
     """the final epsilon"""
     exploration_fraction: float = 0.1
     """the fraction of `total_timesteps` over which epsilon decays linearly to `end_e`"""
     max_grad_norm: float = 10.0
     """the maximum global norm of the gradients"""
-    model_learning_rate: float = 1e-3
-    """the learning rate of the Adam optimizer of the world model"""
-    planning_steps: int = 4
-    """imagined steps per update, from the last real observations (0: plain PQN, no world model)"""
-    planning_delay_updates: int = 100
-    """updates of the world model before planning starts"""
+    planning_steps: int = 20
+    """imagined steps per update, from the last real observations, each followed by one gradient step of Q on it (0: plain PQN, no world model)"""
+    planning_delay_updates: int = 500
+    """planning starts at this update (the world model has then learned from this many rollouts)"""
     planning_epsilon: float | None = None
     """epsilon of the imagined rollouts (default: the behaviour epsilon at that time)"""
     eval_frequency: int = 0
@@ -114,13 +114,13 @@ def finalize_args(args: Args) -> Args:
     check_finite(args)
     if args.seed < 0:
         raise UsageError(f"--seed must not be negative, got {args.seed}")
-    for name in ["learning_rate", "model_learning_rate", "max_grad_norm"]:
+    for name in ["learning_rate", "max_grad_norm"]:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ["eval_frequency", "planning_steps", "planning_delay_updates"]:
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    for name in ["gamma", "q_lambda", "start_e", "end_e", "exploration_fraction"]:
+    for name in ["gamma", "q_lambda", "start_e", "end_e", "exploration_fraction", "sticky_action_prob"]:
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     if args.checkpoint_frequency is not None and args.checkpoint_frequency <= 0:
@@ -164,7 +164,10 @@ def make_envs(args: Args, num_envs: int) -> gym.vector.VectorEnv:
     if not args.env_id.startswith("MinAtar/") or args.env_id not in gym.registry:
         games = sorted(k for k in gym.registry if k.startswith("MinAtar/") and k.endswith("-v1"))
         raise UsageError(f"unknown MinAtar env id {args.env_id!r}; choose one of {', '.join(games)}")
-    envs = gym.make_vec(args.env_id, num_envs=num_envs, vectorization_mode=args.vectorization, max_episode_steps=args.max_episode_steps)
+    envs = gym.make_vec(
+        args.env_id, num_envs=num_envs, vectorization_mode=args.vectorization, max_episode_steps=args.max_episode_steps,
+        sticky_action_prob=args.sticky_action_prob,
+    )
     height, width, channels = envs.single_observation_space.shape
     space = gym.spaces.Box(0.0, 1.0, (channels, height, width), np.float32)
     envs = gym.wrappers.vector.TransformObservation(
@@ -173,39 +176,48 @@ def make_envs(args: Args, num_envs: int) -> gym.vector.VectorEnv:
     return envs
 
 
-def conv_trunk(channels: int) -> nn.Sequential:
-    """conv 16x3x3 (stride 1) -> LayerNorm -> ReLU -> flatten: [B, C, 10, 10] -> [B, 1600]."""
-    return nn.Sequential(nn.Conv2d(channels, 16, 3, padding=1), nn.LayerNorm([16, 10, 10]), nn.ReLU(), nn.Flatten())
+class CellLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of each cell of a conv output ([B, C, H, W] -> [B, H, W, C]),
+    as LayerNorm on a channels-last conv output normalises in the JAX reference."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1))
+
+
+def torso(channels: int) -> nn.Sequential:
+    """conv 16x3x3 (stride 1, no padding) -> LayerNorm per cell -> ReLU -> dense 128 -> LayerNorm -> ReLU:
+    [B, C, 10, 10] -> [B, 128]. The Q-network and the world model each have one."""
+    return nn.Sequential(
+        nn.Conv2d(channels, 16, 3), CellLayerNorm(16), nn.ReLU(), nn.Flatten(),
+        nn.Linear(16 * 8 * 8, 128), nn.LayerNorm(128), nn.ReLU(),
+    )
 
 
 class QNetwork(nn.Module):
-    """conv trunk -> dense 128 -> LayerNorm -> ReLU -> linear Q head."""
+    """torso -> linear Q head."""
 
     def __init__(self, channels: int, num_actions: int):
         super().__init__()
-        self.network = nn.Sequential(
-            conv_trunk(channels), nn.Linear(1600, 128), nn.LayerNorm(128), nn.ReLU(), nn.Linear(128, num_actions)
-        )
+        self.network = nn.Sequential(torso(channels), nn.Linear(128, num_actions))
 
     def forward(self, x):
         return self.network(x)
 
 
 class WorldModel(nn.Module):
-    """Predicts, from an observation and an action, the next observation's cells (logits), the
-    reward and the termination (logit). The action, one-hot, joins the conv trunk's features."""
+    """Predicts, from an observation and an action, the next observation's cells, the reward and
+    the termination (1 or 0): linear heads on the torso's features joined by the action, one-hot."""
 
     def __init__(self, channels: int, num_actions: int):
         super().__init__()
         self.num_actions = num_actions
-        self.trunk = conv_trunk(channels)
-        self.hidden = nn.Sequential(nn.Linear(1600 + num_actions, 128), nn.LayerNorm(128), nn.ReLU())
-        self.next_obs_head = nn.Linear(128, channels * 100)
-        self.reward_head = nn.Linear(128, 1)
-        self.termination_head = nn.Linear(128, 1)
+        self.torso = torso(channels)
+        self.next_obs_head = nn.Linear(128 + num_actions, channels * 100)
+        self.reward_head = nn.Linear(128 + num_actions, 1)
+        self.termination_head = nn.Linear(128 + num_actions, 1)
 
     def forward(self, obs, actions):
-        h = self.hidden(torch.cat([self.trunk(obs), F.one_hot(actions, self.num_actions).float()], dim=1))
+        h = torch.cat([self.torso(obs), F.one_hot(actions, self.num_actions).float()], dim=1)
         return self.next_obs_head(h).view(obs.shape), self.reward_head(h).squeeze(1), self.termination_head(h).squeeze(1)
 
 
@@ -215,23 +227,23 @@ def make_networks(channels: int, num_actions: int):
 
 
 def model_losses(model, obs, actions, next_obs, rewards, terminations, mask):
-    """The world model's losses on real transitions (mask = 0 for reset steps): binary cross-entropy
-    on the next observation's cells (MinAtar channels are binary), MSE on the reward, binary
-    cross-entropy on the termination. Returns (total, obs, reward, termination, cell accuracy)."""
-    obs_logits, reward_pred, termination_logit = model(obs, actions)
+    """The world model's losses on real transitions (mask = 0 for reset steps): mean squared error
+    of each head (the next observation's cells, the reward, the termination), as the authors'.
+    Returns (total, obs, reward, termination, accuracy of the cells thresholded at 0.5)."""
+    obs_pred, reward_pred, termination_pred = model(obs, actions)
     weight = mask / mask.sum().clamp(min=1.0)
-    obs_loss = (F.binary_cross_entropy_with_logits(obs_logits, next_obs, reduction="none").mean(dim=(1, 2, 3)) * weight).sum()
+    obs_loss = (((obs_pred - next_obs) ** 2).mean(dim=(1, 2, 3)) * weight).sum()
     reward_loss = ((reward_pred - rewards) ** 2 * weight).sum()
-    termination_loss = (F.binary_cross_entropy_with_logits(termination_logit, terminations, reduction="none") * weight).sum()
-    accuracy = (((obs_logits > 0).float() == next_obs).float().mean(dim=(1, 2, 3)) * weight).sum()
+    termination_loss = ((termination_pred - terminations) ** 2 * weight).sum()
+    accuracy = (((obs_pred > 0.5).float() == next_obs).float().mean(dim=(1, 2, 3)) * weight).sum()
     return obs_loss + reward_loss + termination_loss, obs_loss, reward_loss, termination_loss, accuracy
 
 
 def imagine(model, q_network, obs, alive, planning_steps, epsilon):
     """Rolls the world model `planning_steps` steps from `obs`, acting epsilon-greedily.
 
-    Predicted observations are thresholded at 0.5 (they stay binary); a predicted termination
-    ends that imagined trajectory. Returns [K, N] tensors of imagined transitions and `alive`, the
+    Predicted cells and terminations are thresholded at 0.5 (observations stay binary, as the
+    real ones); a predicted termination ends that imagined trajectory. Returns [K, N] tensors of imagined transitions and `alive`, the
     mask of those that belong to a trajectory still running (envs not alive at the start, e.g.
     those whose last real observation ended an episode, never are).
     """
@@ -242,9 +254,9 @@ def imagine(model, q_network, obs, alive, planning_steps, epsilon):
             greedy = q_network(obs).argmax(dim=1)
             explore = torch.rand(num_envs, device=obs.device) < epsilon
             actions = torch.where(explore, torch.randint(num_actions, (num_envs,), device=obs.device), greedy)
-            obs_logits, rewards, termination_logits = model(obs, actions)
-            next_obs = (torch.sigmoid(obs_logits) > 0.5).float()
-            terminations = (termination_logits > 0).float()
+            obs_pred, rewards, termination_pred = model(obs, actions)
+            next_obs = (obs_pred > 0.5).float()
+            terminations = (termination_pred > 0.5).float()
             for name, value in [("obs", obs), ("actions", actions), ("rewards", rewards), ("next_obs", next_obs),
                                 ("terminations", terminations), ("alive", alive.float())]:
                 steps[name].append(value)
@@ -253,46 +265,36 @@ def imagine(model, q_network, obs, alive, planning_steps, epsilon):
     return {name: torch.stack(values) for name, values in steps.items()}
 
 
-def planning_update(train_step, q_network, imagined, gamma, minibatch_size):
-    """One pass of minibatch updates of Q on imagined transitions, with one-step targets
-    r + gamma (1 - d) max_a Q(s', a), each given to `train_step` (`grad_step`) with the
-    `alive` mask. Returns the mean loss."""
-    b = {name: value.flatten(0, 1) for name, value in imagined.items()}
-    with torch.no_grad():
-        targets = b["rewards"] + gamma * (1.0 - b["terminations"]) * q_network(b["next_obs"]).max(dim=1).values
-    order = torch.randperm(len(targets), device=targets.device)
+def planning_update(train_step, q_network, imagined, gamma):
+    """One gradient step of Q per imagined step, in the order they were imagined, on all its envs'
+    transitions, with one-step targets r + gamma (1 - d) max_a Q(s', a) from the Q-network as it
+    is at that step; `train_step` is `grad_step`, with the `alive` mask. Returns the mean loss."""
     losses = []
-    for start in range(0, len(order), minibatch_size):
-        mb = order[start : start + minibatch_size]
-        if b["alive"][mb].sum() == 0:
-            continue  # nothing real to learn from; an optimizer step on zero gradients would still move Q
-        loss, _ = train_step(b["obs"][mb], b["actions"][mb], targets[mb], b["alive"][mb])
+    for k in range(len(imagined["obs"])):
+        if imagined["alive"][k].sum() == 0:
+            break  # every imagined trajectory has ended; an optimizer step on zero gradients would still move Q
+        with torch.no_grad():
+            targets = imagined["rewards"][k] + gamma * (1.0 - imagined["terminations"][k]) * q_network(imagined["next_obs"][k]).max(dim=1).values
+        loss, _ = train_step(imagined["obs"][k], imagined["actions"][k], targets, imagined["alive"][k])
         losses.append(loss)
     return torch.stack(losses).mean().item() if losses else float("nan")
 
 
-def model_update(model, optimizer, b, update_epochs, minibatch_size, max_grad_norm):
-    """`update_epochs` passes of minibatch updates of the world model on the real rollout.
-    Returns the mean of (total loss, obs loss, reward loss, termination loss, cell accuracy)."""
+def model_update(model, optimizer, b, max_grad_norm):
+    """One gradient step of the world model on the whole real rollout.
+    Returns (total loss, obs loss, reward loss, termination loss, cell accuracy)."""
     # The observation each step returned: for a step that ended an episode, its final observation.
     next_obs = torch.cat([b["obs"][1:], b["final_obs"][None]])
-    flat = {
-        "obs": b["obs"].flatten(0, 1), "actions": b["actions"].flatten(), "next_obs": next_obs.flatten(0, 1),
-        "rewards": b["rewards"].flatten(), "terminations": b["terminations"].flatten().float(),
-        "mask": (~b["is_reset"]).flatten().float(),  # reset steps are not real transitions
-    }
-    stats = []
-    for _ in range(update_epochs):
-        order = torch.randperm(len(flat["actions"]), device=flat["actions"].device)
-        for start in range(0, len(order), minibatch_size):
-            mb = order[start : start + minibatch_size]
-            losses = model_losses(model, *(flat[k][mb] for k in ["obs", "actions", "next_obs", "rewards", "terminations", "mask"]))
-            optimizer.zero_grad()
-            losses[0].backward()
-            nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            optimizer.step()
-            stats.append(torch.stack([x.detach() for x in losses]))
-    return torch.stack(stats).mean(dim=0).tolist()
+    mask = (~b["is_reset"]).float()  # reset steps are not real transitions
+    losses = model_losses(
+        model, b["obs"].flatten(0, 1), b["actions"].flatten(), next_obs.flatten(0, 1),
+        b["rewards"].flatten(), b["terminations"].flatten().float(), mask.flatten(),
+    )
+    optimizer.zero_grad()
+    losses[0].backward()
+    nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm, foreach=True)
+    optimizer.step()
+    return [x.item() for x in losses]
 
 
 # --- shared: q_lambda_returns ---
@@ -656,8 +658,8 @@ def set_rng_state(state: dict):
 # --- end shared: resume ---
 
 
-MODEL_FORMAT = "pdqn_minatar/model/v1"
-CHECKPOINT_FORMAT = "pdqn_minatar/training_state/v1"
+MODEL_FORMAT = "pdqn_minatar/model/v2"
+CHECKPOINT_FORMAT = "pdqn_minatar/training_state/v2"
 
 
 def load_model(path: str, device: torch.device) -> dict:
@@ -761,7 +763,7 @@ def main(args: Args, given: set[str]):
     channels, num_actions = envs.single_observation_space.shape[0], int(envs.single_action_space.n)
     q_network, world_model = (net.to(device) for net in make_networks(channels, num_actions))
     optimizer = RAdam(q_network.parameters(), lr=args.learning_rate)
-    model_optimizer = torch.optim.Adam(world_model.parameters(), lr=args.model_learning_rate)
+    model_optimizer = RAdam(world_model.parameters(), lr=args.learning_rate)
     recent_returns = collections.deque(maxlen=20)
     start_iteration, global_step = 0, 0
     if state:
@@ -818,6 +820,7 @@ def main(args: Args, given: set[str]):
         for iteration in range(start_iteration + 1, args.num_iterations + 1):
             lr = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations) if args.anneal_lr else args.learning_rate
             optimizer.lr.fill_(lr)  # in place: a compiled step reads this very tensor
+            model_optimizer.lr.fill_(lr)
             epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, global_step)
             b, obs, is_reset, episodes = rollout(
                 envs, policy, obs, is_reset, torch.tensor(epsilon, device=device), args.num_steps, episode_stats
@@ -836,15 +839,15 @@ def main(args: Args, given: set[str]):
 
             if args.planning_steps > 0:
                 # 2. The world model learns from the same real transitions.
-                model_stats = model_update(world_model, model_optimizer, b, args.update_epochs, args.minibatch_size, args.max_grad_norm)
+                model_stats = model_update(world_model, model_optimizer, b, args.max_grad_norm)
                 losses.update(zip(["model_loss", "model_obs_loss", "model_reward_loss", "model_termination_loss", "model_obs_accuracy"], model_stats))
                 # 3. Dyna: Q also learns from imagined steps, from the last real observations (not
                 #    from those that ended an episode: nothing follows them).
-                if iteration > args.planning_delay_updates:
+                if iteration >= args.planning_delay_updates:
                     planning_epsilon = epsilon if args.planning_epsilon is None else args.planning_epsilon
                     alive = torch.as_tensor(~is_reset, device=device)
                     imagined = imagine(world_model, q_network, obs, alive, args.planning_steps, planning_epsilon)
-                    losses["planning_loss"] = planning_update(train_step, q_network, imagined, args.gamma, args.minibatch_size)
+                    losses["planning_loss"] = planning_update(train_step, q_network, imagined, args.gamma)
             not_finite = [name for name, value in losses.items() if not math.isfinite(value)]
             if not_finite:
                 last = f"the last checkpoint is {checkpoint_path}" if os.path.isfile(checkpoint_path) else "no checkpoint was written"

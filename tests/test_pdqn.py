@@ -37,19 +37,20 @@ def test_model_losses_match_references():
     model = pdqn.WorldModel(4, 3)
     obs, actions, next_obs, rewards, terms, mask = random_batch()
     total, obs_loss, reward_loss, term_loss, accuracy = pdqn.model_losses(model, obs, actions, next_obs, rewards, terms, mask)
-    logits, reward_pred, term_logit = model(obs, actions)
-    real = mask.bool()
-    # Written out: binary cross-entropy per cell, averaged over cells, then over real transitions.
-    p = torch.sigmoid(logits[real])
-    bce = -(next_obs[real] * torch.log(p) + (1 - next_obs[real]) * torch.log(1 - p)).mean()
-    assert obs_loss.item() == pytest.approx(bce.item(), rel=1e-5)
-    assert reward_loss.item() == pytest.approx(((reward_pred[real] - rewards[real]) ** 2).mean().item(), rel=1e-5)
-    q = torch.sigmoid(term_logit[real])
-    term_bce = -(terms[real] * torch.log(q) + (1 - terms[real]) * torch.log(1 - q)).mean()
-    assert term_loss.item() == pytest.approx(term_bce.item(), rel=1e-5)
+    with torch.no_grad():
+        obs_pred, reward_pred, term_pred = model(obs, actions)
+    real = [i for i in range(len(mask)) if mask[i] == 1]
+    # Written out, transition by transition: squared errors, the cells' averaged per transition,
+    # then each loss averaged over the real transitions.
+    cell_errors = [sum(float(d) ** 2 for d in (obs_pred[i] - next_obs[i]).flatten()) / next_obs[i].numel() for i in real]
+    assert obs_loss.item() == pytest.approx(sum(cell_errors) / len(real), rel=1e-5)
+    assert reward_loss.item() == pytest.approx(sum((reward_pred[i].item() - rewards[i].item()) ** 2 for i in real) / len(real), rel=1e-5)
+    assert term_loss.item() == pytest.approx(sum((term_pred[i].item() - terms[i].item()) ** 2 for i in real) / len(real), rel=1e-5)
     assert total.item() == pytest.approx((obs_loss + reward_loss + term_loss).item(), rel=1e-6)
-    assert accuracy.item() == pytest.approx(((logits[real] > 0).float() == next_obs[real]).float().mean().item(), rel=1e-6)
+    cell_hits = [((obs_pred[i] > 0.5).float() == next_obs[i]).float().mean().item() for i in real]
+    assert accuracy.item() == pytest.approx(sum(cell_hits) / len(real), rel=1e-6)
     # Reset steps (mask 0) add nothing.
+    real = mask.bool()
     next_obs2, rewards2 = next_obs.clone(), rewards.clone()
     next_obs2[~real], rewards2[~real] = 1.0 - next_obs2[~real], rewards2[~real] + 100.0
     again = pdqn.model_losses(model, obs, actions, next_obs2, rewards2, terms, mask)
@@ -66,8 +67,8 @@ def test_model_takes_the_action_into_account():
 
 
 class ScriptedModel(torch.nn.Module):
-    """Predicts cells with probability 0.3 or 0.7 at random, reward 1, and termination for env 0
-    at its second imagined step."""
+    """Predicts cells of 0.3 or 0.7 at random, reward 1, and termination (0.8) for env 0 at its
+    second imagined step (0.2 otherwise)."""
 
     num_actions = 3
 
@@ -77,11 +78,11 @@ class ScriptedModel(torch.nn.Module):
 
     def forward(self, obs, actions):
         self.calls += 1
-        probs = torch.where(torch.rand(obs.shape) < 0.5, 0.3, 0.7)
-        terms = torch.full((obs.shape[0],), -5.0)
+        cells = torch.where(torch.rand(obs.shape) < 0.5, 0.3, 0.7)
+        terms = torch.full((obs.shape[0],), 0.2)
         if self.calls == 2:
-            terms[0] = 5.0
-        return torch.logit(probs), torch.ones(obs.shape[0]), terms
+            terms[0] = 0.8
+        return cells, torch.ones(obs.shape[0]), terms
 
 
 def test_imagined_rollouts_stay_binary_and_stop_at_a_predicted_termination():
@@ -106,16 +107,46 @@ def test_planning_update_uses_one_step_targets_on_live_transitions_only():
     torch.manual_seed(0)
     q_network = pdqn.QNetwork(4, 3)
     imagined = pdqn.imagine(ScriptedModel(), q_network, (torch.rand(3, 4, 10, 10) < 0.2).float(), torch.ones(3, dtype=torch.bool), 4, 0.5)
-    dead = imagined["alive"] == 0
+    live = imagined["alive"] == 1
     with torch.no_grad():
         next_max = q_network(imagined["next_obs"].flatten(0, 1)).max(1).values.view(4, 3)
         targets = imagined["rewards"] + 0.9 * (1 - imagined["terminations"]) * next_max
         q_taken = q_network(imagined["obs"].flatten(0, 1)).gather(1, imagined["actions"].flatten()[:, None]).view(4, 3)
-    expected = ((q_taken - targets) ** 2)[~dead].mean()
+    # One loss per imagined step, each the mean over that step's live transitions (Q unchanged: lr 0).
+    expected = sum(((q_taken[k] - targets[k]) ** 2)[live[k]].mean() for k in range(4)) / 4
     optimizer = torch.optim.SGD(q_network.parameters(), lr=0.0)
     train_step = lambda *minibatch: pdqn.grad_step(q_network, optimizer, *minibatch, max_grad_norm=10.0)  # noqa: E731
-    loss = pdqn.planning_update(train_step, q_network, imagined, 0.9, minibatch_size=12)
+    loss = pdqn.planning_update(train_step, q_network, imagined, 0.9)
     assert loss == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("planning_steps", [1, 5, 20])
+def test_one_gradient_step_of_all_envs_per_imagined_step(planning_steps):
+    torch.manual_seed(0)
+    q_network, model = pdqn.make_networks(4, 3)
+    obs = (torch.rand(7, 4, 10, 10) < 0.2).float()
+    imagined = pdqn.imagine(model, q_network, obs, torch.ones(7, dtype=torch.bool), planning_steps, 0.1)
+    assert imagined["obs"].shape[:2] == (planning_steps, 7)
+    calls = []
+
+    def train_step(obs, actions, targets, mask):
+        calls.append((obs, mask))
+        return torch.tensor(1.0), torch.tensor(0.0)
+
+    imagined["alive"][:] = 1.0  # no trajectory ends, whatever the untrained model predicts
+    pdqn.planning_update(train_step, q_network, imagined, 0.99)
+    assert len(calls) == planning_steps
+    for k, (step_obs, mask) in enumerate(calls):
+        assert torch.equal(step_obs, imagined["obs"][k]) and mask.shape == (7,)
+
+
+def test_planning_stops_when_every_imagined_trajectory_has_ended():
+    torch.manual_seed(0)
+    q_network = pdqn.QNetwork(4, 3)
+    imagined = pdqn.imagine(ScriptedModel(), q_network, (torch.rand(1, 4, 10, 10) < 0.2).float(), torch.ones(1, dtype=torch.bool), 5, 0.0)
+    calls = []
+    pdqn.planning_update(lambda *mb: calls.append(mb) or (torch.tensor(0.0), torch.tensor(0.0)), q_network, imagined, 0.99)
+    assert len(calls) == 2  # env 0's imagined episode terminates at its second step
 
 
 def test_env_observations_are_float_channels_first():
@@ -146,7 +177,7 @@ def test_smoke_run_logs_metrics_and_planning_off_leaves_the_model_untouched(tmp_
         assert unchanged
     else:
         assert MODEL_SCALARS | {"losses/planning_loss"} <= set(scalars)
-        assert [s for s, _ in scalars["losses/planning_loss"]] == [384, 512, 640]  # after 2 updates
+        assert [s for s, _ in scalars["losses/planning_loss"]] == [256, 384, 512, 640]  # from the 2nd update (128 steps each) on
         assert not unchanged
 
 
