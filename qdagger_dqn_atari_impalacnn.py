@@ -45,13 +45,15 @@ class Args:
     teacher_eval_episodes: int = 10
     """the number of greedy games that measure the teacher's score"""
     teacher_steps: int = 500_000
-    """phase 1: env steps the teacher plays (epsilon-greedy) to fill the teacher replay buffer"""
+    """phase 1: env steps the teacher plays to fill the teacher replay buffer, epsilon-greedily with epsilon decaying from `start_e` to `end_e` over all of them"""
     offline_steps: int = 500_000
     """phase 2: gradient steps of the student on the teacher buffer"""
     offline_eval_frequency: int = 100_000
     """evaluate the student every this many offline gradient steps"""
     temperature: float = 1.0
     """the softmax temperature of the distillation loss"""
+    distillation: bool = True
+    """add the distillation loss to the TD loss (off: the student learns from the teacher's data by TD alone)"""
 
     env_id: str = "Breakout-v5"
     """the id of an envpool Atari env (`*-v5`)"""
@@ -66,7 +68,7 @@ class Args:
     max_episode_steps: int = 27_000
     """truncate a training game after this many agent steps (4 frames each)"""
     total_timesteps: int = 10_000_000
-    """phase 3: env steps of the student (summed over all envs)"""
+    """phase 3: env steps of the student (summed over all envs); 0 ends the run after phase 2"""
     learning_rate: float = 1e-4
     """the learning rate of the Adam optimizer"""
     num_envs: int = 1
@@ -84,9 +86,9 @@ class Args:
     end_e: float = 0.01
     """the final epsilon"""
     exploration_fraction: float = 0.10
-    """the fraction of a phase's env steps over which epsilon decays linearly to `end_e`"""
+    """phase 3: the fraction of `total_timesteps` over which the student's epsilon decays linearly to `end_e`, on a clock that starts at `offline_steps`"""
     learning_starts: int = 80_000
-    """phase 3: env steps before the student starts learning from its own buffer"""
+    """phase 3: the student learns from its own buffer once its clock (`offline_steps` + its env steps) passes this"""
     train_frequency: int = 4
     """one gradient step every this many env steps"""
     eval_frequency: int = 0
@@ -103,7 +105,7 @@ class UsageError(Exception):
 
 def finalize_args(args: Args) -> Args:
     """Checks the flags."""
-    positive = ["teacher_eval_episodes", "teacher_steps", "total_timesteps", "num_envs", "buffer_size", "batch_size",
+    positive = ["teacher_eval_episodes", "teacher_steps", "num_envs", "buffer_size", "batch_size",
                 "target_network_frequency", "train_frequency", "eval_episodes", "eval_max_steps", "max_episode_steps",
                 "offline_eval_frequency"]
     for name in positive:
@@ -115,7 +117,7 @@ def finalize_args(args: Args) -> Args:
     for name in ["learning_rate", "temperature"]:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["offline_steps", "learning_starts", "eval_frequency", "noop_max"]:
+    for name in ["offline_steps", "total_timesteps", "learning_starts", "eval_frequency", "noop_max"]:
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     for name in ["gamma", "start_e", "end_e", "exploration_fraction", "repeat_action_probability"]:
@@ -421,6 +423,26 @@ def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> fl
     return max(end_e, start_e + (end_e - start_e) * t / duration)
 
 
+def teacher_epsilon(args: Args, teacher_step: int) -> float:
+    """Phase 1: epsilon decays over all teacher steps, so the teacher's buffer holds exploratory
+    and expert play alike (mean epsilon about (start_e + end_e) / 2)."""
+    return linear_schedule(args.start_e, args.end_e, args.teacher_steps, teacher_step)
+
+
+def student_clock(args: Args, global_step: int) -> int:
+    """Phase 3's schedules continue from the offline phase: its gradient steps count as steps of the
+    student's clock, so a reincarnated student does not start over at epsilon 1 with no learning."""
+    return args.offline_steps + global_step
+
+
+def student_epsilon(args: Args, global_step: int) -> float:
+    return linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, student_clock(args, global_step))
+
+
+def student_learns(args: Args, global_step: int) -> bool:
+    return student_clock(args, global_step) > args.learning_starts
+
+
 def play_step(envs, q_network, rb, obs, is_reset, epsilon, game_stats, device):
     """One epsilon-greedy vector step whose real transitions (not reset steps) go into `rb`.
     Returns the next observation, which envs' next step is a reset step, and the games that ended."""
@@ -674,7 +696,7 @@ def main(args: Args, given: set[str]):
         start_time = time.time()
         for step in range(0, args.teacher_steps // args.num_envs):
             teacher_step = (step + 1) * args.num_envs
-            epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.teacher_steps, step * args.num_envs)
+            epsilon = teacher_epsilon(args, step * args.num_envs)
             obs, is_reset, games = play_step(envs, teacher, teacher_rb, obs, is_reset, epsilon, game_stats, device)
             for score, _ in games:
                 writer.add_scalar("charts/teacher/episodic_return", score, teacher_step)
@@ -716,7 +738,7 @@ def main(args: Args, given: set[str]):
         start_time = time.time()
         losses = []
         for offline_step in range(1, args.offline_steps + 1):
-            losses.append(gradient_step(teacher_rb, 1.0))
+            losses.append(gradient_step(teacher_rb, 1.0 if args.distillation else 0.0))
             if offline_step % args.target_network_frequency == 0:
                 target_network.load_state_dict(student.state_dict())
             if offline_step % 100 == 0 or offline_step == args.offline_steps:
@@ -730,6 +752,10 @@ def main(args: Args, given: set[str]):
             if interrupts.signal:
                 return stop(f"in phase 2 at offline step {offline_step:,}")
         del teacher_rb
+        if args.total_timesteps == 0:
+            if args.save_model:
+                save_student()
+            return
 
         # Phase 3: online, the student acts and learns from its own buffer; distillation fades as
         # the student's score approaches the teacher's.
@@ -742,11 +768,11 @@ def main(args: Args, given: set[str]):
         recent_scores = collections.deque(maxlen=20)
         num_vector_steps = args.total_timesteps // args.num_envs
         progress = Progress(num_vector_steps * args.num_envs)
-        distill_coeff, losses, pending_train_steps = 1.0, [], 0
+        distill_coeff, losses, pending_train_steps = float(args.distillation), [], 0
         start_time = time.time()
         for step in range(num_vector_steps):
             global_step = (step + 1) * args.num_envs
-            epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, step * args.num_envs)
+            epsilon = student_epsilon(args, step * args.num_envs)
             obs, is_reset, games = play_step(envs, student, rb, obs, is_reset, epsilon, game_stats, device)
             for score, length in games:
                 writer.add_scalar("charts/episodic_return", score, global_step)
@@ -754,12 +780,13 @@ def main(args: Args, given: set[str]):
                 student_scores.append(score)
                 recent_scores.append(score)
 
-            if global_step > args.learning_starts:
+            if student_learns(args, global_step):
                 # One gradient step per `train_frequency` env steps, whatever the number of envs.
                 pending_train_steps += args.num_envs
                 while pending_train_steps >= args.train_frequency:
                     pending_train_steps -= args.train_frequency
-                    distill_coeff = distill_coefficient(student_scores, teacher_return)
+                    if args.distillation:
+                        distill_coeff = distill_coefficient(student_scores, teacher_return)
                     losses.append(gradient_step(rb, distill_coeff))
             if global_step // args.target_network_frequency > (global_step - args.num_envs) // args.target_network_frequency:
                 target_network.load_state_dict(student.state_dict())

@@ -264,3 +264,48 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
 def test_a_diverging_student_stops_at_the_first_non_finite_loss(teacher, tmp_path):
     line = error_line(run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", teacher, *TINY, "--learning-rate", "1e30", cwd=tmp_path))
     assert "a loss or mean Q is not finite at offline gradient step" in line
+
+
+def test_teacher_epsilon_decays_over_all_of_phase_1():
+    args = qd.Args(teacher_steps=500_000, start_e=1.0, end_e=0.01)
+    assert qd.teacher_epsilon(args, 0) == 1.0
+    assert qd.teacher_epsilon(args, 250_000) == pytest.approx(0.505)
+    assert qd.teacher_epsilon(args, 499_999) == pytest.approx(0.01, abs=1e-5)
+
+
+def test_the_online_phase_continues_the_offline_phase_schedules():
+    args = qd.Args(offline_steps=500_000, total_timesteps=10_000_000, exploration_fraction=0.1, learning_starts=80_000)
+    assert qd.student_epsilon(args, 0) == pytest.approx(0.505)  # not 1.0: half of the decay is behind it
+    assert qd.student_learns(args, 1)  # from its first step: the offline steps are past learning_starts
+    short = qd.Args(offline_steps=5_000, learning_starts=80_000)
+    assert not qd.student_learns(short, 75_000) and qd.student_learns(short, 75_001)
+
+
+def test_the_script_logs_the_continued_schedule(teacher, tmp_path):
+    result = run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", teacher, *TINY, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    args = qd.Args(**{"offline_steps": 20, "total_timesteps": 120, "learning_starts": 40})
+    step, epsilon = read_scalars(only_run_dir(tmp_path))["charts/epsilon"][-1]
+    assert step == 120 and epsilon == pytest.approx(qd.student_epsilon(args, 118))
+
+
+def trained_student(teacher, tmp_path, *flags):
+    tmp_path.mkdir()
+    result = run_script(
+        "qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", teacher, *TINY, "--total-timesteps", "0", "--save-model", *flags, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "phase 2: step 20: student greedy score" in result.stdout
+    return torch.load(os.path.join(only_run_dir(tmp_path), "qdagger_dqn_atari_impalacnn.pt"), weights_only=True)["student"]
+
+
+def test_without_distillation_the_distillation_term_is_zero(teacher, tmp_path):
+    """The temperature acts only through the distillation term: without it, students trained with
+    different temperatures are the same; with it, they differ."""
+    runs = {}
+    for distill in ["--distillation", "--no-distillation"]:
+        for temperature in ["1.0", "0.1"]:
+            runs[distill, temperature] = trained_student(teacher, tmp_path / f"{distill}{temperature}", distill, "--temperature", temperature)
+    for name, value in runs["--no-distillation", "1.0"].items():
+        torch.testing.assert_close(runs["--no-distillation", "0.1"][name], value)
+    assert any(not torch.allclose(runs["--distillation", "0.1"][k], v) for k, v in runs["--distillation", "1.0"].items())
