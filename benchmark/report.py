@@ -9,8 +9,11 @@ do not count. Their TensorBoard event files are read with TensorBoard's EventAcc
 are grouped by (env, exp name = variant), and two files are written:
 
   benchmark/results/<benchmark>.md   per env and variant: seeds, final behaviour and greedy
-                                     return (mean ± std over seeds), wall time, SPS, with the
-                                     definitions, the machine and the commands
+                                     return (IQM over seeds with a 95% stratified bootstrap
+                                     confidence interval, and mean ± std), wall time, SPS; over
+                                     the games of one suite (MinAtar, Atari), the IQM of
+                                     normalised scores; with the definitions, the machine and
+                                     the commands
   benchmark/results/<benchmark>.png  learning curves, one panel per env, one line per variant
                                      (needs matplotlib: pip install -r requirements/plot.txt)
 """
@@ -32,6 +35,13 @@ from run import ROOT, Parser, fail, format_duration, logged_command, logs_dir, r
 
 TAIL = 0.1  # the behaviour return of a run: its episodes in this last fraction of its env steps
 BINS = 50  # the learning curves: equal-width bins of env steps
+BOOTSTRAP_REPS = 2000  # resamples of the stratified bootstrap
+# Published per-game random and human scores (Mnih et al., 2015), for human-normalised Atari scores.
+ATARI_RANDOM_HUMAN = {
+    "Asterix": (210.0, 8503.3), "BeamRider": (363.9, 16926.5), "Breakout": (1.7, 30.5), "Enduro": (0.0, 860.5),
+    "Freeway": (0.0, 29.6), "MsPacman": (307.3, 6951.6), "Pong": (-20.7, 14.6), "Qbert": (163.9, 13455.0),
+    "Seaquest": (68.4, 42054.7), "SpaceInvaders": (148.0, 1668.7),
+}
 # Tags logged against env steps (the README's Logged metrics): the largest step among them is the run's length.
 ENV_STEP_TAGS = ("charts/SPS", "charts/episodic_return", "eval/episodic_return")
 
@@ -80,6 +90,85 @@ def summarize(run):
     run["greedy"] = scalars["eval/episodic_return"][1][-1] if "eval/episodic_return" in scalars else math.nan
     run["sps"] = scalars["charts/SPS"][1][-1] if "charts/SPS" in scalars else math.nan
     return run
+
+
+def iqm(scores):
+    """Interquartile mean: the mean of the scores left when floor(n/4) are cut from each end of the
+    sorted scores (scipy.stats.trim_mean(scores, 0.25), as rliable computes it)."""
+    x = np.sort(np.asarray(scores, dtype=float).ravel())
+    cut = len(x) // 4
+    return float(x[cut : len(x) - cut].mean())
+
+
+def stratified_bootstrap_ci(tasks, statistic=iqm, reps=BOOTSTRAP_REPS, level=0.95, seed=0):
+    """Percentile confidence interval of `statistic` over all runs of all tasks, when each task's
+    runs are resampled with replacement, each task keeping its number of runs (rliable's stratified
+    bootstrap). `tasks` is a list of 1-d arrays of scores, one per task (env)."""
+    rng = np.random.default_rng(seed)
+    tasks = [np.asarray(t, dtype=float) for t in tasks]
+    stats = np.empty(reps)
+    for r in range(reps):
+        stats[r] = statistic(np.concatenate([t[rng.integers(0, len(t), len(t))] for t in tasks]))
+    low, high = np.percentile(stats, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(low), float(high)
+
+
+def iqm_ci(values):
+    """'IQM [low, high]' over seeds, of the values that exist; '—' if none."""
+    values = np.array([v for v in values if not math.isnan(v)])
+    if not len(values):
+        return "—"
+    low, high = stratified_bootstrap_ci([values])
+    return f"{iqm(values):.1f} [{low:.1f}, {high:.1f}]"
+
+
+def suite(env_id):
+    """The benchmark suite an env belongs to, for normalised aggregates: MinAtar, Atari or None."""
+    if env_id.startswith("MinAtar/"):
+        return "MinAtar"
+    if env_id.endswith("-v5") and env_id[: -len("-v5")] in ATARI_RANDOM_HUMAN:
+        return "Atari"
+    return None
+
+
+def aggregate_lines(groups, envs, variants):
+    """Per suite with two games or more: per variant, the IQM of normalised scores over all its runs
+    with a 95% stratified bootstrap interval (one stratum per game)."""
+    lines = []
+    for name in ("MinAtar", "Atari"):
+        games = [env_id for env_id in envs if suite(env_id) == name]
+        if len(games) < 2:
+            continue
+        lines += ["", f"### {name}: IQM of normalised scores over {len(games)} games", ""]
+        if name == "Atari":
+            lines += ["Human-normalised: (score − random) / (human − random), with the published per-game random and human scores.", ""]
+        else:
+            lines += ["MinAtar has no reference scores: each game's scores are divided by the best mean (over seeds) "
+                      "that a variant reaches on that game in this table, for that metric (1 = the best variant's mean).", ""]
+        lines += ["| variant | games | behaviour | greedy |", "|---|---|---|---|"]
+        for exp in variants:
+            cells = []
+            for metric in ("behaviour", "greedy"):
+                tasks = []
+                for env_id in games:
+                    runs = groups.get((env_id, exp), [])
+                    scores = np.array([run[metric] for run in runs if not math.isnan(run[metric])])
+                    if not len(scores):
+                        continue
+                    if name == "Atari":
+                        random_score, human = ATARI_RANDOM_HUMAN[env_id[: -len("-v5")]]
+                        tasks.append((scores - random_score) / (human - random_score))
+                    else:
+                        means = [np.nanmean([run[metric] for run in groups[(env_id, e)]]) for e in variants if (env_id, e) in groups]
+                        best = max(m for m in means if not math.isnan(m))
+                        tasks.append(scores / best if best > 0 else np.full(len(scores), np.nan))
+                if tasks and not any(np.isnan(t).any() for t in tasks):
+                    low, high = stratified_bootstrap_ci(tasks)
+                    cells.append(f"{iqm(np.concatenate(tasks)):.2f} [{low:.2f}, {high:.2f}] ({len(tasks)} games)")
+                else:
+                    cells.append("—")
+            lines.append(f"| {exp} | {len(games)} | {cells[0]} | {cells[1]} |")
+    return lines
 
 
 def mean_std(values):
@@ -163,7 +252,10 @@ def markdown(benchmark, groups, envs, variants, machine, made_with, png):
     if made_with:
         lines += [f"Made with `{made_with}`.", ""]
     lines += [f"Machine: {machine or 'not given (report.py --machine)'}.", ""]
-    lines += ["| env | variant | seeds | behaviour return | greedy return | wall time | SPS |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "| env | variant | seeds | behaviour IQM [95% CI] | behaviour mean ± std | greedy IQM [95% CI] | greedy mean ± std | wall time | SPS |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for env_id in envs:
         for exp in variants:
             runs = groups.get((env_id, exp))
@@ -171,7 +263,8 @@ def markdown(benchmark, groups, envs, variants, machine, made_with, png):
                 wall = np.mean([run["wall_time"] for run in runs])
                 sps = [run["sps"] for run in runs if not math.isnan(run["sps"])]
                 lines.append(
-                    f"| {env_id} | {exp} | {len(runs)} | {mean_std([run['behaviour'] for run in runs])} "
+                    f"| {env_id} | {exp} | {len(runs)} | {iqm_ci([run['behaviour'] for run in runs])} "
+                    f"| {mean_std([run['behaviour'] for run in runs])} | {iqm_ci([run['greedy'] for run in runs])} "
                     f"| {mean_std([run['greedy'] for run in runs])} | {format_duration(wall) if not math.isnan(wall) else '—'} "
                     f"| {f'{np.mean(sps):,.0f}' if sps else '—'} |"
                 )
@@ -184,11 +277,15 @@ def markdown(benchmark, groups, envs, variants, machine, made_with, png):
         "- **greedy return**: per run, the last `eval/episodic_return` (greedy policy, evaluated after the last "
         "update); then mean ± std over seeds; — if the runs logged no evaluation.",
         "- **std** is the population standard deviation over seeds (numpy's default, ddof = 0).",
+        "- **IQM** is the interquartile mean over seeds: the mean of the runs left when a quarter (rounded down) is "
+        "cut from each end; with fewer than 4 seeds it is the mean. **95% CI**: the percentile interval of the IQM "
+        f"over {BOOTSTRAP_REPS} bootstrap resamples of the seeds (with replacement); with one seed it is the point itself.",
         "- **wall time**: per run, from the first to the last event of its TensorBoard file; mean over seeds.",
         "- **SPS**: per run, the last `charts/SPS` (env steps per second from the start of training); mean over seeds.",
         "- The env steps of a run are the largest step it logged for `charts/SPS`, `charts/episodic_return` or "
         "`eval/episodic_return`.",
     ]
+    lines += aggregate_lines(groups, envs, variants)
     if png:
         lines += [
             "",

@@ -260,16 +260,19 @@ def test_report_table_holds_means_and_stds_over_seeds_and_a_png(tmp_path):
     rows = table_rows(md)
     assert set(rows) == set(known)
     for key, runs in known.items():
-        seeds, behaviour, greedy, wall, sps = rows[key]
+        seeds, behaviour_iqm, behaviour, greedy_iqm, greedy, wall, sps = rows[key]
         assert seeds == "3"
-        cells = [(behaviour, [r["behaviour"] for r in runs])]
+        cells = [(behaviour_iqm, behaviour, [r["behaviour"] for r in runs])]
         if key == ("CartPole-v1", "pqn_minatar"):
-            assert greedy == "—"  # no evaluation logged
+            assert greedy == greedy_iqm == "—"  # no evaluation logged
         else:
-            cells.append((greedy, [r["greedy"] for r in runs]))
-        for cell, values in cells:
+            cells.append((greedy_iqm, greedy, [r["greedy"] for r in runs]))
+        for iqm_cell, cell, values in cells:
             mean, std = (float(x) for x in cell.split(" ± "))
             assert mean == pytest.approx(np.mean(values), abs=0.05) and std == pytest.approx(np.std(values), abs=0.05)
+            iqm, low, high = (float(x) for x in iqm_cell.replace("[", "").replace("]", "").replace(",", "").split())
+            assert iqm == pytest.approx(np.mean(values), abs=0.05)  # 3 seeds: nothing is cut
+            assert min(values) - 0.05 <= low <= iqm <= high <= max(values) + 0.05
         assert wall == "2 min 31 s"  # mean of 140, 151 and 162 s
         assert float(sps.replace(",", "")) == pytest.approx(np.mean([r["sps"] for r in runs]), abs=0.5)
     assert "Machine: a test machine." in md and "Made with `bash x.sh`." in md
@@ -299,12 +302,17 @@ def test_report_without_matplotlib_says_how_to_install_it_or_writes_only_the_tab
     assert "| CartPole-v1 | pdqn | 1 |" in (tmp_path / "benchmark" / "results" / "bench.md").read_text()
 
 
-def test_learning_curve_bins_average_and_carry_forward():
+def import_report():
     sys.path.insert(0, os.path.join(ROOT, "benchmark"))
     try:
         import report
     finally:
         sys.path.pop(0)
+    return report
+
+
+def test_learning_curve_bins_average_and_carry_forward():
+    report = import_report()
     steps = np.array([5, 15, 250, 255, 900, 1000])
     x, curve = report.binned_curve(steps, np.array([1.0, 3.0, 5.0, 7.0, 9.0, 11.0]), total=1000)
     assert len(x) == report.BINS == 50 and x[0] == 10 and x[-1] == 990  # centres of the bins [0, 20), [20, 40), ...
@@ -378,3 +386,64 @@ def test_a_run_directory_is_found_by_the_process_that_wrote_it(tmp_path):
     assert run.find_run_dir(str(tmp_path), "A__e__1__", 0, set(), pid=4321) == os.path.join("runs", "A__e__1__100")
     assert run.find_run_dir(str(tmp_path), "A__e__1__", 0, set(), pid=8765) == os.path.join("runs", "A__e__1__101")
     assert run.find_run_dir(str(tmp_path), "A__e__1__", 0, set()) == os.path.join("runs", "A__e__1__101")  # the newest
+
+
+def reference_iqm(scores):
+    """Written out: sort, drop the lowest and highest quarter (rounded down), average the rest."""
+    ordered = sorted(float(x) for x in scores)
+    cut = len(ordered) // 4
+    middle = ordered[cut : len(ordered) - cut]
+    return sum(middle) / len(middle)
+
+
+def test_iqm_against_a_written_out_reference():
+    report = import_report()
+
+    assert report.iqm([1, 2, 3, 4, 5, 6, 7, 8]) == 4.5  # 3, 4, 5, 6
+    assert report.iqm([5.0]) == 5.0 and report.iqm([1, 2, 30]) == 11.0  # fewer than 4: the mean
+    rng = np.random.default_rng(0)
+    for n in [4, 5, 7, 10, 33]:
+        scores = rng.normal(size=n) * 100
+        assert report.iqm(scores) == pytest.approx(reference_iqm(scores), rel=1e-12)
+
+
+def test_stratified_bootstrap_against_a_written_out_reference():
+    report = import_report()
+
+    tasks = [np.array([1.0, 4.0, 2.0, 8.0, 3.0]), np.array([10.0, 0.0, 5.0])]
+    low, high = report.stratified_bootstrap_ci(tasks, reps=500, seed=7)
+    # The same resamples, drawn and reduced one by one: each task resampled within itself.
+    rng = np.random.default_rng(7)
+    stats = []
+    for _ in range(500):
+        pooled = []
+        for task in tasks:
+            pooled += [task[i] for i in rng.integers(0, len(task), len(task))]
+        stats.append(reference_iqm(pooled))
+    stats.sort()
+    assert low == pytest.approx(np.percentile(stats, 2.5)) and high == pytest.approx(np.percentile(stats, 97.5))
+    assert low < reference_iqm(np.concatenate(tasks)) < high
+    assert report.stratified_bootstrap_ci([np.full(6, 3.0)]) == (3.0, 3.0)
+
+
+def test_aggregate_iqm_of_normalised_scores():
+    report = import_report()
+
+    def runs(values):
+        return [dict(behaviour=v, greedy=v) for v in values]
+
+    groups = {
+        ("Breakout-v5", "a"): runs([30.5, 1.7, 16.1]), ("Pong-v5", "a"): runs([14.6, -20.7, -3.05]),
+        ("MinAtar/Breakout-v1", "a"): runs([10.0, 20.0]), ("MinAtar/Asterix-v1", "a"): runs([4.0, 4.0]),
+        ("MinAtar/Breakout-v1", "b"): runs([5.0, 5.0]), ("MinAtar/Asterix-v1", "b"): runs([8.0, 8.0]),
+    }
+    envs = sorted({env for env, _ in groups})
+    lines = report.aggregate_lines(groups, envs, ["a", "b"])
+    table = {line.split("|")[1].strip() + "/" + section: line for section, block in
+             zip(["MinAtar", "Atari"], "\n".join(lines).split("### ")[1:]) for line in block.splitlines() if line.startswith("| a") or line.startswith("| b")}
+    # Atari: human-normalised 1, 0, 0.5 in both games -> IQM over the 6 runs (0, 0.5, 0.5, 1 after the cut) = 0.5.
+    assert "| a | 2 | 0.50 [" in table["a/Atari"]
+    # MinAtar: Breakout's best mean is a's 15 -> a: 0.667, 1.333; b: 0.333, 0.333. Asterix's best is b's 8 -> a: 0.5, 0.5; b: 1, 1.
+    assert f"| a | 2 | {reference_iqm([10 / 15, 20 / 15, 0.5, 0.5]):.2f} [" in table["a/MinAtar"]
+    assert f"| b | 2 | {reference_iqm([1 / 3, 1 / 3, 1.0, 1.0]):.2f} [" in table["b/MinAtar"]
+    assert "| b | 2 | — | — |" in table["b/Atari"]  # b has no Atari runs
