@@ -8,7 +8,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import envpool
 import numpy as np
@@ -39,6 +39,12 @@ class Args:
     """save the student and these Args to runs/{run_name}/{exp_name}.pt at the end (and at an interrupt)"""
     eval_checkpoint: str | None = None
     """evaluate this saved student greedily for `eval_episodes` games (with the episodic-life setting it was trained with) and exit"""
+    checkpoint_frequency: int | None = None
+    """write the training state to runs/{run_name}/checkpoint.pt every this many steps of the current phase (teacher env steps, offline gradient steps, student env steps; default: every tenth of each phase), at an interrupt and at the end"""
+    checkpoint_buffers: bool = False
+    """also save the replay buffer of the current phase in each checkpoint (up to 7.5 GB for 1M transitions); without it, a resumed run refills the buffer first"""
+    resume: str | None = None
+    """continue the run in this run directory (runs/{run_name}) from its checkpoint.pt, with its Args; envs start afresh, so games in flight are lost"""
 
     teacher_model_path: str | None = None
     """the teacher: a checkpoint written by `pqn_atari_envpool.py --save-model` for the same env"""
@@ -128,8 +134,11 @@ def finalize_args(args: Args) -> Args:
     if args.batch_size > min(args.buffer_size, args.teacher_steps):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the replay buffers (--buffer-size, --teacher-steps)")
     # The teacher buffer is freed before the student's is made: the larger of the two must fit.
-    largest = max(FrameReplayBuffer.nbytes(args.teacher_steps, args.num_envs), FrameReplayBuffer.nbytes(args.buffer_size, args.num_envs))
+    student_buffer = FrameReplayBuffer.nbytes(args.buffer_size, args.num_envs) if args.total_timesteps > 0 else 0  # none without phase 3
+    largest = max(FrameReplayBuffer.nbytes(args.teacher_steps, args.num_envs), student_buffer)
     check_memory(largest, "the larger replay buffer (--buffer-size, --teacher-steps)")
+    if args.checkpoint_frequency is not None and args.checkpoint_frequency <= 0:
+        raise UsageError(f"--checkpoint-frequency must be positive, got {args.checkpoint_frequency}")
     if args.teacher_model_path is None and args.eval_checkpoint is None:
         raise UsageError(f"--teacher-model-path is required; {TEACHER_HINT.format(env_id=args.env_id)}")
     return args
@@ -327,6 +336,19 @@ class FrameReplayBuffer:
 
     def __len__(self):
         return int((self.head - self.tail).sum())
+
+    STATE = ["frames", "obs_pos", "next_pos", "actions", "rewards", "terminations", "head", "tail", "frame_head"]
+
+    def state_dict(self) -> dict:
+        """The stored transitions, as tensors (they load with weights_only=True)."""
+        state = {name: torch.from_numpy(getattr(self, name)) for name in self.STATE}
+        state["last_obs"] = None if self.last_obs is None else torch.from_numpy(self.last_obs)
+        return state
+
+    def load_state_dict(self, state: dict):
+        for name in self.STATE:
+            getattr(self, name)[...] = state[name].numpy()
+        self.last_obs = None if state["last_obs"] is None else state["last_obs"].numpy().copy()
 
     def _append_frames(self, envs, frames):
         for k in range(frames.shape[1]):
@@ -564,6 +586,45 @@ class Interrupts:
 # --- end shared: faults ---
 
 
+# --- shared: resume ---
+# Flags a resumed run may change: where and how fast it runs, and where it logs; not what it computes.
+RESUME_MAY_CHANGE = {"resume", "checkpoint_frequency", "save_model", "cuda", "compile", "cudagraphs", "track", "wandb_project_name", "wandb_entity"}
+
+
+def resumed_args(args, given: set[str], saved: dict):
+    """The Args of the run to resume (saved in its checkpoint), with the flags of RESUME_MAY_CHANGE
+    given now. Any other flag given now must agree with the saved one."""
+    resumed = type(args)(**{f.name: saved[f.name] for f in fields(args) if f.init})
+    for name in sorted(given & set(saved)):
+        if name in RESUME_MAY_CHANGE:
+            setattr(resumed, name, getattr(args, name))
+        elif getattr(args, name) != saved[name]:
+            flag = f"--{name.replace('_', '-')}"
+            raise UsageError(f"{flag} {getattr(args, name)} contradicts the resumed run's {flag} {saved[name]}; leave it out to resume")
+    return resumed
+
+
+def rng_state() -> dict:
+    """Python's, numpy's and torch's random states, in types that load with weights_only=True."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+# --- end shared: resume ---
+
+
 TEACHER_FORMAT = "pqn_atari_envpool/q_network/v1"
 
 
@@ -620,6 +681,27 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
     print(f"{env_id}: greedy score over {len(scores)} games {scores.mean():.2f} ± {scores.std():.2f}")
 
 
+CHECKPOINT_FORMAT = "qdagger_dqn_atari_impalacnn/training_state/v1"
+PHASE_LOGS = {1: "teacher", 2: "offline"}  # the subdirectories phases 1 and 2 log to
+FINISHED = 4  # the phase of the checkpoint written at the end of a run
+
+
+def load_training_state(run_dir: str, device: torch.device) -> dict:
+    """A run's checkpoint.pt, checked for every key that resuming reads."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}: --resume takes the run directory (runs/<run_name>) of a run that wrote one")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        if state["format"] != CHECKPOINT_FORMAT:
+            raise ValueError
+        for key in ["args", "phase", "phase_step", "teacher_return", "student", "target_network", "optimizer", "rng", "sample_rng", "online", "buffer", "buffer_len"]:
+            state[key]
+        return state
+    except Exception:
+        raise UsageError(f"{path} is not a qdagger_dqn_atari_impalacnn.py training checkpoint (format {CHECKPOINT_FORMAT})") from None
+
+
 def main(args: Args, given: set[str]):
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     random.seed(args.seed)
@@ -632,14 +714,27 @@ def main(args: Args, given: set[str]):
     torch.set_flush_denormal(True)
     if args.eval_checkpoint:
         return eval_checkpoint(args, given, device)
-    rng = np.random.default_rng(args.seed)
 
-    envs = make_atari_envs(args.env_id, env_seeds(args.seed, "training", args.num_envs), 4, args)
-    eval_envs = make_atari_envs(args.env_id, env_seeds(args.seed, "evaluation", args.eval_episodes), 4, args, evaluation=True)
+    state = load_training_state(args.resume, device) if args.resume else None
+    if state and state["phase"] == FINISHED:
+        print(f"{args.resume} is finished: nothing to resume")
+        return
+    # Where the run starts: (phase, steps of that phase already done). Phases 1 and 3 count env
+    # steps, phase 2 gradient steps. Without its saved buffer, phase 1 starts over: its work is the buffer.
+    start_phase, start_step = (state["phase"], state["phase_step"]) if state else (1, 0)
+    if state and start_phase == 1 and state["buffer"] is None:
+        start_step = 0
+    saved_buffer = state["buffer"] if state else None
+    run_dir = args.resume or f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    rng = np.random.default_rng(args.seed)  # replay sampling
+    # Envs cannot be saved: a resumed run makes them afresh, seeded from the run's seed and where it resumes.
+    resumed_in = f" (resumed in phase {start_phase})" if state else ""
+    envs = make_atari_envs(args.env_id, env_seeds(args.seed, "training" + resumed_in, args.num_envs, start_step), 4, args)
+    eval_envs = make_atari_envs(args.env_id, env_seeds(args.seed, "evaluation" + resumed_in, args.eval_episodes, start_step), 4, args, evaluation=True)
     num_actions = int(envs.action_space.n)
     teacher = load_teacher(args.teacher_model_path, args.env_id, num_actions, device)
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    check_writable(f"runs/{run_name}")
+    check_writable(run_dir)
     interrupts = Interrupts()
     if args.track:
         try:
@@ -651,126 +746,205 @@ def main(args: Args, given: set[str]):
             entity=args.wandb_entity,
             sync_tensorboard=True,
             config=asdict(args),
-            name=run_name,
+            name=os.path.basename(run_dir),
             save_code=True,
         )
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
-    student = None  # made after phase 1
+    def phase_writer(phase):
+        """Each phase logs on its own step axis, so each has its own event file: phases 1 and 2 in
+        runs/{run_name}/teacher and /offline, phase 3 in runs/{run_name} as every script logs. The
+        phase a run resumes in purges what it logged after its checkpoint; a later phase, all but step 0."""
+        purge_step = None if not state else start_step + 1 if phase == start_phase else 1
+        return SummaryWriter(run_dir if phase == 3 else os.path.join(run_dir, PHASE_LOGS[phase]), purge_step=purge_step)
+
+    student = ImpalaQNetwork(num_actions).to(device)
+    target_network = ImpalaQNetwork(num_actions).to(device)
+    target_network.load_state_dict(student.state_dict())
+    optimizer = torch.optim.Adam(student.parameters(), lr=args.learning_rate)
+    online = {"distill_coeff": float(args.distillation), "pending_train_steps": 0, "student_scores": [], "recent_scores": []}
+    if state:
+        student.load_state_dict(state["student"])
+        target_network.load_state_dict(state["target_network"])
+        optimizer.load_state_dict(state["optimizer"])
+        teacher_return = state["teacher_return"]
+        online.update(state["online"])
+        rng.bit_generator.state = state["sample_rng"]
+        set_rng_state(state["rng"])  # last: making the networks drew from torch's generator
+
+    def save_checkpoint(phase, phase_step, rb=None):
+        save_atomically(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "args": asdict(args),
+                "phase": phase,
+                "phase_step": phase_step,
+                "teacher_return": teacher_return,
+                "student": student.state_dict(),
+                "target_network": target_network.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "online": online,
+                "rng": rng_state(),
+                "sample_rng": rng.bit_generator.state,
+                "buffer": rb.state_dict() if rb is not None and args.checkpoint_buffers else None,
+                "buffer_len": len(rb) if rb is not None else 0,
+            },
+            checkpoint_path,
+        )
+
+    def checkpoint_due(phase_step, length, step_size=1):
+        every = args.checkpoint_frequency or max(length // 10, 1)
+        return phase_step // every > (phase_step - step_size) // every and phase_step < length
 
     def save_student():
-        path = f"runs/{run_name}/{args.exp_name}.pt"
-        checkpoint = {"format": STUDENT_FORMAT, "env_id": args.env_id, "num_actions": num_actions, "student": student.state_dict(), "args": asdict(args)}
-        save_atomically(checkpoint, path)
+        path = os.path.join(run_dir, f"{args.exp_name}.pt")
+        model = {"format": STUDENT_FORMAT, "env_id": args.env_id, "num_actions": num_actions, "student": student.state_dict(), "args": asdict(args)}
+        save_atomically(model, path)
         print(f"model saved to {path}")
 
-    def stop(where):
-        """An interrupt: the student saved (with --save-model, once it exists), one line, exit 128 + signal."""
-        if args.save_model and student is not None:
+    def stop(phase, phase_step, rb):
+        """An interrupt: a checkpoint (and the student with --save-model), one line, exit 128 + signal."""
+        save_checkpoint(phase, phase_step, rb)
+        if args.save_model:
             save_student()
         name = signal.Signals(interrupts.signal).name
-        print(f"{name}: stopped {where}; this script cannot resume a run yet", file=sys.stderr)
+        print(f"{name}: stopped in phase {phase} at step {phase_step:,}; continue with `python qdagger_dqn_atari_impalacnn.py --resume {run_dir}`", file=sys.stderr)
         return 128 + interrupts.signal
 
-    try:
-        # The teacher's score sets the scale of the distillation coefficient.
-        teacher_eval_envs = make_atari_envs(args.env_id, env_seeds(args.seed, "teacher evaluation", args.teacher_eval_episodes), 4, args, evaluation=True)
-        teacher_scores = evaluate(teacher, teacher_eval_envs)
-        teacher_eval_envs.close()
-        teacher_return = float(teacher_scores.mean())
-        writer.add_scalar("charts/teacher/avg_episodic_return", teacher_return, 0)
-        print(f"teacher: greedy score {teacher_return:.2f} ± {teacher_scores.std():.2f} ({len(teacher_scores)} games)", flush=True)
-        if teacher_return <= 0:
-            print("warning: the teacher scores <= 0; distillation stops once the student scores as much", flush=True)
+    def gradient_step(rb, distill_coeff):
+        obs_b, actions_b, rewards_b, next_obs_b, terminations_b = rb.sample(args.batch_size, rng, device)
+        target = td_target(target_network, rewards_b, next_obs_b, terminations_b, args.gamma)
+        student_q = student(obs_b)
+        q_taken = student_q.gather(1, actions_b[:, None]).squeeze(1)
+        td_loss = F.mse_loss(q_taken, target)
+        with torch.no_grad():
+            teacher_q = teacher(obs_b)
+        d_loss = distill_loss(teacher_q, student_q, args.temperature)
+        loss = td_loss + distill_coeff * d_loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return td_loss.detach(), d_loss.detach(), q_taken.detach().mean()
 
-        # Phase 1: the teacher plays epsilon-greedily and fills the teacher buffer.
-        teacher_rb = FrameReplayBuffer(args.teacher_steps, args.num_envs)
-        student_nbytes = FrameReplayBuffer.nbytes(args.buffer_size, args.num_envs)
-        print(f"replay buffers: teacher {FrameReplayBuffer.nbytes(args.teacher_steps, args.num_envs) / 2**30:.2f} GiB "
-              f"({args.teacher_steps:,} transitions), student {student_nbytes / 2**30:.2f} GiB ({args.buffer_size:,})", flush=True)
+    def log_losses(writer, prefix, losses, step):
+        td, distill, q = (torch.stack(x).mean().item() for x in zip(*losses))
+        if not all(math.isfinite(value) for value in (td, distill, q)):
+            phase = "offline gradient step" if prefix else "online env step"
+            last = f"the last checkpoint is {checkpoint_path}" if os.path.isfile(checkpoint_path) else "no checkpoint was written"
+            raise RunFault(f"a loss or mean Q is not finite at {phase} {step:,} (TD {td}, distillation {distill}, Q {q}); {last}")
+        writer.add_scalar(f"losses/{prefix}td_loss", td, step)
+        writer.add_scalar(f"losses/{prefix}distill_loss", distill, step)
+        writer.add_scalar(f"losses/{prefix}q_values", q, step)
+
+    def fill_teacher_buffer(writer, first_step):
+        """Phase 1: the teacher plays epsilon-greedily into the teacher buffer, from `first_step` on.
+        Returns the buffer, or the exit status of an interrupt. Without a writer (a resumed phase 2
+        refilling its buffer), nothing is logged or checkpointed."""
+        rb = FrameReplayBuffer(args.teacher_steps, args.num_envs)
+        if first_step:
+            rb.load_state_dict(saved_buffer)
         obs, _ = envs.reset()
-        teacher_rb.observe(obs)
+        rb.observe(obs)
         is_reset = np.zeros(args.num_envs, dtype=bool)
         game_stats = GameStats(args.num_envs)
         start_time = time.time()
-        for step in range(0, args.teacher_steps // args.num_envs):
+        for step in range(first_step // args.num_envs, args.teacher_steps // args.num_envs):
             teacher_step = (step + 1) * args.num_envs
-            epsilon = teacher_epsilon(args, step * args.num_envs)
-            obs, is_reset, games = play_step(envs, teacher, teacher_rb, obs, is_reset, epsilon, game_stats, device)
+            obs, is_reset, games = play_step(envs, teacher, rb, obs, is_reset, teacher_epsilon(args, step * args.num_envs), game_stats, device)
+            if writer is None:
+                continue
             for score, _ in games:
                 writer.add_scalar("charts/teacher/episodic_return", score, teacher_step)
             if interrupts.signal:
-                return stop(f"in phase 1 at teacher step {teacher_step:,}")
-        writer.add_scalar("charts/teacher/SPS", args.teacher_steps / (time.time() - start_time), args.teacher_steps)
-        print(f"phase 1: {len(teacher_rb):,} teacher transitions in {time.time() - start_time:.0f} s", flush=True)
+                return stop(1, teacher_step, rb)
+            if checkpoint_due(teacher_step, args.teacher_steps, args.num_envs):
+                save_checkpoint(1, teacher_step, rb)
+        if writer is not None:
+            writer.add_scalar("charts/teacher/SPS", (args.teacher_steps - first_step) / (time.time() - start_time), args.teacher_steps)
+        print(f"phase 1: {len(rb):,} teacher transitions in {time.time() - start_time:.0f} s", flush=True)
+        return rb
 
-        student = ImpalaQNetwork(num_actions).to(device)
-        target_network = ImpalaQNetwork(num_actions).to(device)
-        target_network.load_state_dict(student.state_dict())
-        optimizer = torch.optim.Adam(student.parameters(), lr=args.learning_rate)
+    online_writer = phase_writer(3)
+    try:
+        if not state:
+            online_writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+            # The teacher's score sets the scale of the distillation coefficient.
+            teacher_eval_envs = make_atari_envs(args.env_id, env_seeds(args.seed, "teacher evaluation", args.teacher_eval_episodes), 4, args, evaluation=True)
+            teacher_scores = evaluate(teacher, teacher_eval_envs)
+            teacher_eval_envs.close()
+            teacher_return = float(teacher_scores.mean())
+            print(f"teacher: greedy score {teacher_return:.2f} ± {teacher_scores.std():.2f} ({len(teacher_scores)} games)", flush=True)
+            if teacher_return <= 0:
+                print("warning: the teacher scores <= 0; distillation stops once the student scores as much", flush=True)
+        student_buffer = f"student {FrameReplayBuffer.nbytes(args.buffer_size, args.num_envs) / 2**30:.2f} GiB ({args.buffer_size:,})" if args.total_timesteps else "no student buffer (no phase 3)"
+        print(f"replay buffers: teacher {FrameReplayBuffer.nbytes(args.teacher_steps, args.num_envs) / 2**30:.2f} GiB "
+              f"({args.teacher_steps:,} transitions), {student_buffer}", flush=True)
 
-        def gradient_step(rb, distill_coeff):
-            obs_b, actions_b, rewards_b, next_obs_b, terminations_b = rb.sample(args.batch_size, rng, device)
-            target = td_target(target_network, rewards_b, next_obs_b, terminations_b, args.gamma)
-            student_q = student(obs_b)
-            q_taken = student_q.gather(1, actions_b[:, None]).squeeze(1)
-            td_loss = F.mse_loss(q_taken, target)
-            with torch.no_grad():
-                teacher_q = teacher(obs_b)
-            d_loss = distill_loss(teacher_q, student_q, args.temperature)
-            loss = td_loss + distill_coeff * d_loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            return td_loss.detach(), d_loss.detach(), q_taken.detach().mean()
+        if start_phase == 1:
+            # Phase 1: the teacher fills the teacher buffer.
+            writer = phase_writer(1)
+            if not state:
+                writer.add_scalar("charts/teacher/avg_episodic_return", teacher_return, 0)
+            teacher_rb = fill_teacher_buffer(writer, start_step)
+            writer.close()
+            if isinstance(teacher_rb, int):
+                return teacher_rb  # interrupted
+        elif start_phase == 2 and saved_buffer is not None:
+            teacher_rb = FrameReplayBuffer(args.teacher_steps, args.num_envs)
+            teacher_rb.load_state_dict(saved_buffer)
+        elif start_phase == 2:
+            # Resumed in phase 2 without the saved buffer: the teacher plays phase 1 again, unlogged.
+            teacher_rb = fill_teacher_buffer(None, 0)
 
-        def log_losses(prefix, losses, step):
-            td, distill, q = (torch.stack(x).mean().item() for x in zip(*losses))
-            if not all(math.isfinite(value) for value in (td, distill, q)):
-                phase = "offline gradient step" if prefix else "online env step"
-                raise RunFault(f"a loss or mean Q is not finite at {phase} {step:,} (TD {td}, distillation {distill}, Q {q})")
-            writer.add_scalar(f"losses/{prefix}td_loss", td, step)
-            writer.add_scalar(f"losses/{prefix}distill_loss", distill, step)
-            writer.add_scalar(f"losses/{prefix}q_values", q, step)
-
-        # Phase 2: offline, the student learns from the teacher's buffer (TD + distillation).
-        start_time = time.time()
-        losses = []
-        for offline_step in range(1, args.offline_steps + 1):
-            losses.append(gradient_step(teacher_rb, 1.0 if args.distillation else 0.0))
-            if offline_step % args.target_network_frequency == 0:
-                target_network.load_state_dict(student.state_dict())
-            if offline_step % 100 == 0 or offline_step == args.offline_steps:
-                log_losses("offline/", losses, offline_step)
-                writer.add_scalar("charts/offline/SPS", offline_step / (time.time() - start_time), offline_step)
-                losses = []
-            if offline_step % args.offline_eval_frequency == 0 or offline_step == args.offline_steps:
-                scores = evaluate(student, eval_envs)
-                writer.add_scalar("charts/offline/avg_episodic_return", scores.mean(), offline_step)
-                print(f"phase 2: step {offline_step:,}: student greedy score {scores.mean():.2f} ± {scores.std():.2f}", flush=True)
-            if interrupts.signal:
-                return stop(f"in phase 2 at offline step {offline_step:,}")
-        del teacher_rb
+        if start_phase <= 2:
+            # Phase 2: offline, the student learns from the teacher's buffer (TD + distillation).
+            writer = phase_writer(2)
+            first = start_step if start_phase == 2 else 0
+            start_time, losses = time.time(), []
+            for offline_step in range(first + 1, args.offline_steps + 1):
+                losses.append(gradient_step(teacher_rb, 1.0 if args.distillation else 0.0))
+                if offline_step % args.target_network_frequency == 0:
+                    target_network.load_state_dict(student.state_dict())
+                if offline_step % 100 == 0 or offline_step == args.offline_steps:
+                    log_losses(writer, "offline/", losses, offline_step)
+                    writer.add_scalar("charts/offline/SPS", (offline_step - first) / (time.time() - start_time), offline_step)
+                    losses = []
+                if offline_step % args.offline_eval_frequency == 0 or offline_step == args.offline_steps:
+                    scores = evaluate(student, eval_envs)
+                    writer.add_scalar("charts/offline/avg_episodic_return", scores.mean(), offline_step)
+                    print(f"phase 2: step {offline_step:,}: student greedy score {scores.mean():.2f} ± {scores.std():.2f}", flush=True)
+                if interrupts.signal:
+                    return stop(2, offline_step, teacher_rb)
+                if checkpoint_due(offline_step, args.offline_steps):
+                    save_checkpoint(2, offline_step, teacher_rb)
+            writer.close()
+            del teacher_rb
         if args.total_timesteps == 0:
+            save_checkpoint(FINISHED, 0)
             if args.save_model:
                 save_student()
             return
 
         # Phase 3: online, the student acts and learns from its own buffer; distillation fades as
         # the student's score approaches the teacher's.
+        writer = online_writer
         rb = FrameReplayBuffer(args.buffer_size, args.num_envs)
+        first, refill = (start_step, 0) if start_phase == 3 else (0, 0)
+        if start_phase == 3 and saved_buffer is not None:
+            rb.load_state_dict(saved_buffer)
+        elif start_phase == 3:
+            # Without its saved buffer, the student plays on (and its clock runs) but learns again
+            # only once the new buffer holds as many transitions as the old one did, up to learning_starts.
+            refill = min(state["buffer_len"], args.learning_starts)
         obs, _ = envs.reset()
         rb.observe(obs)
         is_reset = np.zeros(args.num_envs, dtype=bool)
         game_stats = GameStats(args.num_envs)
-        student_scores = collections.deque(maxlen=10)
-        recent_scores = collections.deque(maxlen=20)
+        student_scores = collections.deque(online["student_scores"], maxlen=10)
+        recent_scores = collections.deque(online["recent_scores"], maxlen=20)
         num_vector_steps = args.total_timesteps // args.num_envs
         progress = Progress(num_vector_steps * args.num_envs)
-        distill_coeff, losses, pending_train_steps = float(args.distillation), [], 0
-        start_time = time.time()
-        for step in range(num_vector_steps):
+        losses, start_time = [], time.time()
+        for step in range(first // args.num_envs, num_vector_steps):
             global_step = (step + 1) * args.num_envs
             epsilon = student_epsilon(args, step * args.num_envs)
             obs, is_reset, games = play_step(envs, student, rb, obs, is_reset, epsilon, game_stats, device)
@@ -780,48 +954,63 @@ def main(args: Args, given: set[str]):
                 student_scores.append(score)
                 recent_scores.append(score)
 
-            if student_learns(args, global_step):
+            if student_learns(args, global_step) and len(rb) >= refill:
                 # One gradient step per `train_frequency` env steps, whatever the number of envs.
-                pending_train_steps += args.num_envs
-                while pending_train_steps >= args.train_frequency:
-                    pending_train_steps -= args.train_frequency
+                online["pending_train_steps"] += args.num_envs
+                while online["pending_train_steps"] >= args.train_frequency:
+                    online["pending_train_steps"] -= args.train_frequency
                     if args.distillation:
-                        distill_coeff = distill_coefficient(student_scores, teacher_return)
-                    losses.append(gradient_step(rb, distill_coeff))
+                        online["distill_coeff"] = distill_coefficient(student_scores, teacher_return)
+                    losses.append(gradient_step(rb, online["distill_coeff"]))
             if global_step // args.target_network_frequency > (global_step - args.num_envs) // args.target_network_frequency:
                 target_network.load_state_dict(student.state_dict())
             if global_step // 1000 > (global_step - args.num_envs) // 1000 or step == num_vector_steps - 1:
-                sps = global_step / (time.time() - start_time)
+                sps = (global_step - first) / (time.time() - start_time)
                 if losses:
-                    log_losses("", losses, global_step)
+                    log_losses(writer, "", losses, global_step)
                     losses = []
-                writer.add_scalar("charts/distill_coeff", distill_coeff, global_step)
+                writer.add_scalar("charts/distill_coeff", online["distill_coeff"], global_step)
                 writer.add_scalar("charts/epsilon", epsilon, global_step)
                 writer.add_scalar("charts/learning_rate", args.learning_rate, global_step)
                 writer.add_scalar("charts/SPS", sps, global_step)
                 progress.update(global_step, sps, float(np.mean(recent_scores)) if recent_scores else float("nan"))
-            if args.eval_frequency and global_step // args.eval_frequency > (global_step - args.num_envs) // args.eval_frequency:
-                if step < num_vector_steps - 1:  # the final evaluation follows the loop
+            if step < num_vector_steps - 1:  # the final evaluation and checkpoint follow the loop
+                if args.eval_frequency and global_step // args.eval_frequency > (global_step - args.num_envs) // args.eval_frequency:
                     scores = evaluate(student, eval_envs)
                     writer.add_scalar("eval/episodic_return", scores.mean(), global_step)
                     print(f"eval at step {global_step}: greedy score {scores.mean():.2f} ± {scores.std():.2f}", flush=True)
+            online["student_scores"], online["recent_scores"] = [float(x) for x in student_scores], [float(x) for x in recent_scores]
             if interrupts.signal:
-                return stop(f"in phase 3 at step {global_step:,}")
+                return stop(3, global_step, rb)
+            if checkpoint_due(global_step, args.total_timesteps, args.num_envs):
+                save_checkpoint(3, global_step, rb)
 
         scores = evaluate(student, eval_envs)
         writer.add_scalar("eval/episodic_return", scores.mean(), num_vector_steps * args.num_envs)
         print(f"student: greedy score {scores.mean():.2f} ± {scores.std():.2f} ({len(scores)} games)", flush=True)
+        save_checkpoint(FINISHED, 0)
         if args.save_model:
             save_student()
     finally:
         envs.close()
         eval_envs.close()
-        writer.close()
+        online_writer.close()
 
 
 if __name__ == "__main__":
     try:
-        sys.exit(main(finalize_args(tyro.cli(Args)), flags_given(sys.argv[1:])))
+        args = tyro.cli(Args)
+        given = flags_given(sys.argv[1:])
+        if args.resume:
+            saved = load_training_state(args.resume, torch.device("cpu"))["args"]
+            try:
+                # Saving the buffers or not may change between attempts: it changes no result.
+                resumed = resumed_args(args, given - {"checkpoint_buffers"}, saved)
+            except (KeyError, TypeError):
+                raise UsageError(f"{args.resume}/checkpoint.pt is not a qdagger_dqn_atari_impalacnn.py training checkpoint") from None
+            resumed.checkpoint_buffers = args.checkpoint_buffers
+            args = resumed
+        sys.exit(main(finalize_args(args), given))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -186,7 +186,7 @@ def test_three_phases_log_their_metrics(teacher, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "replay buffers: teacher" in result.stdout and "(1 games)" in result.stdout.splitlines()[0]
     run_dir = only_run_dir(tmp_path)
-    scalars = read_scalars(run_dir)
+    scalars = {**read_scalars(run_dir), **read_scalars(os.path.join(run_dir, "teacher")), **read_scalars(os.path.join(run_dir, "offline"))}
     expected = {
         "charts/teacher/avg_episodic_return", "charts/teacher/SPS",  # teacher evaluation and phase 1
         "losses/offline/td_loss", "losses/offline/distill_loss", "charts/offline/avg_episodic_return", "charts/offline/SPS",
@@ -309,3 +309,86 @@ def test_without_distillation_the_distillation_term_is_zero(teacher, tmp_path):
     for name, value in runs["--no-distillation", "1.0"].items():
         torch.testing.assert_close(runs["--no-distillation", "0.1"][name], value)
     assert any(not torch.allclose(runs["--distillation", "0.1"][k], v) for k, v in runs["--distillation", "1.0"].items())
+
+
+def test_the_replay_buffer_survives_a_checkpoint(tmp_path):
+    rng = np.random.default_rng(0)
+    rb = qd.FrameReplayBuffer(40, 2)
+    rb.observe(rng.integers(0, 255, (2, 4, 84, 84), dtype=np.uint8))
+    for _ in range(30):
+        rb.add(rng.integers(0, 4, 2), rng.normal(size=2), rng.random(2) < 0.1, rng.integers(0, 255, (2, 4, 84, 84), dtype=np.uint8), rng.random(2) < 0.9)
+    torch.save(rb.state_dict(), tmp_path / "rb.pt")
+    restored = qd.FrameReplayBuffer(40, 2)
+    restored.load_state_dict(torch.load(tmp_path / "rb.pt", weights_only=True))
+    assert len(restored) == len(rb)
+    for a, b in zip(rb.sample(16, np.random.default_rng(1), "cpu"), restored.sample(16, np.random.default_rng(1), "cpu")):
+        assert torch.equal(a, b)
+    np.testing.assert_array_equal(restored.last_obs, rb.last_obs)
+
+
+def run_until(teacher, cwd, flags, line_start, delay=0.0, signum=signal.SIGKILL):
+    """Starts a QDagger run, sends `signum` once a line starting with `line_start` is printed (after
+    `delay` seconds); returns the process's exit status and stderr."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    script = os.path.join(ROOT, "qdagger_dqn_atari_impalacnn.py")
+    process = subprocess.Popen(
+        [sys.executable, script, "--teacher-model-path", teacher, *flags], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    for line in process.stdout:
+        if line.startswith(line_start):
+            break
+    time.sleep(delay)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    return process.returncode, stderr
+
+
+def steps_of(scalars, tag):
+    return [step for step, _ in scalars[tag]]
+
+
+def test_a_run_killed_in_phase_2_resumes_with_a_refilled_teacher_buffer(teacher, tmp_path):
+    flags = [*TINY, "--offline-steps", "200", "--offline-eval-frequency", "100", "--checkpoint-frequency", "50"]
+    returncode, _ = run_until(teacher, tmp_path, flags, "phase 2: step 100:")
+    assert returncode == -signal.SIGKILL
+    run_dir = only_run_dir(tmp_path)
+    saved = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert saved["phase"] == 2 and saved["phase_step"] in (50, 100) and saved["buffer"] is None
+    result = run_script("qdagger_dqn_atari_impalacnn.py", "--resume", os.path.relpath(run_dir, tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "teacher transitions in" in result.stdout.split("phase 2:")[0]  # refilled before learning again
+    offline = read_scalars(os.path.join(run_dir, "offline"))
+    assert steps_of(offline, "losses/offline/td_loss") == [100, 200]  # each step once
+    assert steps_of(offline, "charts/offline/avg_episodic_return") == [100, 200]
+    teacher_log = read_scalars(os.path.join(run_dir, "teacher"))
+    assert steps_of(teacher_log, "charts/teacher/avg_episodic_return") == [0]  # phase 1's log is left alone
+    online = read_scalars(run_dir)
+    assert steps_of(online, "charts/SPS")[-1] == 120 and steps_of(online, "eval/episodic_return") == [120]
+    assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["phase"] == qd.FINISHED
+    again = run_script("qdagger_dqn_atari_impalacnn.py", "--resume", os.path.relpath(run_dir, tmp_path), cwd=tmp_path)
+    assert again.returncode == 0 and "is finished: nothing to resume" in again.stdout
+
+
+def test_an_interrupt_in_phase_3_saves_the_buffer_and_the_run_resumes_from_it(teacher, tmp_path):
+    flags = [*TINY, "--total-timesteps", "300", "--train-frequency", "8", "--checkpoint-buffers"]
+    returncode, stderr = run_until(teacher, tmp_path, flags, "phase 2: step 20:", delay=3.0, signum=signal.SIGINT)
+    assert returncode == 130 and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    assert "SIGINT: stopped in phase 3 at step" in stderr and "--resume runs/" in stderr
+    run_dir = only_run_dir(tmp_path)
+    saved = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert saved["phase"] == 3 and 0 < saved["phase_step"] < 300
+    assert saved["buffer"] is not None and int((saved["buffer"]["head"] - saved["buffer"]["tail"]).sum()) == saved["buffer_len"] > 0
+    result = run_script("qdagger_dqn_atari_impalacnn.py", "--resume", os.path.relpath(run_dir, tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    steps = steps_of(read_scalars(run_dir), "charts/SPS")
+    assert steps == sorted(set(steps)) and steps[-1] == 300
+    assert "phase 1:" not in result.stdout and "phase 2:" not in result.stdout  # straight back into phase 3
+
+
+def test_resume_bad_input_is_one_line(teacher, tmp_path):
+    line = error_line(run_script("qdagger_dqn_atari_impalacnn.py", "--resume", "runs/nothing", cwd=tmp_path))
+    assert "no checkpoint at runs/nothing/checkpoint.pt" in line
+    os.makedirs(tmp_path / "runs" / "broken")
+    torch.save({"format": qd.CHECKPOINT_FORMAT}, tmp_path / "runs" / "broken" / "checkpoint.pt")
+    line = error_line(run_script("qdagger_dqn_atari_impalacnn.py", "--resume", "runs/broken", cwd=tmp_path))
+    assert "is not a qdagger_dqn_atari_impalacnn.py training checkpoint" in line
