@@ -66,7 +66,9 @@ def main():
             fail(f"{name} exited with status {process.returncode}; see {os.path.join(LOGS, name + '.log')}")
         with open(os.path.join(LOGS, f"{name}.log")) as log:
             saved = [line.split()[-1] for line in log if line.startswith("model saved to ")]
-        runs[name] = read_run(os.path.join(ROOT, os.path.dirname(saved[-1])))[0]
+        run_dir = os.path.join(ROOT, os.path.dirname(saved[-1]))
+        # Phases 1 and 2 log to the run's teacher/ and offline/ subdirectories.
+        runs[name] = {tag: v for d in ("teacher", "offline") if os.path.isdir(os.path.join(run_dir, d)) for tag, v in read_run(os.path.join(run_dir, d))[0].items()}
     wall = time.time() - start
 
     teacher_score = float(runs["qdagger"]["charts/teacher/avg_episodic_return"][1][0])

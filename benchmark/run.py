@@ -27,8 +27,7 @@ submitted and has not finished. A command submitted before (its slurm/*.jobid ex
 submitted again. A job asks Slurm for SIGTERM five minutes before its time limit and passes it to
 the run, which stops with a checkpoint; the job then writes the run directory to
 <exp>__<env>__<seed>.resume and requeues itself, and the requeued job continues the run with
-`--resume` (qdagger_dqn_atari_impalacnn.py has no `--resume` yet: its requeued job fails with
-an unknown-flag error). With --dry-run nothing is run or submitted: the commands are printed (with --slurm,
+`--resume`. With --dry-run nothing is run or submitted: the commands are printed (with --slurm,
 the job files are written and the sbatch commands printed).
 
 benchmark/report.py turns the finished runs of a benchmark into a table and learning curves.
