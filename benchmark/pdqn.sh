@@ -6,10 +6,9 @@
 # benchmark/report.py writes benchmark/results/pdqn_minatar.md and .png. benchmark/run.py runs the
 # commands and skips runs that finished, so the script resumes when it is run again.
 #
-# How long: measured on Breakout at 2M steps on one core of a 2-core x86-64 CPU without GPU
-# (two runs at a time): PDQN 657–664 s, planning 0 321–322 s per run; at 1M steps (Breakout and
-# Asterix) 5 min 30 s to 6 min 30 s and 2 min 26 s to 2 min 44 s. The 10M-step runs have not been
-# timed.
+# How long: measured on the 2-core x86-64 CPU without GPU, at 5M steps (the GAMES/SEEDS/SUFFIX
+# example below): PDQN 26 to 30 min per run, two runs at a time (with other runs sharing the cores
+# part of the time); see benchmark/results/pdqn_minatar_5m.md. The 10M-step runs have not been timed.
 #
 # Usage (from anywhere):  bash benchmark/pdqn.sh
 # Environment variables:
@@ -22,10 +21,8 @@
 #                 slurm jobs (see python benchmark/run.py --help); the report is then skipped
 #   MACHINE       the machine line of the report (default: this machine's cores, CPU and GPU)
 #   PYTHON        the Python to run (default: python)
-# A smaller version (2 games, 2 seeds, 1M steps; planning starts after 100 updates = 409,600 steps,
-# so shorter runs hardly plan). Measured on the 2-core CPU above, two runs at a time: see
-# benchmark/results/pdqn_minatar_short.md for the wall times.
-#   GAMES="Breakout Asterix" SEEDS="1 2" EXTRA_FLAGS="--total-timesteps 1000000" SUFFIX=_short bash benchmark/pdqn.sh
+# A smaller version (2 games, seed 1, 5M steps; planning starts at update 500, about 2M steps):
+#   GAMES="Breakout Asterix" SEEDS="1" EXTRA_FLAGS="--total-timesteps 5000000" SUFFIX=_5m bash benchmark/pdqn.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
