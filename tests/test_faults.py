@@ -31,10 +31,11 @@ SCRIPTS = {
     "pqn.py": (pqn, FLAGS, TOTAL, BATCH, EVERY, lambda n: n * 2 * 4),
     "pqn_atari_envpool.py": (atari, ATARI_FLAGS, ATARI_TOTAL, ATARI_BATCH, ATARI_EVERY, lambda n: n * 2 * 2),
     "pqn_atari_envpool_lstm.py": (lstm, ATARI_FLAGS, ATARI_TOTAL, ATARI_BATCH, ATARI_EVERY, lambda n: n * 2 * 2),
-    # MinAtar in async env workers: 8 envs x 32 steps; from the 4th update on, one more step on the
-    # 32 imagined transitions (8 envs x 4 planning steps, one minibatch).
+    # MinAtar in async env workers: 8 envs x 32 steps; from the 3rd update on, one more step on the
+    # 8 transitions of the one imagined step.
     "pdqn_minatar.py": (
-        pdqn, [*FLAGS, "--vectorization", "async", "--planning-delay-updates", "3"], 6_144, BATCH, EVERY, lambda n: n * 2 * 4 + max(n - 3, 0)
+        pdqn, [*FLAGS, "--vectorization", "async", "--planning-steps", "1", "--planning-delay-updates", "3"], 6_144, BATCH, EVERY,
+        lambda n: n * 2 * 4 + max(n - 2, 0),
     ),
 }
 
@@ -132,7 +133,8 @@ def test_a_finished_run_says_so(killed_and_resumed):
 def test_resume_rejects_a_flag_that_contradicts_the_run(killed_and_resumed):
     script, run_dir, _, _ = killed_and_resumed
     line = error_line(run_script(script, "--resume", run_dir, "--learning-rate", "0.1", cwd=os.path.dirname(run_dir)))
-    assert "--learning-rate 0.1 contradicts the resumed run's --learning-rate 0.00025" in line
+    saved = SCRIPTS[script][0].Args().learning_rate  # the runs use each script's default
+    assert f"--learning-rate 0.1 contradicts the resumed run's --learning-rate {saved}" in line
 
 
 def test_loaded_training_state_continues_exactly_as_if_never_saved(tmp_path):
@@ -303,7 +305,7 @@ def test_pdqn_interrupt_reaching_its_env_workers_too_stops_cleanly(tmp_path):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--model-learning-rate", "inf"], "--model-learning-rate must be a finite number, got inf"),
+        (["--sticky-action-prob", "inf"], "--sticky-action-prob must be a finite number, got inf"),
         (["--learning-rate", "nan"], "--learning-rate must be a finite number, got nan"),
         (["--max-grad-norm", "0"], "--max-grad-norm must be positive"),
         (["--num-envs", "1000000000", "--total-timesteps", "100000000000"], "the rollout would take"),
