@@ -269,10 +269,11 @@ def planning_update(train_step, q_network, imagined, gamma):
     """One gradient step of Q per imagined step, in the order they were imagined, on all its envs'
     transitions, with one-step targets r + gamma (1 - d) max_a Q(s', a) from the Q-network as it
     is at that step; `train_step` is `grad_step`, with the `alive` mask. Returns the mean loss."""
+    # Trajectories only end, so the steps with a live transition come first: one read of the device
+    # finds them. A step with none is skipped (an optimizer step on zero gradients would still move Q).
+    live_steps = int(imagined["alive"].any(dim=1).sum())
     losses = []
-    for k in range(len(imagined["obs"])):
-        if imagined["alive"][k].sum() == 0:
-            break  # every imagined trajectory has ended; an optimizer step on zero gradients would still move Q
+    for k in range(live_steps):
         with torch.no_grad():
             targets = imagined["rewards"][k] + gamma * (1.0 - imagined["terminations"][k]) * q_network(imagined["next_obs"][k]).max(dim=1).values
         loss, _ = train_step(imagined["obs"][k], imagined["actions"][k], targets, imagined["alive"][k])
@@ -294,7 +295,7 @@ def model_update(model, optimizer, b, max_grad_norm):
     losses[0].backward()
     nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm, foreach=True)
     optimizer.step()
-    return [x.item() for x in losses]
+    return torch.stack([x.detach() for x in losses]).tolist()
 
 
 # --- shared: q_lambda_returns ---
@@ -621,7 +622,7 @@ class Interrupts:
 
 # --- shared: resume ---
 # Flags a resumed run may change: where and how fast it runs, and where it logs; not what it computes.
-RESUME_MAY_CHANGE = {"resume", "checkpoint_frequency", "save_model", "cuda", "compile", "cudagraphs", "track", "wandb_project_name", "wandb_entity"}
+RESUME_MAY_CHANGE = {"resume", "checkpoint_frequency", "checkpoint_buffers", "save_model", "cuda", "compile", "cudagraphs", "track", "wandb_project_name", "wandb_entity"}
 
 
 def resumed_args(args, given: set[str], saved: dict):

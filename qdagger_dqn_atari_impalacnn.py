@@ -588,7 +588,7 @@ class Interrupts:
 
 # --- shared: resume ---
 # Flags a resumed run may change: where and how fast it runs, and where it logs; not what it computes.
-RESUME_MAY_CHANGE = {"resume", "checkpoint_frequency", "save_model", "cuda", "compile", "cudagraphs", "track", "wandb_project_name", "wandb_entity"}
+RESUME_MAY_CHANGE = {"resume", "checkpoint_frequency", "checkpoint_buffers", "save_model", "cuda", "compile", "cudagraphs", "track", "wandb_project_name", "wandb_entity"}
 
 
 def resumed_args(args, given: set[str], saved: dict):
@@ -761,6 +761,8 @@ def main(args: Args, given: set[str]):
     target_network = ImpalaQNetwork(num_actions).to(device)
     target_network.load_state_dict(student.state_dict())
     optimizer = torch.optim.Adam(student.parameters(), lr=args.learning_rate)
+    # Phase 3's state beyond the networks: the distillation coefficient, the env steps owed a
+    # gradient step, the last 10 student scores (for the coefficient) and the last 20 (for the progress line).
     online = {"distill_coeff": float(args.distillation), "pending_train_steps": 0, "student_scores": [], "recent_scores": []}
     if state:
         student.load_state_dict(state["student"])
@@ -770,6 +772,8 @@ def main(args: Args, given: set[str]):
         online.update(state["online"])
         rng.bit_generator.state = state["sample_rng"]
         set_rng_state(state["rng"])  # last: making the networks drew from torch's generator
+    student_scores = collections.deque(online.pop("student_scores"), maxlen=10)
+    recent_scores = collections.deque(online.pop("recent_scores"), maxlen=20)
 
     def save_checkpoint(phase, phase_step, rb=None):
         save_atomically(
@@ -782,7 +786,7 @@ def main(args: Args, given: set[str]):
                 "student": student.state_dict(),
                 "target_network": target_network.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "online": online,
+                "online": {**online, "student_scores": list(student_scores), "recent_scores": list(recent_scores)},
                 "rng": rng_state(),
                 "sample_rng": rng.bit_generator.state,
                 "buffer": rb.state_dict() if rb is not None and args.checkpoint_buffers else None,
@@ -928,7 +932,8 @@ def main(args: Args, given: set[str]):
         # the student's score approaches the teacher's.
         writer = online_writer
         rb = FrameReplayBuffer(args.buffer_size, args.num_envs)
-        first, refill = (start_step, 0) if start_phase == 3 else (0, 0)
+        first = start_step if start_phase == 3 else 0
+        refill = 0
         if start_phase == 3 and saved_buffer is not None:
             rb.load_state_dict(saved_buffer)
         elif start_phase == 3:
@@ -939,8 +944,6 @@ def main(args: Args, given: set[str]):
         rb.observe(obs)
         is_reset = np.zeros(args.num_envs, dtype=bool)
         game_stats = GameStats(args.num_envs)
-        student_scores = collections.deque(online["student_scores"], maxlen=10)
-        recent_scores = collections.deque(online["recent_scores"], maxlen=20)
         num_vector_steps = args.total_timesteps // args.num_envs
         progress = Progress(num_vector_steps * args.num_envs)
         losses, start_time = [], time.time()
@@ -951,8 +954,8 @@ def main(args: Args, given: set[str]):
             for score, length in games:
                 writer.add_scalar("charts/episodic_return", score, global_step)
                 writer.add_scalar("charts/episodic_length", length, global_step)
-                student_scores.append(score)
-                recent_scores.append(score)
+                student_scores.append(float(score))
+                recent_scores.append(float(score))
 
             if student_learns(args, global_step) and len(rb) >= refill:
                 # One gradient step per `train_frequency` env steps, whatever the number of envs.
@@ -979,7 +982,6 @@ def main(args: Args, given: set[str]):
                     scores = evaluate(student, eval_envs)
                     writer.add_scalar("eval/episodic_return", scores.mean(), global_step)
                     print(f"eval at step {global_step}: greedy score {scores.mean():.2f} ± {scores.std():.2f}", flush=True)
-            online["student_scores"], online["recent_scores"] = [float(x) for x in student_scores], [float(x) for x in recent_scores]
             if interrupts.signal:
                 return stop(3, global_step, rb)
             if checkpoint_due(global_step, args.total_timesteps, args.num_envs):
@@ -1004,12 +1006,9 @@ if __name__ == "__main__":
         if args.resume:
             saved = load_training_state(args.resume, torch.device("cpu"))["args"]
             try:
-                # Saving the buffers or not may change between attempts: it changes no result.
-                resumed = resumed_args(args, given - {"checkpoint_buffers"}, saved)
+                args = resumed_args(args, given, saved)
             except (KeyError, TypeError):
                 raise UsageError(f"{args.resume}/checkpoint.pt is not a qdagger_dqn_atari_impalacnn.py training checkpoint") from None
-            resumed.checkpoint_buffers = args.checkpoint_buffers
-            args = resumed
         sys.exit(main(finalize_args(args), given))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -7,8 +7,9 @@
 # commands and skips runs that finished, so the script resumes when it is run again.
 #
 # How long: measured on the 2-core x86-64 CPU without GPU, at 5M steps (the GAMES/SEEDS/SUFFIX
-# example below): PDQN 26 to 30 min per run, two runs at a time (with other runs sharing the cores
-# part of the time); see benchmark/results/pdqn_minatar_5m.md. The 10M-step runs have not been timed.
+# example below): PDQN 26 min 30 s and 27 min 16 s per run, planning 0 19 min 22 s and 19 min 28 s,
+# two runs at a time (with other runs sharing the cores part of the time); see
+# benchmark/results/pdqn_minatar_5m.md. The 10M-step runs have not been timed.
 #
 # Usage (from anywhere):  bash benchmark/pdqn.sh
 # Environment variables:

@@ -282,11 +282,12 @@ def test_the_online_phase_continues_the_offline_phase_schedules():
 
 
 def test_the_script_logs_the_continued_schedule(teacher, tmp_path):
-    result = run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", teacher, *TINY, cwd=tmp_path)
+    # epsilon decays over all 120 steps: at step 118 it is 0.0265 on a clock from 0, 0.01 on one from 20.
+    result = run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", teacher, *TINY, "--exploration-fraction", "1.0", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    args = qd.Args(**{"offline_steps": 20, "total_timesteps": 120, "learning_starts": 40})
+    args = qd.Args(offline_steps=20, total_timesteps=120, learning_starts=40, exploration_fraction=1.0)
     step, epsilon = read_scalars(only_run_dir(tmp_path))["charts/epsilon"][-1]
-    assert step == 120 and epsilon == pytest.approx(qd.student_epsilon(args, 118))
+    assert step == 120 and epsilon == pytest.approx(qd.student_epsilon(args, 118)) == 0.01
 
 
 def trained_student(teacher, tmp_path, *flags):
