@@ -348,11 +348,11 @@ class EpisodeStats:
         self.lengths = np.zeros(num_envs, dtype=np.int64)
 
     def step(self, reward, done, is_reset):
-        """Adds one step; returns (returns, lengths) of the episodes that ended with it.
+        """Adds one step; returns (env indices, returns, lengths) of the episodes that ended with it.
         A reset step belongs to no episode: the counts restart there and its reward (0) is dropped."""
         self.returns = np.where(is_reset, 0.0, self.returns + reward)
         self.lengths = np.where(is_reset, 0, self.lengths + 1)
-        return self.returns[done], self.lengths[done]
+        return np.flatnonzero(done), self.returns[done], self.lengths[done]
 
 
 def rollout(envs, policy, obs, is_reset, epsilon, num_steps, episode_stats):
@@ -363,7 +363,7 @@ def rollout(envs, policy, obs, is_reset, epsilon, num_steps, episode_stats):
     observation of an ended episode, so that step is a reset step (its action is ignored and its
     transition is not real). Returns the rollout as [T, N] tensors, `next_q` for the Q(lambda)
     targets, the observation and reset flags the next rollout starts from, and the episodes that
-    ended, as (step index, return, length).
+    ended, as (step index, env index, return, length).
     """
     device = obs.device
     num_envs = obs.shape[0]
@@ -535,16 +535,30 @@ def accelerate(fn, compile: bool, cudagraphs: bool):
 
 # --- shared: progress ---
 class Progress:
-    """One status line: redrawn in place on a terminal, else printed at every tenth of the run."""
+    """One status line: redrawn in place on a terminal, else printed at every tenth of the run.
+    The ETA assumes the rest of the run goes at the rate since this object was made (a resumed run's
+    rate counts from its resumption)."""
 
-    def __init__(self, total_steps: int):
-        self.total_steps = total_steps
+    def __init__(self, total_steps: int, start_step: int = 0):
+        self.total_steps, self.start_step = total_steps, start_step
+        self.start_time = time.time()
         self.tty = sys.stdout.isatty()
         self.last_draw = 0.0
         self.next_tenth = 1
 
-    def update(self, step: int, sps: float, recent_return: float):
-        line = f"step {step:>10,}/{self.total_steps:,} ({100 * step / self.total_steps:5.1f}%)  SPS {sps:>7,.0f}  return(last 20 ep) {recent_return:8.2f}"
+    @staticmethod
+    def clock(seconds: float) -> str:
+        seconds = int(seconds)
+        return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+    def update(self, step: int, sps: float, recent: str):
+        """`recent`: what the run's recent episodes say, e.g. "return(last 20 ep) 12.30"."""
+        elapsed = time.time() - self.start_time
+        eta = elapsed * (self.total_steps - step) / max(step - self.start_step, 1)
+        line = (
+            f"step {step:>10,}/{self.total_steps:,} ({100 * step / self.total_steps:5.1f}%)  SPS {sps:>7,.0f}  {recent}"
+            f"  elapsed {self.clock(elapsed)}  ETA {self.clock(eta)}"
+        )
         if self.tty:
             if time.time() - self.last_draw > 0.2 or step >= self.total_steps:
                 print("\r" + line, end="\n" if step >= self.total_steps else "", flush=True)
@@ -815,7 +829,7 @@ def main(args: Args, given: set[str]):
     obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
     is_reset = np.zeros(args.num_envs, dtype=bool)
     episode_stats = EpisodeStats(args.num_envs)
-    progress = Progress(total_steps)
+    progress = Progress(total_steps, start_step=global_step)
     start_step, start_time = global_step, time.time()
     try:
         for iteration in range(start_iteration + 1, args.num_iterations + 1):
@@ -827,7 +841,7 @@ def main(args: Args, given: set[str]):
                 envs, policy, obs, is_reset, torch.tensor(epsilon, device=device), args.num_steps, episode_stats
             )
             b["final_obs"] = obs
-            for step, episodic_return, episodic_length in episodes:
+            for step, _, episodic_return, episodic_length in episodes:
                 writer.add_scalar("charts/episodic_return", episodic_return, global_step + (step + 1) * args.num_envs)
                 writer.add_scalar("charts/episodic_length", episodic_length, global_step + (step + 1) * args.num_envs)
                 recent_returns.append(episodic_return)
@@ -860,7 +874,7 @@ def main(args: Args, given: set[str]):
             writer.add_scalar("charts/learning_rate", lr, global_step)
             writer.add_scalar("charts/epsilon", epsilon, global_step)
             writer.add_scalar("charts/SPS", sps, global_step)
-            progress.update(global_step, sps, float(np.mean(recent_returns)) if recent_returns else float("nan"))
+            progress.update(global_step, sps, f"return(last 20 ep) {np.mean(recent_returns) if recent_returns else math.nan:8.2f}")
             if iteration < args.num_iterations:  # the final evaluation and checkpoint follow the loop
                 if args.eval_frequency and global_step // args.eval_frequency > (global_step - args.batch_size) // args.eval_frequency:
                     run_evaluation(global_step)

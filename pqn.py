@@ -25,7 +25,9 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run name)"""
     seed: int = 1
-    """seed of the experiment"""
+    """seed of the experiment (of its first agent, with --num-seeds)"""
+    num_seeds: int = 1
+    """the number of agents trained at once, with seeds seed, seed + 1, ...: each is a PQN agent of its own (its own initialisation, envs, exploration, minibatches, gradient clipping and optimizer state) with its own run directory"""
     torch_deterministic: bool = True
     """make torch use deterministic algorithms"""
     cuda: bool = True
@@ -37,24 +39,24 @@ class Args:
     wandb_entity: str | None = None
     """the wandb entity (team)"""
     save_model: bool = False
-    """save the Q-network and these Args to runs/{run_name}/{exp_name}.pt at the end"""
+    """save each agent's Q-network and Args to runs/{run_name}/{exp_name}.pt (its own run directory) at the end"""
     eval_checkpoint: str | None = None
-    """evaluate this saved model greedily for `eval_episodes` episodes and exit, without training"""
+    """evaluate this saved model (or every agent of this checkpoint.pt) greedily for `eval_episodes` episodes and exit, without training"""
     checkpoint_frequency: int | None = None
-    """write the whole training state to runs/{run_name}/checkpoint.pt every this many env steps (default: every tenth of the run), at an interrupt and at the end"""
+    """write the whole training state of all agents to checkpoint.pt in the first agent's run directory every this many env steps of each agent (default: every tenth of the run), at an interrupt and at the end"""
     resume: str | None = None
-    """continue the run in this run directory (runs/{run_name}) from its checkpoint.pt, with its Args; envs start afresh, so episodes in flight are lost"""
+    """continue the run whose first agent's run directory (runs/{run_name}) holds this checkpoint.pt, with its Args; envs start afresh, so episodes in flight are lost"""
 
     env_id: str = "CartPole-v1"
     """the id of an envpool env with a flat Box observation and Discrete actions: CartPole-v1, Acrobot-v1, MountainCar-v0"""
     total_timesteps: int = 500_000
-    """total environment steps, summed over all envs"""
+    """total environment steps of each agent, summed over its envs"""
     learning_rate: float = 2.5e-4
     """the learning rate of the RAdam optimizer"""
     anneal_lr: bool = True
     """anneal the learning rate linearly to 0 over training"""
     num_envs: int = 32
-    """the number of parallel environments"""
+    """the number of parallel environments of each agent"""
     num_steps: int = 64
     """the number of steps each env runs per rollout"""
     num_minibatches: int = 16
@@ -94,7 +96,7 @@ class UsageError(Exception):
 
 def finalize_args(args: Args) -> Args:
     """Checks the flags and fills in the derived sizes."""
-    for name in ["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes"]:
+    for name in ["num_seeds", "total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes"]:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check_finite(args)
@@ -110,6 +112,8 @@ def finalize_args(args: Args) -> Args:
     for name in ["gamma", "q_lambda", "start_e", "end_e", "exploration_fraction"]:
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if args.track and args.num_seeds > 1:
+        raise UsageError("--track logs one run per process; with --num-seeds, upload the agents' run directories afterwards with `wandb sync --sync-tensorboard runs/<run_name>`")
     if args.cudagraphs and not (args.cuda and torch.cuda.is_available()):
         raise UsageError("--cudagraphs needs a CUDA GPU and none is available; on the CPU use --compile")
     args.batch_size = args.num_envs * args.num_steps
@@ -123,9 +127,9 @@ def finalize_args(args: Args) -> Args:
         )
     args.minibatch_size = args.batch_size // args.num_minibatches
     args.num_iterations = args.total_timesteps // args.batch_size
-    # Per step of the rollout: observations (classic control has at most 6 floats; 8 allowed for),
+    # Per step of the rollout (of every agent): observations (classic control has at most 6 floats; 8 allowed for),
     # action, max_q, next_q, reward, target, three flags; and as much again for the acting passes.
-    check_memory(2 * args.batch_size * (4 * 8 + 8 + 4 * 4 + 3), "the rollout")
+    check_memory(2 * args.num_seeds * args.batch_size * (4 * 8 + 8 + 4 * 4 + 3), "the rollout")
     return args
 
 
@@ -166,11 +170,44 @@ def make_envs(env_id: str, seeds: list[int]) -> gym.vector.VectorEnv:
     return envs
 
 
-class QNetwork(nn.Module):
-    """MLP with LayerNorm after every hidden layer: the normalisation that lets PQN drop the target network."""
+# The agents of one run (--num-seeds S) are trained in the same tensors: every parameter has a leading
+# agent axis of size S, and the layers below apply agent k's weights to agent k's inputs with batched
+# matmuls, so that S agents cost about as many kernel launches as one. Agents share no parameter, and
+# nothing below mixes the rows of two agents.
+class LinearPerAgent(nn.Module):
+    """S linear layers, one per agent: [S, B, in] -> [S, B, out]. Agent k's weights and biases are
+    drawn as nn.Linear draws them (uniform in +-1/sqrt(in)), from agent k's own generator."""
 
-    def __init__(self, observation_space: gym.spaces.Box, num_actions: int, hidden_size: int = 128):
+    def __init__(self, in_features: int, out_features: int, generators: list[torch.Generator]):
         super().__init__()
+        bound = 1 / math.sqrt(in_features)
+        self.weight = nn.Parameter(torch.stack([torch.empty(in_features, out_features).uniform_(-bound, bound, generator=g) for g in generators]))
+        self.bias = nn.Parameter(torch.stack([torch.empty(1, out_features).uniform_(-bound, bound, generator=g) for g in generators]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class LayerNormPerAgent(nn.Module):
+    """LayerNorm over the last dim with a gain and bias per agent: [S, B, size] -> [S, B, size]."""
+
+    def __init__(self, num_agents: int, size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_agents, 1, size))
+        self.bias = nn.Parameter(torch.zeros(num_agents, 1, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.bias, nn.functional.layer_norm(x, x.shape[-1:]), self.weight)
+
+
+class QNetwork(nn.Module):
+    """MLP with LayerNorm after every hidden layer: the normalisation that lets PQN drop the target
+    network. One per agent, agent k's parameters initialised from `seeds[k]` alone (so agent k of a
+    run is initialised as the lone agent of a run with that seed)."""
+
+    def __init__(self, observation_space: gym.spaces.Box, num_actions: int, seeds: list[int], hidden_size: int = 128):
+        super().__init__()
+        self.num_agents = len(seeds)
         # Observations are scaled to [-1, 1] by the bounds of their space where those are finite:
         # MountainCar's velocity lives in [-0.07, 0.07] and would be all but invisible otherwise.
         finite = np.isfinite(observation_space.low) & np.isfinite(observation_space.high)
@@ -178,18 +215,27 @@ class QNetwork(nn.Module):
         high = np.where(finite, observation_space.high, 1.0)
         self.register_buffer("obs_center", torch.tensor((high + low) / 2, dtype=torch.float32))
         self.register_buffer("obs_scale", torch.tensor((high - low) / 2, dtype=torch.float32))
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         self.network = nn.Sequential(
-            nn.Linear(observation_space.shape[0], hidden_size),
-            nn.LayerNorm(hidden_size),
+            LinearPerAgent(observation_space.shape[0], hidden_size, generators),
+            LayerNormPerAgent(self.num_agents, hidden_size),
             nn.ReLU(),
-            nn.Linear(hidden_size, hidden_size),
-            nn.LayerNorm(hidden_size),
+            LinearPerAgent(hidden_size, hidden_size, generators),
+            LayerNormPerAgent(self.num_agents, hidden_size),
             nn.ReLU(),
-            nn.Linear(hidden_size, num_actions),
+            LinearPerAgent(hidden_size, num_actions, generators),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network((x - self.obs_center) / self.obs_scale)
+        """Q-values of a batch laid out agent by agent: [S * B, obs] -> [S * B, actions], rows
+        k * B ... k * B + B - 1 being agent k's (as its envs are in the vector env, see `main`)."""
+        x = (x - self.obs_center) / self.obs_scale
+        return self.network(x.view(self.num_agents, -1, x.shape[-1])).flatten(0, 1)
+
+    def agent_state_dict(self, k: int) -> dict:
+        """The state of agent k alone, as a one-agent QNetwork holds it."""
+        parameters = dict(self.named_parameters())
+        return {name: t[k : k + 1] if name in parameters else t for name, t in self.state_dict().items()}
 
 
 # --- shared: q_lambda_returns ---
@@ -242,11 +288,11 @@ class EpisodeStats:
         self.lengths = np.zeros(num_envs, dtype=np.int64)
 
     def step(self, reward, done, is_reset):
-        """Adds one step; returns (returns, lengths) of the episodes that ended with it.
+        """Adds one step; returns (env indices, returns, lengths) of the episodes that ended with it.
         A reset step belongs to no episode: the counts restart there and its reward (0) is dropped."""
         self.returns = np.where(is_reset, 0.0, self.returns + reward)
         self.lengths = np.where(is_reset, 0, self.lengths + 1)
-        return self.returns[done], self.lengths[done]
+        return np.flatnonzero(done), self.returns[done], self.lengths[done]
 
 
 def rollout(envs, policy, obs, is_reset, epsilon, num_steps, episode_stats):
@@ -257,7 +303,7 @@ def rollout(envs, policy, obs, is_reset, epsilon, num_steps, episode_stats):
     observation of an ended episode, so that step is a reset step (its action is ignored and its
     transition is not real). Returns the rollout as [T, N] tensors, `next_q` for the Q(lambda)
     targets, the observation and reset flags the next rollout starts from, and the episodes that
-    ended, as (step index, return, length).
+    ended, as (step index, env index, return, length).
     """
     device = obs.device
     num_envs = obs.shape[0]
@@ -349,43 +395,59 @@ class RAdam:
 # --- end shared: radam ---
 
 
-# --- shared: td_loss ---
 def td_loss(q_taken: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the real transitions (mask = 1); reset steps (mask = 0) add nothing."""
-    return (mask * (q_taken - returns) ** 2).sum() / mask.sum().clamp(min=1.0)
-# --- end shared: td_loss ---
+    """Each agent's mean squared error over its real transitions (mask = 1), from [S, M] tensors to
+    [S]; reset steps (mask = 0) add nothing."""
+    return (mask * (q_taken - returns) ** 2).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
-# --- shared: pqn_update ---
+@torch.no_grad()
+def clip_grad_norm_per_agent(parameters, max_norm: float):
+    """nn.utils.clip_grad_norm_ for each agent on its own: agent k's gradients are scaled by
+    min(1, max_norm / (norm_k + 1e-6)), norm_k the global norm of agent k's gradients alone."""
+    grads = [p.grad for p in parameters]
+    norms = torch.stack([g.flatten(1).square().sum(1) for g in grads]).sum(0).sqrt()  # [S]
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.view(-1, *[1] * (g.dim() - 1)))
+
+
 def grad_step(q_network, optimizer, obs, actions, returns, mask, max_grad_norm):
-    """One minibatch of TD regression to the Q(lambda) targets. Returns the loss and the mean Q of
-    the actions taken, as tensors (reading them out would wait for the device)."""
-    q_taken = q_network(obs).gather(1, actions[:, None]).squeeze(1)
+    """One minibatch of TD regression to the Q(lambda) targets for every agent: the tensors are
+    [S, M, ...], M transitions of each agent. Returns each agent's loss and mean Q of the actions
+    taken, as [S] tensors (reading them out would wait for the device)."""
+    q_taken = q_network(obs.flatten(0, 1)).gather(1, actions.reshape(-1, 1)).view(actions.shape)
     loss = td_loss(q_taken, returns, mask)
     optimizer.zero_grad()
-    loss.backward()
-    nn.utils.clip_grad_norm_(q_network.parameters(), max_grad_norm, foreach=True)
-    optimizer.step()
-    return loss.detach(), (q_taken.detach() * mask).sum() / mask.sum().clamp(min=1.0)
+    # Agents share no parameter, so the gradient of the sum is, for each agent, that of its own loss.
+    loss.sum().backward()
+    clip_grad_norm_per_agent(q_network.parameters(), max_grad_norm)
+    optimizer.step()  # RAdam is elementwise: each agent's moments are its own
+    return loss.detach(), (q_taken.detach() * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
-def update(train_step, b, returns, update_epochs, minibatch_size):
-    """`update_epochs` passes over the rollout in shuffled minibatches, each given to
-    `train_step(obs, actions, returns, mask)` (`grad_step`). Returns the mean TD loss and the mean
-    Q of the actions taken."""
-    mask = (~b["is_reset"]).flatten().float()  # reset steps are not real transitions
-    batch = [b["obs"].flatten(0, 1), b["actions"].flatten(), returns.flatten(), mask]
+def update(train_step, b, returns, num_agents, update_epochs, minibatch_size):
+    """`update_epochs` passes over the rollout, each agent's transitions in its own shuffled
+    minibatches, given to `train_step(obs, actions, returns, mask)` (`grad_step`) as [S, M, ...]
+    tensors. Returns each agent's mean TD loss and mean Q of the actions taken ([S] arrays)."""
+
+    def by_agent(x):  # [T, S * N, ...] -> [S, T * N, ...]: row k holds agent k's transitions
+        return x.unflatten(1, (num_agents, -1)).transpose(0, 1).flatten(1, 2)
+
+    mask = by_agent(~b["is_reset"]).float()  # reset steps are not real transitions
+    batch = [by_agent(b["obs"]), by_agent(b["actions"]), by_agent(returns), mask]
+    agents = torch.arange(num_agents, device=mask.device)[:, None]
     losses, q_taken_means = [], []
     for _ in range(update_epochs):
-        order = torch.randperm(len(mask), device=mask.device)
-        # One shuffle of the whole rollout per epoch; the minibatches are consecutive slices of it.
-        shuffled = [x[order] for x in batch]
-        for minibatch in zip(*[x.split(minibatch_size) for x in shuffled]):
+        # One shuffle of each agent's rollout per epoch (a permutation per row); the minibatches are
+        # consecutive slices of it.
+        order = torch.rand(mask.shape, device=mask.device).argsort(dim=1)
+        shuffled = [x[agents, order] for x in batch]
+        for minibatch in zip(*[x.split(minibatch_size, dim=1) for x in shuffled]):
             loss, q_taken_mean = train_step(*minibatch)
             losses.append(loss)
             q_taken_means.append(q_taken_mean)
-    return torch.stack(losses).mean().item(), torch.stack(q_taken_means).mean().item()
-# --- end shared: pqn_update ---
+    return torch.stack(losses).mean(0).cpu().numpy(), torch.stack(q_taken_means).mean(0).cpu().numpy()
 
 
 # --- shared: gym_evaluate ---
@@ -429,16 +491,30 @@ def accelerate(fn, compile: bool, cudagraphs: bool):
 
 # --- shared: progress ---
 class Progress:
-    """One status line: redrawn in place on a terminal, else printed at every tenth of the run."""
+    """One status line: redrawn in place on a terminal, else printed at every tenth of the run.
+    The ETA assumes the rest of the run goes at the rate since this object was made (a resumed run's
+    rate counts from its resumption)."""
 
-    def __init__(self, total_steps: int):
-        self.total_steps = total_steps
+    def __init__(self, total_steps: int, start_step: int = 0):
+        self.total_steps, self.start_step = total_steps, start_step
+        self.start_time = time.time()
         self.tty = sys.stdout.isatty()
         self.last_draw = 0.0
         self.next_tenth = 1
 
-    def update(self, step: int, sps: float, recent_return: float):
-        line = f"step {step:>10,}/{self.total_steps:,} ({100 * step / self.total_steps:5.1f}%)  SPS {sps:>7,.0f}  return(last 20 ep) {recent_return:8.2f}"
+    @staticmethod
+    def clock(seconds: float) -> str:
+        seconds = int(seconds)
+        return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+    def update(self, step: int, sps: float, recent: str):
+        """`recent`: what the run's recent episodes say, e.g. "return(last 20 ep) 12.30"."""
+        elapsed = time.time() - self.start_time
+        eta = elapsed * (self.total_steps - step) / max(step - self.start_step, 1)
+        line = (
+            f"step {step:>10,}/{self.total_steps:,} ({100 * step / self.total_steps:5.1f}%)  SPS {sps:>7,.0f}  {recent}"
+            f"  elapsed {self.clock(elapsed)}  ETA {self.clock(eta)}"
+        )
         if self.tty:
             if time.time() - self.last_draw > 0.2 or step >= self.total_steps:
                 print("\r" + line, end="\n" if step >= self.total_steps else "", flush=True)
@@ -553,11 +629,33 @@ def set_rng_state(state: dict):
 # --- end shared: resume ---
 
 
-CHECKPOINT_FORMAT = "pqn/training_state/v1"
+CHECKPOINT_FORMAT = "pqn/training_state/v2"
+
+
+def agents_env_seeds(seeds: list[int], stream: str, num_envs: int, step: int = 0) -> list[int]:
+    """The env seeds of all agents, agent by agent: agent k's envs get the seeds a lone run with
+    seed `seeds[k]` would give its envs."""
+    return [env_seed for seed in seeds for env_seed in env_seeds(seed, stream, num_envs, step)]
+
+
+def iqm(values) -> float:
+    """Interquartile mean: the mean of what is left when a quarter (rounded down) is cut from each end."""
+    values = np.sort(values)
+    cut = len(values) // 4
+    return float(values[cut : len(values) - cut].mean())
+
+
+def over_agents(values: np.ndarray) -> str:
+    """One number per agent, said in a few characters: the number itself for one agent; else the IQM
+    over the agents, with the range. Agents without a number yet (NaN) are left out."""
+    values = values[np.isfinite(values)]
+    if len(values) <= 1:
+        return f"{values[0] if len(values) else math.nan:8.2f}"
+    return f"IQM {iqm(values):.2f} [{values.min():.2f}, {values.max():.2f}] of {len(values)} agents"
 
 
 def load_model(path: str, device: torch.device) -> dict:
-    """A `--save-model` file, or a run's checkpoint.pt (both hold `q_network` and `args`)."""
+    """A `--save-model` file (one agent), or a run's checkpoint.pt (all its agents); both hold `q_network` and `args`."""
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}; write one with `python pqn.py --save-model`")
     try:
@@ -576,7 +674,7 @@ def load_training_state(run_dir: str, device: torch.device) -> dict:
         state = torch.load(path, map_location=device, weights_only=True)
         if state["format"] != CHECKPOINT_FORMAT:
             raise ValueError
-        for key in ["args", "q_network", "optimizer", "iteration", "global_step", "recent_returns", "rng"]:
+        for key in ["args", "run_names", "q_network", "optimizer", "iteration", "global_step", "recent_returns", "rng"]:
             state[key]
         return state
     except Exception:
@@ -584,18 +682,24 @@ def load_training_state(run_dir: str, device: torch.device) -> dict:
 
 
 def eval_checkpoint(args: Args, given: set[str], device: torch.device):
+    """Evaluates every agent the file holds, agent k on the evaluation envs of seed `--seed` + k."""
     checkpoint = load_model(args.eval_checkpoint, device)
     env_id = checkpoint["env_id"]
     if "env_id" in given and args.env_id != env_id:
         raise UsageError(f"{args.eval_checkpoint} was trained on {env_id}, not {args.env_id}; leave --env-id out")
-    envs = make_envs(env_id, env_seeds(args.seed, "evaluation", args.eval_episodes))
-    q_network = QNetwork(envs.single_observation_space, envs.single_action_space.n).to(device)
+    first_weight = checkpoint["q_network"].get("network.0.weight")
+    num_agents = first_weight.shape[0] if isinstance(first_weight, torch.Tensor) and first_weight.dim() == 3 else 1
+    seeds = [args.seed + k for k in range(num_agents)]
+    envs = make_envs(env_id, agents_env_seeds(seeds, "evaluation", args.eval_episodes))
+    q_network = QNetwork(envs.single_observation_space, envs.single_action_space.n, seeds).to(device)
     try:
         q_network.load_state_dict(checkpoint["q_network"])
     except RuntimeError as e:
         raise UsageError(f"{args.eval_checkpoint} does not fit the Q-network for {env_id}: {str(e).splitlines()[0]}") from None
-    returns = evaluate(q_network, envs, seeds=None)  # seeded when made
-    print(f"{env_id}: greedy return over {len(returns)} episodes {returns.mean():.2f} ± {returns.std():.2f}")
+    returns = evaluate(q_network, envs, seeds=None).reshape(num_agents, -1)  # [agent, episode]; seeded when made
+    for k, agent_returns in enumerate(returns):
+        agent = f" (agent {k} of {num_agents})" if num_agents > 1 else ""
+        print(f"{env_id}{agent}: greedy return over {len(agent_returns)} episodes {agent_returns.mean():.2f} ± {agent_returns.std():.2f}")
 
 
 def main(args: Args, given: set[str]):
@@ -611,22 +715,33 @@ def main(args: Args, given: set[str]):
     if args.eval_checkpoint:
         return eval_checkpoint(args, given, device)
 
-    total_steps = args.num_iterations * args.batch_size
+    total_steps = args.num_iterations * args.batch_size  # of each agent
     state = load_training_state(args.resume, device) if args.resume else None
     if state and state["global_step"] >= total_steps:
         print(f"{args.resume} is finished (step {state['global_step']:,} of {total_steps:,}): nothing to resume")
         return
-    run_dir = args.resume or f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    # Agent k has seed `seed + k` and a run directory of its own, named as a lone run with that seed
+    # names its directory; the checkpoint of all agents goes into the first agent's.
+    seeds = [args.seed + k for k in range(args.num_seeds)]
+    if state:
+        run_dirs = [os.path.join(os.path.dirname(os.path.normpath(args.resume)), name) for name in state["run_names"]]
+    else:
+        stamp = int(time.time())
+        run_dirs = [f"runs/{args.env_id}__{args.exp_name}__{seed}__{stamp}" for seed in seeds]
+    checkpoint_path = os.path.join(run_dirs[0], "checkpoint.pt")
     checkpoint_frequency = args.checkpoint_frequency or max(args.total_timesteps // 10, 1)
     interrupts = Interrupts()
 
-    # Envs cannot be saved: a resumed run makes them afresh, seeded from the run's seed and the step
-    # it resumes from, so that it does not play the run's first episodes again.
+    # The envs of all agents are one vector env, agent by agent: agent k's envs are envs
+    # k * num_envs ... (k + 1) * num_envs - 1, so every [S * num_envs, ...] tensor of the rollout is
+    # agent-major, as QNetwork reads its input. Envs cannot be saved: a resumed run makes them afresh,
+    # seeded from the agents' seeds and the step it resumes from, so that it does not play the run's
+    # first episodes again.
     resume_step = state["global_step"] if state else 0
-    envs = make_envs(args.env_id, env_seeds(args.seed, "training", args.num_envs, resume_step))
-    eval_envs = make_envs(args.env_id, env_seeds(args.seed, "evaluation", args.eval_episodes, resume_step))
-    check_writable(run_dir)
+    envs = make_envs(args.env_id, agents_env_seeds(seeds, "training", args.num_envs, resume_step))
+    eval_envs = make_envs(args.env_id, agents_env_seeds(seeds, "evaluation", args.eval_episodes, resume_step))
+    for run_dir in run_dirs:
+        check_writable(run_dir)
     if args.track:
         try:
             import wandb
@@ -637,24 +752,27 @@ def main(args: Args, given: set[str]):
             entity=args.wandb_entity,
             sync_tensorboard=True,
             config=asdict(args),
-            name=os.path.basename(run_dir),
+            name=os.path.basename(run_dirs[0]),
             save_code=True,
         )
     # A resumed run writes on from its checkpoint's step: what the interrupted run logged after it is purged.
-    writer = SummaryWriter(run_dir, purge_step=state["global_step"] + 1 if state else None)
+    writers = [SummaryWriter(run_dir, purge_step=state["global_step"] + 1 if state else None) for run_dir in run_dirs]
     if not state:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        for seed, writer in zip(seeds, writers):
+            hyperparameters = {**asdict(args), "seed": seed}
+            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in hyperparameters.items()))
 
-    q_network = QNetwork(envs.single_observation_space, envs.single_action_space.n).to(device)
+    q_network = QNetwork(envs.single_observation_space, envs.single_action_space.n, seeds).to(device)
     optimizer = RAdam(q_network.parameters(), lr=args.learning_rate)
-    recent_returns = collections.deque(maxlen=20)
-    start_iteration, global_step = 0, 0
+    recent_returns = [collections.deque(maxlen=20) for _ in seeds]
+    start_iteration, global_step = 0, 0  # global_step: env steps of each agent
     if state:
         q_network.load_state_dict(state["q_network"])
         optimizer.load_state_dict(state["optimizer"])
-        recent_returns.extend(state["recent_returns"])
+        for recent, saved in zip(recent_returns, state["recent_returns"], strict=True):
+            recent.extend(saved)
         start_iteration, global_step = state["iteration"], state["global_step"]
-        set_rng_state(state["rng"])  # last: making the networks drew from torch's generator
+        set_rng_state(state["rng"])
     policy = accelerate(lambda obs, epsilon: act(q_network, obs, epsilon), args.compile, args.cudagraphs)
     # Inductor would compile the loop over the rollout's steps for a long time, to save little; a
     # CUDA graph of it (no Inductor) saves a kernel launch per step on the GPU.
@@ -664,63 +782,78 @@ def main(args: Args, given: set[str]):
     )
 
     def run_evaluation(global_step):
-        returns = evaluate(q_network, eval_envs, seeds=None)  # seeded when made
-        writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
-        print(f"eval at step {global_step}: greedy return {returns.mean():.2f} ± {returns.std():.2f} ({len(returns)} episodes)", flush=True)
+        returns = evaluate(q_network, eval_envs, seeds=None).reshape(args.num_seeds, -1)  # [agent, episode]; seeded when made
+        for writer, agent_returns in zip(writers, returns):
+            writer.add_scalar("eval/episodic_return", agent_returns.mean(), global_step)
+        if args.num_seeds == 1:
+            print(f"eval at step {global_step}: greedy return {returns.mean():.2f} ± {returns.std():.2f} ({returns.size} episodes)", flush=True)
+        else:
+            print(f"eval at step {global_step}: greedy return {over_agents(returns.mean(1))} ({args.eval_episodes} episodes each)", flush=True)
 
     def save_checkpoint(iteration):
         save_atomically(
             {
                 "format": CHECKPOINT_FORMAT,
                 "args": asdict(args),
+                "run_names": [os.path.basename(run_dir) for run_dir in run_dirs],
                 "q_network": q_network.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "iteration": iteration,
                 "global_step": global_step,
-                "recent_returns": [float(r) for r in recent_returns],
+                "recent_returns": [[float(r) for r in recent] for recent in recent_returns],
                 "rng": rng_state(),
             },
             checkpoint_path,
         )
 
-    def save_model():
-        path = os.path.join(run_dir, f"{args.exp_name}.pt")
-        save_atomically({"q_network": q_network.state_dict(), "args": asdict(args)}, path)
-        print(f"model saved to {path}")
+    def save_models():
+        """Each agent's Q-network, as a lone run with its seed would save it."""
+        for k, (seed, run_dir) in enumerate(zip(seeds, run_dirs)):
+            path = os.path.join(run_dir, f"{args.exp_name}.pt")
+            save_atomically({"q_network": q_network.agent_state_dict(k), "args": {**asdict(args), "seed": seed, "num_seeds": 1}}, path)
+        print(f"model saved to {path}" if args.num_seeds == 1 else f"{args.num_seeds} models saved, one in each agent's run directory")
 
     obs, _ = envs.reset()  # seeded when made
     obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
-    is_reset = np.zeros(args.num_envs, dtype=bool)
-    episode_stats = EpisodeStats(args.num_envs)
-    progress = Progress(total_steps)
+    is_reset = np.zeros(envs.num_envs, dtype=bool)
+    episode_stats = EpisodeStats(envs.num_envs)
+    progress = Progress(total_steps, start_step=global_step)
     start_step, start_time = global_step, time.time()
     try:
         for iteration in range(start_iteration + 1, args.num_iterations + 1):
+            # Rollout: num_steps epsilon-greedy steps in every env of every agent.
             lr = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations) if args.anneal_lr else args.learning_rate
             optimizer.lr.fill_(lr)  # in place: a compiled step reads this very tensor
             epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, global_step)
             b, obs, is_reset, episodes = rollout(
                 envs, policy, obs, is_reset, torch.tensor(epsilon, device=device), args.num_steps, episode_stats
             )
-            for step, episodic_return, episodic_length in episodes:
-                writer.add_scalar("charts/episodic_return", episodic_return, global_step + (step + 1) * args.num_envs)
-                writer.add_scalar("charts/episodic_length", episodic_length, global_step + (step + 1) * args.num_envs)
-                recent_returns.append(episodic_return)
+            for step, env, episodic_return, episodic_length in episodes:
+                agent = env // args.num_envs
+                writers[agent].add_scalar("charts/episodic_return", episodic_return, global_step + (step + 1) * args.num_envs)
+                writers[agent].add_scalar("charts/episodic_length", episodic_length, global_step + (step + 1) * args.num_envs)
+                recent_returns[agent].append(episodic_return)
             global_step += args.batch_size
 
+            # Targets, then update_epochs passes of minibatch TD regression on them.
             returns = targets(b["rewards"], b["terminations"], b["truncations"], b["next_q"])
-            td_loss_mean, q_values_mean = update(train_step, b, returns, args.update_epochs, args.minibatch_size)
-            if not (math.isfinite(td_loss_mean) and math.isfinite(q_values_mean)):
+            td_losses, q_values = update(train_step, b, returns, args.num_seeds, args.update_epochs, args.minibatch_size)
+            if not (np.isfinite(td_losses).all() and np.isfinite(q_values).all()):
+                bad = [seeds[k] for k in np.flatnonzero(~(np.isfinite(td_losses) & np.isfinite(q_values)))]
                 last = f"the last checkpoint is {checkpoint_path}" if os.path.isfile(checkpoint_path) else "no checkpoint was written"
-                raise RunFault(f"the TD loss ({td_loss_mean}) or mean Q ({q_values_mean}) is not finite at step {global_step:,}; {last}")
+                raise RunFault(f"the TD loss or mean Q of the agent with seed {bad[0]} is not finite at step {global_step:,}; {last}")
 
-            sps = (global_step - start_step) / (time.time() - start_time)
-            writer.add_scalar("losses/td_loss", td_loss_mean, global_step)
-            writer.add_scalar("losses/q_values", q_values_mean, global_step)
-            writer.add_scalar("charts/learning_rate", lr, global_step)
-            writer.add_scalar("charts/epsilon", epsilon, global_step)
-            writer.add_scalar("charts/SPS", sps, global_step)
-            progress.update(global_step, sps, float(np.mean(recent_returns)) if recent_returns else float("nan"))
+            # Logging: each agent to its own run directory.
+            sps = (global_step - start_step) / (time.time() - start_time)  # env steps per second of each agent
+            for writer, td_loss_mean, q_values_mean in zip(writers, td_losses, q_values):
+                writer.add_scalar("losses/td_loss", td_loss_mean, global_step)
+                writer.add_scalar("losses/q_values", q_values_mean, global_step)
+                writer.add_scalar("charts/learning_rate", lr, global_step)
+                writer.add_scalar("charts/epsilon", epsilon, global_step)
+                writer.add_scalar("charts/SPS", sps, global_step)
+            recent = np.array([np.mean(r) if r else math.nan for r in recent_returns])
+            # The progress line's SPS counts the env steps of all agents.
+            progress.update(global_step, sps * args.num_seeds, f"return(last 20 ep) {over_agents(recent)}")
             if iteration < args.num_iterations:  # the final evaluation and checkpoint follow the loop
                 if args.eval_frequency and global_step // args.eval_frequency > (global_step - args.batch_size) // args.eval_frequency:
                     run_evaluation(global_step)
@@ -729,20 +862,20 @@ def main(args: Args, given: set[str]):
             if interrupts.signal:
                 save_checkpoint(iteration)
                 if args.save_model:
-                    save_model()
+                    save_models()
                 name = signal.Signals(interrupts.signal).name
-                print(f"{name}: stopped at step {global_step:,}; continue with `python pqn.py --resume {run_dir}`", file=sys.stderr)
+                print(f"{name}: stopped at step {global_step:,}; continue with `python pqn.py --resume {run_dirs[0]}`", file=sys.stderr)
                 return 128 + interrupts.signal
 
         run_evaluation(global_step)
         if args.save_model:
-            save_model()
+            save_models()
         save_checkpoint(args.num_iterations)
     finally:
         envs.close()
         eval_envs.close()
-        writer.close()
-
+        for writer in writers:
+            writer.close()
 
 if __name__ == "__main__":
     try:

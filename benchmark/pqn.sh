@@ -1,13 +1,11 @@
 #!/usr/bin/env bash
-# PQN benchmarks. Each block runs its commands with benchmark/run.py (3 seeds, resumable: runs that
+# PQN benchmarks. Each block runs its commands with benchmark/run.py (resumable: runs that
 # finished are skipped when the script is run again) and then writes
 # benchmark/results/<benchmark>.md and .png with benchmark/report.py.
 #
 #   classic  pqn_classic_control: pqn.py on CartPole-v1 and Acrobot-v1 (default flags) and on
-#            MountainCar-v0 with --exploration-fraction 0.1 --q-lambda 0.95; 500k steps (the default).
-#            Measured on a 2-core x86-64 CPU without GPU, two runs at a time: CartPole 1 min 29 s
-#            to 1 min 40 s, Acrobot 1 min 28 s to 1 min 30 s, MountainCar 1 min 27 s to 1 min 29 s
-#            per run; the 9 runs took 7 min 37 s with 2 workers.
+#            MountainCar-v0 with --exploration-fraction 0.1 --q-lambda 0.95; 500k steps (the default),
+#            32 seeds per env, trained in one process per env (--num-seeds 32).
 #   atari    pqn_atari: pqn_atari_envpool.py on Breakout-v5, Pong-v5, BeamRider-v5; 10M steps.
 #   lstm     pqn_atari_lstm: pqn_atari_envpool_lstm.py on Breakout-v5, BeamRider-v5; 10M steps.
 #            The Atari blocks need a GPU and have not been timed on one here (for scale only:
@@ -21,7 +19,9 @@
 # Usage (from anywhere):  bash benchmark/pqn.sh [classic] [atari] [lstm] [atari-cpu] [lstm-cpu]
 #                         (no argument: classic, atari and lstm)
 # Environment variables:
-#   SEEDS         the seeds (default "1 2 3"; "1" for atari-cpu and lstm-cpu)
+#   SEEDS         the seeds (default "1 2 3"; "1" for classic, atari-cpu and lstm-cpu); with NUM_SEEDS,
+#                 the first seed of each process
+#   NUM_SEEDS     agents per process, pqn.py's --num-seeds (classic only; default 32)
 #   WORKERS       runs at a time (default 2 for classic, 1 for atari and lstm)
 #   EXTRA_FLAGS   flags appended to every command, e.g. "--total-timesteps 100000"
 #   SUFFIX        appended to the benchmark names (a run with other flags needs another name)
@@ -31,16 +31,18 @@
 #   MACHINE       the machine line of the report (default: this machine's cores, CPU and GPU)
 #   PYTHON        the Python to run (default: python)
 # A smaller version (1 seed, 100k steps: 3 runs of 22–25 s each, 50 s in all on the CPU above):
-#   SEEDS=1 EXTRA_FLAGS="--total-timesteps 100000" SUFFIX=_short bash benchmark/pqn.sh classic
+#   NUM_SEEDS=1 EXTRA_FLAGS="--total-timesteps 100000" SUFFIX=_short bash benchmark/pqn.sh classic
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # How the script was called, for the report: the variables above that are set, and the blocks.
-invocation=$(for v in SEEDS WORKERS EXTRA_FLAGS SUFFIX ATARI_ENVS LSTM_ENVS; do [ -z "${!v:-}" ] || printf '%s="%s" ' "$v" "${!v}"; done)
+invocation=$(for v in SEEDS NUM_SEEDS WORKERS EXTRA_FLAGS SUFFIX ATARI_ENVS LSTM_ENVS; do [ -z "${!v:-}" ] || printf '%s="%s" ' "$v" "${!v}"; done)
 SELF=benchmark/pqn.sh
 PYTHON=${PYTHON:-python}
-# The CPU Atari presets are single runs (seed 1) unless SEEDS is given.
+# The CPU Atari presets are single runs (seed 1) unless SEEDS is given; classic runs its seeds in one process.
 CPU_SEEDS=${SEEDS:-1}
+CLASSIC_SEEDS=${SEEDS:-1}
+NUM_SEEDS=${NUM_SEEDS:-32}
 SEEDS=${SEEDS:-"1 2 3"}
 EXTRA_FLAGS=${EXTRA_FLAGS:-}
 SUFFIX=${SUFFIX:-}
@@ -67,12 +69,13 @@ quote() {
 }
 
 # run BENCHMARK WORKERS EXP SCRIPT "ENV ..." FLAG...: one run.py call; a failure is remembered, not fatal.
+# RUN_NUM_SEEDS (default 1) is run.py's --num-seeds.
 run() {
     local benchmark=$1 workers=$2 exp=$3 script=$4 envs=$5
     shift 5
     # shellcheck disable=SC2086  # SEEDS, envs, RUNNER_FLAGS and EXTRA_FLAGS are lists of words
     $PYTHON benchmark/run.py --benchmark "$benchmark" --exp-name "$exp" --script "$script" --env-ids $envs \
-        --seeds $SEEDS --workers "$workers" $RUNNER_FLAGS -- "$@" $EXTRA_FLAGS || status=1
+        --seeds $SEEDS --num-seeds "${RUN_NUM_SEEDS:-1}" --workers "$workers" $RUNNER_FLAGS -- "$@" $EXTRA_FLAGS || status=1
 }
 
 # report BENCHMARK ARGS: the table and curves, unless the commands were only shown or submitted.
@@ -90,8 +93,9 @@ for block in "${blocks[@]}"; do
     case $block in
         classic)
             name=pqn_classic_control$SUFFIX
-            run "$name" "${WORKERS:-2}" pqn pqn.py "CartPole-v1 Acrobot-v1"
-            run "$name" "${WORKERS:-2}" pqn pqn.py MountainCar-v0 --exploration-fraction 0.1 --q-lambda 0.95
+            SEEDS=$CLASSIC_SEEDS RUN_NUM_SEEDS=$NUM_SEEDS run "$name" "${WORKERS:-2}" pqn pqn.py "CartPole-v1 Acrobot-v1"
+            SEEDS=$CLASSIC_SEEDS RUN_NUM_SEEDS=$NUM_SEEDS run "$name" "${WORKERS:-2}" pqn pqn.py MountainCar-v0 \
+                --exploration-fraction 0.1 --q-lambda 0.95
             report "$name" classic
             ;;
         atari)

@@ -247,6 +247,18 @@ def plot(groups, envs, variants, title, path):
     plt.close(fig)
 
 
+def seed_ranges(seeds):
+    """1, 2, 3, 5 -> "1–3, 5": runs of consecutive integer seeds as ranges."""
+    numbers = sorted(seed for seed in seeds if isinstance(seed, int))
+    parts, start = [], None
+    for i, seed in enumerate(numbers):
+        start = seed if start is None else start
+        if i + 1 == len(numbers) or numbers[i + 1] != seed + 1:
+            parts.append(str(seed) if seed == start else f"{start}, {seed}" if seed == start + 1 else f"{start}–{seed}")
+            start = None
+    return ", ".join(parts + [str(seed) for seed in seeds if not isinstance(seed, int)])
+
+
 def markdown(benchmark, groups, envs, variants, machine, made_with, png):
     lines = [f"# Benchmark `{benchmark}`", ""]
     if made_with:
@@ -303,10 +315,15 @@ def markdown(benchmark, groups, envs, variants, machine, made_with, png):
             commands = {}
             for run in runs:
                 if run["command"]:
-                    command = re.sub(r"--seed \S+", "--seed S", run["command"], count=1)
-                    commands.setdefault(command, []).append(str(run["seed"]))
+                    # A --num-seeds command trained all its agents (seeds) in one process: shown once, as it ran.
+                    one_process = "--num-seeds" in shlex.split(run["command"])
+                    command = run["command"] if one_process else re.sub(r"--seed \S+", "--seed S", run["command"], count=1)
+                    commands.setdefault(command, []).append(run["seed"])
             for command, seeds in commands.items():
-                lines.append(f"{command}    # S = {', '.join(seeds)}")
+                if "--num-seeds" in shlex.split(command):
+                    lines.append(f"{command}    # one process, agents with seeds {seed_ranges(seeds)}")
+                else:
+                    lines.append(f"{command}    # S = {seed_ranges(seeds)}")
     lines += ["```", ""]
     return "\n".join(lines)
 

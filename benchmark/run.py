@@ -15,7 +15,10 @@ Files, under --root:
   benchmark/logs/<benchmark>/<exp>__<env>__<seed>.log   stdout and stderr of the run (kept when it fails)
   benchmark/logs/<benchmark>/<exp>__<env>__<seed>.done  written only when it exits 0: the run directory
                                                           it made, runs/<env>__<exp>__<seed>__<unix time>
-(a `/` in an env id becomes `-`). A command whose .done exists is skipped, so running the same
+(a `/` in an env id becomes `-`). With --num-seeds N (pqn.py's --num-seeds: N agents in one process,
+with seeds S ... S + N - 1), each seed of --seeds starts a command with `--seed S --num-seeds N`, and
+each of its agents gets a .done marker (and a .log naming the command) as if it had run alone; the
+command's output is in the log of its first seed. A command whose .done markers all exist is skipped, so running the same
 command again after an interruption (Ctrl-C: exit status 130) runs only what is missing. A .done made
 by another command (other flags) is an error: give such a benchmark another --benchmark name. Failed
 runs do not stop the others; they are listed at the end and the exit status is 1.
@@ -83,6 +86,8 @@ class Job:
     def __init__(self, args, env_id, seed):
         self.env_id, self.seed, self.exp_name = env_id, seed, args.exp_name
         self.argv = ["python", args.script, "--env-id", env_id, "--seed", str(seed), "--exp-name", args.exp_name]
+        if args.num_seeds > 1:
+            self.argv += ["--num-seeds", str(args.num_seeds)]
         # {env_id} and {seed} now; {run_dir:EXP} when the command starts (that run may not have finished yet).
         known = {"env_id": env_id, "seed": str(seed)}
         self.argv += [PLACEHOLDER.sub(lambda m: known.get(m[1], m[0]), flag) for flag in args.extra]
@@ -93,6 +98,12 @@ class Job:
         self.job_id_file = os.path.join(directory, "slurm", self.stem + ".jobid")
         # `runs/<this prefix><unix time>` is the directory the script makes (the README's Logged metrics).
         self.run_prefix = f"{env_id.replace('/', '-')}__{args.exp_name}__{seed}__"
+        # The agents of a --num-seeds command after the first: (seed, .log, .done, run prefix) of each;
+        # their run directories carry the first one's unix time.
+        self.other_agents = [
+            (s, *(os.path.join(directory, stem(args.exp_name, env_id, s) + ext) for ext in (".log", ".done")), f"{env_id.replace('/', '-')}__{args.exp_name}__{s}__")
+            for s in range(seed + 1, seed + args.num_seeds)
+        ]
         # The runs this one needs: {exp: its .done file}, from the {run_dir:EXP} placeholders.
         self.needs = {exp: os.path.join(directory, stem(exp, env_id, seed) + ".done") for exp in needed_runs(args.extra)}
 
@@ -112,6 +123,23 @@ class Job:
     def command(self):
         """The command as shown and logged, with its {run_dir:EXP} placeholders (the same for every run)."""
         return shlex.join(self.argv)
+
+    def markers(self):
+        """(.log, .done) of every agent of the command, the first agent's first."""
+        return [(self.log, self.done)] + [(log, done) for _, log, done, _ in self.other_agents]
+
+    def finished(self):
+        return all(os.path.exists(done) for _, done in self.markers())
+
+    def mark_other_agents(self, run_dir):
+        """Writes the .log and .done of the agents after the first, whose directories are named like `run_dir`."""
+        stamp = run_dir.rsplit("__", 1)[1]
+        for seed, log, done, prefix in self.other_agents:
+            with open(log, "w", encoding="utf-8") as f:
+                f.write(f"# command: {self.command()}\n# the agent with seed {seed} of this command; its output is in {os.path.basename(self.log)}\n")
+            with open(done + ".tmp", "w", encoding="utf-8") as f:
+                f.write(os.path.join(os.path.dirname(run_dir), prefix + stamp) + "\n")
+            os.replace(done + ".tmp", done)
 
 
 def show(path):
@@ -201,6 +229,7 @@ def run_local(job, root):
     with open(job.done + ".tmp", "w", encoding="utf-8") as f:
         f.write(run_dir + "\n")
     os.replace(job.done + ".tmp", job.done)
+    job.mark_other_agents(run_dir)
     return True, f"finished in {format_duration(elapsed)}: {run_dir}"
 
 
@@ -240,6 +269,12 @@ def write_job_file(job, args):
         # Where a job stopped by SIGTERM leaves the run directory its requeued job continues.
         "resume": shlex.quote(job.done[: -len(".done")] + ".resume"),
         "resume_command": shlex.join([*job.argv[:2], "--resume"]),
+        # The agents after the first of a --num-seeds command: their directories carry the first one's unix time.
+        "other_agents": "\n".join(
+            f"printf '%s\\n' {shlex.quote(f'# command: {job.command()}')} {shlex.quote(f'# the agent with seed {seed} of this command; its output is in {os.path.basename(job.log)}')} > {shlex.quote(log)}\n"
+            f'echo "runs/{prefix}${{run_dir##*__}}" > {shlex.quote(done)}'
+            for seed, log, done, prefix in job.other_agents
+        ),
     }
     for name, value in fields.items():
         text = text.replace("{{" + name + "}}", value)
@@ -274,6 +309,7 @@ def parse_args(argv):
     parser.add_argument("--script", required=True, help="the script to run, relative to --root, e.g. pqn.py")
     parser.add_argument("--env-ids", nargs="+", required=True, metavar="ENV", help="the env ids")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], metavar="S", help="the seeds (default: 1 2 3)")
+    parser.add_argument("--num-seeds", type=int, default=1, metavar="N", help="agents per command, seeds S ... S + N - 1 in one process (the script's --num-seeds; default: 1)")
     parser.add_argument("--workers", type=int, default=1, help="how many runs at a time (default: 1)")
     parser.add_argument("--root", default=ROOT, help="where the commands run and runs/ and benchmark/logs/ are (default: the repository root)")
     parser.add_argument("--dry-run", action="store_true", help="only print the commands (with --slurm: write the job files and print the sbatch commands)")
@@ -294,9 +330,14 @@ def parse_args(argv):
         fail(f"--script {args.script}: no such file in {args.root}")
     if args.workers < 1:
         fail(f"--workers {args.workers}: must be at least 1")
+    if args.num_seeds < 1:
+        fail(f"--num-seeds {args.num_seeds}: must be at least 1")
+    seeds = sorted(set(args.seeds))
+    if any(b - a < args.num_seeds for a, b in zip(seeds, seeds[1:])):
+        fail(f"--seeds {' '.join(map(str, args.seeds))} with --num-seeds {args.num_seeds}: the agents of two commands would share seeds; space the seeds at least {args.num_seeds} apart")
     for flag in extra:
-        if flag.split("=")[0] in ("--env-id", "--seed", "--exp-name"):
-            fail(f"{flag} after --: give it to the runner as --env-ids, --seeds or --exp-name")
+        if flag.split("=")[0] in ("--env-id", "--seed", "--exp-name", "--num-seeds"):
+            fail(f"{flag} after --: give it to the runner as --env-ids, --seeds, --exp-name or --num-seeds")
     if args.slurm and not os.path.isfile(args.slurm_template):
         fail(f"--slurm-template {args.slurm_template}: no such file")
     if args.slurm and not args.dry_run and shutil.which("sbatch") is None:
@@ -309,13 +350,15 @@ def main(argv):
     args = parse_args(argv)
     jobs = [Job(args, env_id, seed) for env_id in dict.fromkeys(args.env_ids) for seed in dict.fromkeys(args.seeds)]
     # A finished run counts only for the same command: a benchmark made with other flags is not resumed.
-    conflicts = [job for job in jobs if os.path.exists(job.done) and logged_command(job.log) not in (None, job.command())]
+    conflicts = [
+        job for job in jobs if any(os.path.exists(done) and logged_command(log) not in (None, job.command()) for log, done in job.markers())
+    ]
     if conflicts:
         fail(
             f"{len(conflicts)} of these runs already finished in benchmark {args.benchmark!r} with another command "
             f"(see {show(conflicts[0].log)}): use another --benchmark name, or delete {show(logs_dir(args.root, args.benchmark))}"
         )
-    todo = [job for job in jobs if not os.path.exists(job.done)]
+    todo = [job for job in jobs if not job.finished()]
     for job in jobs:
         if job not in todo:
             print(f"# skipped, already done ({read_marker(job.done)}): {job.command()}")

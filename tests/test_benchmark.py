@@ -24,13 +24,16 @@ import argparse, os, signal, sys, time
 parser = argparse.ArgumentParser()
 for flag in ("--env-id", "--seed", "--exp-name", "--teacher", "--tag", "--resume"):
     parser.add_argument(flag)
+parser.add_argument("--num-seeds", type=int, default=1)
 args = parser.parse_args()
 print("argv", sys.argv[1:], "OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS"))
 if args.resume:
     sys.exit(0 if os.path.isdir(args.resume) else f"no run {args.resume}")
 if args.env_id == os.environ.get("FAKE_FAIL_ENV"):
     sys.exit("fake failure")
-os.makedirs(f"runs/{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
+stamp = int(time.time())
+for seed in range(int(args.seed), int(args.seed) + args.num_seeds):  # one run directory per agent, as pqn.py --num-seeds
+    os.makedirs(f"runs/{args.env_id.replace('/', '-')}__{args.exp_name}__{seed}__{stamp}")
 if os.environ.get("FAKE_WAIT_FOR_SIGTERM"):  # as the real scripts: a checkpoint, then exit 128 + 15
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print("waiting", flush=True)
@@ -102,6 +105,32 @@ def test_failures_do_not_stop_the_others_and_finished_runs_are_skipped(root):
     result = runner(root, extra=["--tag", "x"])
     assert error_line(result).startswith("error: 4 of these runs already finished in benchmark 'b' with another command")
     assert result.returncode == 2
+
+
+def test_several_agents_in_one_process_get_a_marker_each(root):
+    result = runner(root, "--num-seeds", "3", envs=("A",), seeds=("1", "4"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "python fake.py --env-id A --seed 4 --exp-name e --num-seeds 3" in result.stdout
+    assert "b/e: 2 commands, 2 finished" in result.stdout
+    for first in (1, 4):
+        stamps = set()
+        for seed in range(first, first + 3):
+            run_dir = (logs(root) / f"e__A__{seed}.done").read_text().strip()
+            assert re.fullmatch(rf"runs/A__e__{seed}__\d+", run_dir) and (root / run_dir).is_dir()
+            stamps.add(run_dir.rsplit("__", 1)[1])
+            # Every agent's log names the command that trained it, for the report.
+            assert (logs(root) / f"e__A__{seed}.log").read_text().startswith(f"# command: python fake.py --env-id A --seed {first} ")
+        assert len(stamps) == 1
+    # Run again: all done. With a marker missing, its command runs again.
+    assert runner(root, "--num-seeds", "3", "--dry-run", envs=("A",), seeds=("1", "4")).stdout.splitlines()[-1] == "# 2 commands: 0 to run, 2 already done"
+    os.remove(logs(root) / "e__A__5.done")
+    assert runner(root, "--num-seeds", "3", "--dry-run", envs=("A",), seeds=("1", "4")).stdout.splitlines()[-2:] == [
+        "python fake.py --env-id A --seed 4 --exp-name e --num-seeds 3",
+        "# 2 commands: 1 to run, 1 already done",
+    ]
+    # Agents of two commands may not share a seed.
+    line = error_line(runner(root, "--num-seeds", "3", envs=("A",), seeds=("1", "3")))
+    assert "the agents of two commands would share seeds" in line
 
 
 def test_run_dir_placeholder_gives_the_run_directory_of_another_exp(root):
@@ -277,7 +306,7 @@ def test_report_table_holds_means_and_stds_over_seeds_and_a_png(tmp_path):
         assert float(sps.replace(",", "")) == pytest.approx(np.mean([r["sps"] for r in runs]), abs=0.5)
     assert "Machine: a test machine." in md and "Made with `bash x.sh`." in md
     assert "ddof = 0" in md
-    assert "python x.py --env-id MinAtar/Breakout-v1 --seed S --exp-name pdqn --k 1    # S = 1, 2, 3" in md
+    assert "python x.py --env-id MinAtar/Breakout-v1 --seed S --exp-name pdqn --k 1    # S = 1–3" in md
     png = tmp_path / "benchmark" / "results" / "bench.png"
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and "![learning curves](bench.png)" in md
 
@@ -311,6 +340,25 @@ def import_report():
     return report
 
 
+def test_classic_control_trains_its_seeds_in_one_process_per_env():
+    env = dict(os.environ, RUNNER_FLAGS="--dry-run", SUFFIX="_dry_run_test")
+    result = subprocess.run(["bash", os.path.join(ROOT, "benchmark", "pqn.sh"), "classic"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    commands = [line for line in result.stdout.splitlines() if line.startswith("python ")]
+    assert commands == [
+        "python pqn.py --env-id CartPole-v1 --seed 1 --exp-name pqn --num-seeds 32",
+        "python pqn.py --env-id Acrobot-v1 --seed 1 --exp-name pqn --num-seeds 32",
+        "python pqn.py --env-id MountainCar-v0 --seed 1 --exp-name pqn --num-seeds 32 --exploration-fraction 0.1 --q-lambda 0.95",
+    ]
+
+
+def test_seed_ranges_are_written_short():
+    report = import_report()
+    assert report.seed_ranges([1, 2, 3]) == "1–3"
+    assert report.seed_ranges([5, 1, 2, 9, 10, 11, 12]) == "1, 2, 5, 9–12"
+    assert report.seed_ranges([7]) == "7"
+
+
 def test_learning_curve_bins_average_and_carry_forward():
     report = import_report()
     steps = np.array([5, 15, 250, 255, 900, 1000])
@@ -327,7 +375,7 @@ def test_shell_scripts_print_their_commands_in_a_dry_run(script):
     path = os.path.join(ROOT, "benchmark", script)
     assert subprocess.run(["bash", "-n", path]).returncode == 0
     # A benchmark name of its own, so that benchmarks already run in this checkout do not interfere.
-    env = dict(os.environ, RUNNER_FLAGS="--dry-run", SEEDS="1 2", EXTRA_FLAGS="--total-timesteps 1000", SUFFIX="_dry_run_test")
+    env = dict(os.environ, RUNNER_FLAGS="--dry-run", SEEDS="1 2", NUM_SEEDS="1", EXTRA_FLAGS="--total-timesteps 1000", SUFFIX="_dry_run_test")
     result = subprocess.run(["bash", path], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     expected = {

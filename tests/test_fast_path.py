@@ -59,13 +59,13 @@ def test_radam_matches_torch_optim_radam():
 def test_compiled_acting_and_gradient_steps_match_the_plain_ones():
     space = gym.spaces.Box(-np.inf, np.inf, (4,))
     torch.manual_seed(0)
-    q_plain = pqn.QNetwork(space, 3)
+    q_plain = pqn.QNetwork(space, 3, seeds=[0, 1])  # two agents: the seed axis compiles too
     q_fast = copy.deepcopy(q_plain)
     # The reference is torch.optim's RAdam, stepped eagerly; the fast path is pqn.py's, compiled
     # into one graph with the forward and backward pass.
     opt_plain = torch.optim.RAdam(q_plain.parameters(), lr=1e-2)
     opt_fast = pqn.RAdam(q_fast.parameters(), lr=1e-2)
-    obs = torch.randn(32, 4)
+    obs = torch.randn(64, 4)  # 32 of each agent
     act_fast = pqn.accelerate(lambda o, e: pqn.act(q_fast, o, e), compile=True, cudagraphs=False)
     actions, max_q = act_fast(obs, torch.tensor(0.0))  # epsilon 0: greedy, no randomness
     with torch.no_grad():
@@ -73,7 +73,7 @@ def test_compiled_acting_and_gradient_steps_match_the_plain_ones():
     assert_greedy(actions, q)
     torch.testing.assert_close(max_q, q.max(dim=1).values)
 
-    minibatch = (obs, torch.randint(3, (32,)), torch.randn(32), (torch.rand(32) < 0.8).float())
+    minibatch = (obs.view(2, 32, 4), torch.randint(3, (2, 32)), torch.randn(2, 32), (torch.rand(2, 32) < 0.8).float())
     step_fast = pqn.accelerate(lambda *mb: pqn.grad_step(q_fast, opt_fast, *mb, 1.0), compile=True, cudagraphs=False)
     for step in range(8):  # a new learning rate each step must be taken up; from step 6 RAdam is rectified
         lr = 1e-2 * (1 - step / 8)
@@ -108,10 +108,10 @@ def test_cudagraph_outputs_are_handed_out_as_copies():
 
 
 def test_compiled_steps_only_mutate_what_cuda_graphs_keep_in_place():
-    q_network = pqn.QNetwork(gym.spaces.Box(-np.inf, np.inf, (4,)), 3)
+    q_network = pqn.QNetwork(gym.spaces.Box(-np.inf, np.inf, (4,)), 3, seeds=[0, 1])
     optimizer = pqn.RAdam(q_network.parameters(), lr=1e-2)
-    obs = torch.randn(8, 4)
-    minibatch = (obs, torch.randint(3, (8,)), torch.randn(8), torch.ones(8))
+    obs = torch.randn(16, 4)
+    minibatch = (obs.view(2, 8, 4), torch.randint(3, (2, 8)), torch.randn(2, 8), torch.ones(2, 8))
     # The gradient step updates the parameters and RAdam's state (moments, step count) in place.
     assert mutated_inputs_cuda_graphs_would_skip(pqn, lambda *mb: pqn.grad_step(q_network, optimizer, *mb, 1.0), *minibatch) == []
     assert mutated_inputs_cuda_graphs_would_skip(pqn, lambda o, e: pqn.act(q_network, o, e), obs, torch.tensor(0.1)) == []
@@ -129,11 +129,11 @@ def test_cudagraphs_backend_traces_the_steps_to_the_same_numbers():
     # tracing and the copying of outputs; the graphs themselves need a GPU.
     space = gym.spaces.Box(-np.inf, np.inf, (4,))
     torch.manual_seed(0)
-    q_plain = pqn.QNetwork(space, 3)
+    q_plain = pqn.QNetwork(space, 3, seeds=[0, 1])
     q_fast = copy.deepcopy(q_plain)
     opt_plain, opt_fast = pqn.RAdam(q_plain.parameters(), lr=1e-2), pqn.RAdam(q_fast.parameters(), lr=1e-2)
-    obs = torch.randn(32, 4)
-    minibatch = (obs, torch.randint(3, (32,)), torch.randn(32), (torch.rand(32) < 0.8).float())
+    obs = torch.randn(64, 4)
+    minibatch = (obs.view(2, 32, 4), torch.randint(3, (2, 32)), torch.randn(2, 32), (torch.rand(2, 32) < 0.8).float())
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     step_fast = pqn.accelerate(lambda *mb: pqn.grad_step(q_fast, opt_fast, *mb, 1.0), compile=False, cudagraphs=True)

@@ -101,24 +101,26 @@ def test_reset_steps_are_marked_and_masked_across_rollouts():
     # ...and its transition (reward 0, into the first observation of the next episode) is not real.
     assert b1["rewards"][3, 0] == 0 and b1["terminations"][3, 0] == 0 and b1["truncations"][3, 0] == 0
     # Episodes are logged once each, with their real length (the reset step does not count).
-    assert [(s, l) for s, _, l in eps1] == [(2, 3), (4, 5)]
-    assert [(s, l) for s, _, l in eps2] == [(2, 4)]
-    assert eps1[0][1] == pytest.approx(1.1 + 1.2 + 1.3)
+    assert [(s, env, l) for s, env, _, l in eps1] == [(2, 0, 3), (4, 1, 5)]
+    assert [(s, env, l) for s, env, _, l in eps2] == [(2, 0, 4)]
+    assert eps1[0][2] == pytest.approx(1.1 + 1.2 + 1.3)
 
 
 def test_td_loss_ignores_masked_steps():
+    # Three agents' minibatches [S, M]: each agent's loss is the mean over its own real steps.
     g = torch.Generator().manual_seed(0)
-    q, returns = torch.randn(20, generator=g), torch.randn(20, generator=g)
-    mask = (torch.arange(20) % 3 != 0).float()
+    q, returns = torch.randn(3, 20, generator=g), torch.randn(3, 20, generator=g)
+    mask = (torch.rand(3, 20, generator=g) < 0.7).float()
     loss = pqn.td_loss(q, returns, mask)
-    assert loss.item() == pytest.approx(((q - returns)[mask.bool()] ** 2).mean().item())
+    for k in range(3):
+        assert loss[k].item() == pytest.approx(((q[k] - returns[k])[mask[k].bool()] ** 2).mean().item())
     q2, returns2 = q.clone(), returns.clone()
     q2[~mask.bool()] += 1e3
     returns2[~mask.bool()] -= 1e3
-    assert pqn.td_loss(q2, returns2, mask).item() == pytest.approx(loss.item())
+    torch.testing.assert_close(pqn.td_loss(q2, returns2, mask), loss)
     # Masked-out steps get no gradient.
     q3 = q.clone().requires_grad_()
-    pqn.td_loss(q3, returns, mask).backward()
+    pqn.td_loss(q3, returns, mask).sum().backward()
     assert torch.all(q3.grad[~mask.bool()] == 0) and torch.all(q3.grad[mask.bool()] != 0)
 
 
@@ -174,10 +176,10 @@ def test_mountain_car_truncates_at_200_steps():
 
 def updated_parameters(b, returns):
     torch.manual_seed(0)
-    q_network = pqn.QNetwork(gym.spaces.Box(-np.inf, np.inf, (3,)), 2)
+    q_network = pqn.QNetwork(gym.spaces.Box(-np.inf, np.inf, (3,)), 2, seeds=[0])
     optimizer = torch.optim.RAdam(q_network.parameters(), lr=1e-2)
     train_step = lambda *minibatch: pqn.grad_step(q_network, optimizer, *minibatch, max_grad_norm=10.0)  # noqa: E731
-    pqn.update(train_step, b, returns, update_epochs=2, minibatch_size=10)
+    pqn.update(train_step, b, returns, num_agents=1, update_epochs=2, minibatch_size=10)
     return torch.cat([p.detach().flatten() for p in q_network.parameters()])
 
 
@@ -197,8 +199,8 @@ def test_update_leaves_reset_steps_out_of_the_loss():
 
 def test_q_network_scales_bounded_observations_to_unit_range():
     space = gym.spaces.Box(np.array([-1.2, -0.07, -np.inf], np.float32), np.array([0.6, 0.07, np.inf], np.float32))
-    q_network = pqn.QNetwork(space, 3)
+    q_network = pqn.QNetwork(space, 3, seeds=[0])
     seen = []
     q_network.network[0].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
     q_network(torch.tensor([[0.6, -0.07, 5.0], [-0.3, 0.0, -2.0]]))
-    torch.testing.assert_close(seen[0], torch.tensor([[1.0, -1.0, 5.0], [0.0, 0.0, -2.0]]))
+    torch.testing.assert_close(seen[0], torch.tensor([[[1.0, -1.0, 5.0], [0.0, 0.0, -2.0]]]))  # [agent, batch, obs]

@@ -1,0 +1,191 @@
+"""pqn.py --num-seeds: S agents in one process, each exactly a PQN agent on its own."""
+
+import copy
+import glob
+import os
+import signal
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import pqn
+from helpers import ROOT, read_scalars, run_script
+
+SPACE = gym.spaces.Box(-np.inf, np.inf, (4,))
+# 8 envs x 32 steps per agent and iteration, 8 iterations.
+TINY = ["--num-envs", "8", "--num-steps", "32", "--num-minibatches", "4", "--update-epochs", "2", "--eval-episodes", "2", "--no-cuda"]
+
+
+def agent_parameters(q_network, k):
+    return [p[k].detach().clone() for p in q_network.parameters()]
+
+
+def random_minibatch(num_agents, size, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(num_agents, size, 4, generator=g),
+        torch.randint(3, (num_agents, size), generator=g),
+        10 * torch.randn(num_agents, size, generator=g),  # large targets: the clipping acts
+        (torch.rand(num_agents, size, generator=g) < 0.8).float(),
+    ]
+
+
+def test_agent_k_starts_as_the_lone_agent_of_its_seed():
+    together = pqn.QNetwork(SPACE, 3, seeds=[7, 8, 9])
+    for k, seed in enumerate([7, 8, 9]):
+        alone = pqn.QNetwork(SPACE, 3, seeds=[seed])
+        for p, q in zip(agent_parameters(together, k), alone.parameters()):
+            assert torch.equal(p, q[0])
+    # Different seeds, different networks.
+    assert not torch.equal(together.network[0].weight[0], together.network[0].weight[1])
+
+
+def train(q_network, minibatches, max_grad_norm=1.0):
+    optimizer = pqn.RAdam(q_network.parameters(), lr=1e-2)
+    for minibatch in minibatches:
+        pqn.grad_step(q_network, optimizer, *minibatch, max_grad_norm)
+    return q_network
+
+
+def test_an_agent_trains_as_it_would_alone_whatever_the_other_agents_see():
+    # Agent 1 of a pair, after 8 gradient steps (through RAdam's rectification), is the agent trained
+    # alone on its own data; and perturbing agent 0's data or parameters changes nothing of agent 1.
+    pair = pqn.QNetwork(SPACE, 3, seeds=[3, 4])
+    minibatches = [random_minibatch(2, 16, seed) for seed in range(8)]
+    reference = train(copy.deepcopy(pair), minibatches)
+    alone = train(pqn.QNetwork(SPACE, 3, seeds=[4]), [[x[1:] for x in minibatch] for minibatch in minibatches])
+    for p, q in zip(agent_parameters(reference, 1), alone.parameters()):
+        torch.testing.assert_close(p, q[0], rtol=1e-5, atol=1e-6)
+
+    perturbed_data = [[x.clone() for x in minibatch] for minibatch in minibatches]
+    for obs, actions, returns, mask in perturbed_data:
+        obs[0] += 5.0
+        returns[0] *= -100.0
+        mask[0] = 1.0
+    perturbed_parameters = copy.deepcopy(pair)
+    with torch.no_grad():
+        for p in perturbed_parameters.parameters():
+            p[0] = 3 * torch.randn_like(p[0])
+    for network, data in [(copy.deepcopy(pair), perturbed_data), (perturbed_parameters, minibatches)]:
+        trained = train(network, data)
+        for p, q in zip(agent_parameters(trained, 1), agent_parameters(reference, 1)):
+            assert torch.equal(p, q)
+        assert not torch.equal(agent_parameters(trained, 0)[0], agent_parameters(reference, 0)[0])
+
+
+def test_gradients_are_clipped_per_agent_as_each_alone_would_be():
+    networks = [pqn.QNetwork(SPACE, 3, seeds=[seed]) for seed in (1, 2, 3)]
+    g = torch.Generator().manual_seed(0)
+    for network, scale in zip(networks, [0.001, 0.0074, 1.0]):  # norms about 0.13, 1 and 135: under, near and over the limit
+        for p in network.parameters():
+            p.grad = scale * torch.randn(p.shape, generator=g)
+    together = pqn.QNetwork(SPACE, 3, seeds=[1, 2, 3])
+    for p, *alone in zip(together.parameters(), *[n.parameters() for n in networks]):
+        p.grad = torch.cat([q.grad for q in alone])
+    norms = [torch.nn.utils.clip_grad_norm_(n.parameters(), 1.0).item() for n in networks]
+    assert norms[0] < 1.0 < norms[2]
+    pqn.clip_grad_norm_per_agent(together.parameters(), 1.0)
+    for k, network in enumerate(networks):
+        for p, q in zip(together.parameters(), network.parameters()):
+            torch.testing.assert_close(p.grad[k], q.grad[0], rtol=1e-6, atol=0)
+
+
+def test_each_agent_is_shuffled_on_its_own_transitions():
+    # Observations name their agent, step and env: a minibatch row k must hold only agent k's
+    # transitions, every transition once per epoch, and the agents' orders must differ.
+    T, S, N = 4, 3, 5
+    obs = torch.stack(torch.meshgrid(torch.arange(T), torch.arange(S * N), indexing="ij"), dim=-1).float()  # (t, env)
+    b = {"obs": obs, "actions": torch.zeros(T, S * N, dtype=torch.long), "is_reset": torch.zeros(T, S * N, dtype=torch.bool)}
+    seen = []
+
+    def train_step(obs, actions, returns, mask):
+        seen.append(obs)
+        return torch.zeros(S), torch.zeros(S)
+
+    torch.manual_seed(0)
+    pqn.update(train_step, b, torch.zeros(T, S * N), num_agents=S, update_epochs=2, minibatch_size=4)
+    assert len(seen) == 2 * 5 and all(minibatch.shape == (S, 4, 2) for minibatch in seen)
+    for epoch in (seen[:5], seen[5:]):
+        rows = torch.cat(epoch, dim=1)  # [S, T * N, 2]: each agent's epoch
+        for k in range(S):
+            envs = rows[k, :, 1].long()
+            assert ((envs // N) == k).all()
+            assert sorted(map(tuple, rows[k].tolist())) == sorted((t, k * N + n) for t in range(T) for n in range(N))
+        orders = [(rows[k, :, 1] - k * N) * T + rows[k, :, 0] for k in range(S)]  # the order, in agent-free terms
+        assert not torch.equal(orders[0], orders[1]) and not torch.equal(orders[1], orders[2])
+
+
+def test_the_agents_envs_are_those_of_lone_runs_and_all_distinct():
+    seeds = list(range(1, 33))
+    together = pqn.agents_env_seeds(seeds, "training", 32)
+    assert together == [s for seed in seeds for s in pqn.env_seeds(seed, "training", 32)]
+    assert len(set(together)) == len(together)
+
+
+@pytest.fixture(scope="module")
+def three_agents(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("agents")
+    result = run_script("pqn.py", *TINY, "--num-seeds", "3", "--seed", "5", "--total-timesteps", "2048", "--save-model", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return cwd, result
+
+
+def test_each_agent_logs_to_its_own_run_directory(three_agents):
+    cwd, result = three_agents
+    dirs = sorted(glob.glob(os.path.join(cwd, "runs", "*")))
+    names = [os.path.basename(d).split("__") for d in dirs]
+    assert [name[:3] for name in names] == [["CartPole-v1", "pqn", str(seed)] for seed in (5, 6, 7)]
+    assert len({name[3] for name in names}) == 1  # one time stamp: one run
+    logs = [read_scalars(d) for d in dirs]
+    for scalars in logs:
+        assert [s for s, _ in scalars["losses/td_loss"]] == [256 * i for i in range(1, 9)]
+        assert len(scalars["eval/episodic_return"]) == 1 and scalars["charts/episodic_return"]
+    assert len({tuple(v for _, v in scalars["losses/td_loss"]) for scalars in logs}) == 3
+    assert os.listdir(dirs[0]).count("checkpoint.pt") == 1 and all("checkpoint.pt" not in os.listdir(d) for d in dirs[1:])
+    assert "of 3 agents" in result.stdout
+
+
+def test_each_agents_saved_model_evaluates_as_that_agent_of_the_checkpoint(three_agents):
+    cwd, _ = three_agents
+    dirs = sorted(glob.glob(os.path.join(cwd, "runs", "*")))
+    all_agents = run_script("pqn.py", "--eval-checkpoint", os.path.join(dirs[0], "checkpoint.pt"), "--seed", "5", "--no-cuda", cwd=cwd)
+    assert all_agents.returncode == 0, all_agents.stderr
+    lines = all_agents.stdout.splitlines()
+    assert len(lines) == 3 and lines[1].startswith("CartPole-v1 (agent 1 of 3): greedy return over 10 episodes")
+    saved = torch.load(os.path.join(dirs[1], "pqn.pt"), weights_only=True)
+    assert saved["args"]["seed"] == 6 and saved["args"]["num_seeds"] == 1
+    alone = run_script("pqn.py", "--eval-checkpoint", os.path.join(dirs[1], "pqn.pt"), "--seed", "6", "--no-cuda", cwd=cwd)
+    assert alone.returncode == 0, alone.stderr
+    # Agent 1 evaluated alone on the envs of its seed plays the same episodes as in the checkpoint.
+    assert alone.stdout.strip() == lines[1].replace(" (agent 1 of 3)", "")
+
+
+def test_an_interrupted_run_of_several_agents_resumes_all_of_them(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "pqn.py"), *TINY, "--num-seeds", "2", "--total-timesteps", "40960"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    # Wait for the first progress line, then interrupt: the run stops with a checkpoint.
+    assert process.stdout.readline().startswith("step ")
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, stderr
+    first = sorted(glob.glob(os.path.join(tmp_path, "runs", "*")))[0]
+    assert f"--resume {os.path.relpath(first, tmp_path)}" in stderr
+    saved = torch.load(os.path.join(first, "checkpoint.pt"), weights_only=True)
+    assert 0 < saved["global_step"] < 40960 and len(saved["recent_returns"]) == 2
+    result = run_script("pqn.py", "--resume", os.path.relpath(first, tmp_path), "--no-cuda", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for run_dir in sorted(glob.glob(os.path.join(tmp_path, "runs", "*"))):
+        assert [s for s, _ in read_scalars(run_dir)["losses/td_loss"]] == [256 * i for i in range(1, 161)]
+
+
+def test_wandb_with_several_agents_is_one_clear_line(tmp_path):
+    result = run_script("pqn.py", *TINY, "--num-seeds", "2", "--track", cwd=tmp_path)
+    assert result.returncode == 2 and "--track logs one run per process" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
