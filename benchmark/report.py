@@ -297,6 +297,12 @@ def markdown(benchmark, groups, envs, variants, machine, made_with, png):
         "- The env steps of a run are the largest step it logged for `charts/SPS`, `charts/episodic_return` or "
         "`eval/episodic_return`.",
     ]
+    if any(run["command"] and "--num-seeds" in shlex.split(run["command"]) for runs in groups.values() for run in runs):
+        lines.append(
+            "- Runs of a `--num-seeds` command trained together in one process: their wall time is that process's, "
+            "and their SPS each agent's own rate (the process stepped the envs of all its agents: that SPS times the "
+            "number of agents)."
+        )
     lines += aggregate_lines(groups, envs, variants)
     if png:
         lines += [
