@@ -1,4 +1,9 @@
-"""PDQN: PQN (Gallici et al., ICLR 2025) with a learned world model and Dyna-style planning, on MinAtar."""
+"""PDQN: PQN (Gallici et al., ICLR 2025) with a learned world model and Dyna-style planning, on MinAtar.
+
+Reading guide: `main`'s loop is PQN's (rollout -> Q(lambda) targets -> update epochs) followed by
+`model_update` (the `WorldModel` learns from the real rollout) and, from update `planning_delay_updates`
+on, `imagine` + `planning_update` (Q learns from imagined steps). `--planning-steps 0` is plain PQN.
+"""
 
 import collections
 import math
@@ -42,9 +47,11 @@ class Args:
     eval_checkpoint: str | None = None
     """evaluate this saved model's Q-network greedily for `eval_episodes` episodes and exit, without training"""
     checkpoint_frequency: int | None = None
-    """write the whole training state to runs/{run_name}/checkpoint.pt every this many env steps (default: every tenth of the run), at an interrupt and at the end"""
+    """write the whole training state to runs/{run_name}/checkpoint.pt every this many env steps (default: every tenth of
+    the run), at an interrupt and at the end"""
     resume: str | None = None
-    """continue the run in this run directory (runs/{run_name}) from its checkpoint.pt, with its Args; envs start afresh, so episodes in flight are lost"""
+    """continue the run in this run directory (runs/{run_name}) from its checkpoint.pt, with its Args; envs start afresh,
+    so episodes in flight are lost"""
 
     env_id: str = "MinAtar/Breakout-v1"
     """a MinAtar game: MinAtar/{Breakout,Asterix,Freeway,SpaceInvaders,Seaquest}-v1"""
@@ -81,7 +88,8 @@ class Args:
     max_grad_norm: float = 10.0
     """the maximum global norm of the gradients"""
     planning_steps: int = 20
-    """imagined steps per update, from the last real observations, each followed by one gradient step of Q on it (0: plain PQN, no world model)"""
+    """imagined steps per update, from the last real observations, each followed by one gradient step of Q on it (0: plain
+    PQN, no world model)"""
     planning_delay_updates: int = 500
     """planning starts at this update (the world model has then learned from this many rollouts)"""
     planning_epsilon: float | None = None
@@ -91,9 +99,11 @@ class Args:
     eval_episodes: int = 16
     """the number of greedy evaluation episodes (one per eval env)"""
     compile: bool = False
-    """torch.compile the acting step and the Q-network's gradient step, the latter as one graph with its backward pass and RAdam (costs start-up time)"""
+    """torch.compile the acting step and the Q-network's gradient step, the latter as one graph with its backward pass and
+    RAdam (costs start-up time)"""
     cudagraphs: bool = False
-    """record the acting step, the Q(lambda) targets and the gradient step as CUDA graphs and replay them (GPU only; with --compile, Inductor kernels inside the graphs)"""
+    """record the acting step, the Q(lambda) targets and the gradient step as CUDA graphs and replay them (GPU only; with
+    --compile, Inductor kernels inside the graphs)"""
 
     # Computed from the above after parsing.
     batch_size: int = field(default=0, init=False)
@@ -107,7 +117,15 @@ class UsageError(Exception):
 
 def finalize_args(args: Args) -> Args:
     """Checks the flags and fills in the derived sizes."""
-    positive = ["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes", "max_episode_steps"]
+    positive = [
+        "total_timesteps",
+        "num_envs",
+        "num_steps",
+        "num_minibatches",
+        "update_epochs",
+        "eval_episodes",
+        "max_episode_steps",
+    ]
     for name in positive:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -154,6 +172,8 @@ def env_seeds(seed: int, stream: str, num_envs: int, step: int = 0) -> list[int]
     passes the step it resumes from, so that its new envs do not replay the run's first episodes."""
     state = np.random.SeedSequence([seed, step, *stream.encode()]).generate_state(num_envs, dtype=np.uint64)
     return [int(s) for s in state % 2**31]  # envpool takes int32 seeds
+
+
 # --- end shared: env_seeds ---
 
 
@@ -165,7 +185,10 @@ def make_envs(args: Args, num_envs: int) -> gym.vector.VectorEnv:
         games = sorted(k for k in gym.registry if k.startswith("MinAtar/") and k.endswith("-v1"))
         raise UsageError(f"unknown MinAtar env id {args.env_id!r}; choose one of {', '.join(games)}")
     envs = gym.make_vec(
-        args.env_id, num_envs=num_envs, vectorization_mode=args.vectorization, max_episode_steps=args.max_episode_steps,
+        args.env_id,
+        num_envs=num_envs,
+        vectorization_mode=args.vectorization,
+        max_episode_steps=args.max_episode_steps,
         sticky_action_prob=args.sticky_action_prob,
     )
     height, width, channels = envs.single_observation_space.shape
@@ -188,8 +211,13 @@ def torso(channels: int) -> nn.Sequential:
     """conv 16x3x3 (stride 1, no padding) -> LayerNorm per cell -> ReLU -> dense 128 -> LayerNorm -> ReLU:
     [B, C, 10, 10] -> [B, 128]. The Q-network and the world model each have one."""
     return nn.Sequential(
-        nn.Conv2d(channels, 16, 3), CellLayerNorm(16), nn.ReLU(), nn.Flatten(),
-        nn.Linear(16 * 8 * 8, 128), nn.LayerNorm(128), nn.ReLU(),
+        nn.Conv2d(channels, 16, 3),
+        CellLayerNorm(16),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 8 * 8, 128),
+        nn.LayerNorm(128),
+        nn.ReLU(),
     )
 
 
@@ -243,9 +271,9 @@ def imagine(model, q_network, obs, alive, planning_steps, epsilon):
     """Rolls the world model `planning_steps` steps from `obs`, acting epsilon-greedily.
 
     Predicted cells and terminations are thresholded at 0.5 (observations stay binary, as the
-    real ones); a predicted termination ends that imagined trajectory. Returns [K, N] tensors of imagined transitions and `alive`, the
-    mask of those that belong to a trajectory still running (envs not alive at the start, e.g.
-    those whose last real observation ended an episode, never are).
+    real ones); a predicted termination ends that imagined trajectory. Returns [K, N] tensors of
+    imagined transitions and `alive`, the mask of those that belong to a trajectory still running
+    (envs not alive at the start, e.g. those whose last real observation ended an episode, never are).
     """
     num_envs, num_actions = obs.shape[0], model.num_actions
     steps = collections.defaultdict(list)
@@ -257,8 +285,14 @@ def imagine(model, q_network, obs, alive, planning_steps, epsilon):
             obs_pred, rewards, termination_pred = model(obs, actions)
             next_obs = (obs_pred > 0.5).float()
             terminations = (termination_pred > 0.5).float()
-            for name, value in [("obs", obs), ("actions", actions), ("rewards", rewards), ("next_obs", next_obs),
-                                ("terminations", terminations), ("alive", alive.float())]:
+            for name, value in [
+                ("obs", obs),
+                ("actions", actions),
+                ("rewards", rewards),
+                ("next_obs", next_obs),
+                ("terminations", terminations),
+                ("alive", alive.float()),
+            ]:
                 steps[name].append(value)
             alive = alive & (terminations == 0)
             obs = next_obs
@@ -275,7 +309,10 @@ def planning_update(train_step, q_network, imagined, gamma):
     losses = []
     for k in range(live_steps):
         with torch.no_grad():
-            targets = imagined["rewards"][k] + gamma * (1.0 - imagined["terminations"][k]) * q_network(imagined["next_obs"][k]).max(dim=1).values
+            targets = (
+                imagined["rewards"][k]
+                + gamma * (1.0 - imagined["terminations"][k]) * q_network(imagined["next_obs"][k]).max(dim=1).values
+            )
         loss, _ = train_step(imagined["obs"][k], imagined["actions"][k], targets, imagined["alive"][k])
         losses.append(loss)
     return torch.stack(losses).mean().item() if losses else float("nan")
@@ -288,8 +325,13 @@ def model_update(model, optimizer, b, max_grad_norm):
     next_obs = torch.cat([b["obs"][1:], b["final_obs"][None]])
     mask = (~b["is_reset"]).float()  # reset steps are not real transitions
     losses = model_losses(
-        model, b["obs"].flatten(0, 1), b["actions"].flatten(), next_obs.flatten(0, 1),
-        b["rewards"].flatten(), b["terminations"].flatten().float(), mask.flatten(),
+        model,
+        b["obs"].flatten(0, 1),
+        b["actions"].flatten(),
+        next_obs.flatten(0, 1),
+        b["rewards"].flatten(),
+        b["terminations"].flatten().float(),
+        mask.flatten(),
     )
     optimizer.zero_grad()
     losses[0].backward()
@@ -317,6 +359,8 @@ def q_lambda_returns(rewards, terminations, truncations, next_q, gamma, q_lambda
     for t in reversed(range(rewards.shape[0] - 1)):
         base[t] += trace[t] * base[t + 1]
     return base
+
+
 # --- end shared: q_lambda_returns ---
 
 
@@ -336,6 +380,8 @@ def act(q_network, obs, epsilon):
     explore = torch.rand(obs.shape[0], device=obs.device) < epsilon
     random_actions = torch.randint(q.shape[1], (obs.shape[0],), device=obs.device)
     return torch.where(explore, random_actions, greedy), max_q
+
+
 # --- end shared: pqn_act ---
 
 
@@ -397,6 +443,8 @@ def rollout(envs, policy, obs, is_reset, epsilon, num_steps, episode_stats):
     b["truncations"] = torch.as_tensor(truncations, device=device)
     b["is_reset"] = torch.as_tensor(resets, device=device)
     return b, obs, is_reset, episodes
+
+
 # --- end shared: gym_rollout ---
 
 
@@ -432,7 +480,11 @@ class RAdam:
     @torch.no_grad()
     def load_state_dict(self, state: dict):
         """Copies in place: a compiled step keeps reading the tensors it was traced with."""
-        for mine, saved in zip([self.lr, self.t, *self.exp_avg, *self.exp_avg_sq], [state["lr"], state["t"], *state["exp_avg"], *state["exp_avg_sq"]], strict=True):
+        for mine, saved in zip(
+            [self.lr, self.t, *self.exp_avg, *self.exp_avg_sq],
+            [state["lr"], state["t"], *state["exp_avg"], *state["exp_avg_sq"]],
+            strict=True,
+        ):
             mine.copy_(saved)
 
     @torch.no_grad()
@@ -452,6 +504,8 @@ class RAdam:
             exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
             step = torch.where(rectified, rectified_step_size / exp_avg_sq.sqrt().add_(self.eps), step_size)
             p.addcmul_(exp_avg, step, value=-1.0)
+
+
 # --- end shared: radam ---
 
 
@@ -459,6 +513,8 @@ class RAdam:
 def td_loss(q_taken: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the real transitions (mask = 1); reset steps (mask = 0) add nothing."""
     return (mask * (q_taken - returns) ** 2).sum() / mask.sum().clamp(min=1.0)
+
+
 # --- end shared: td_loss ---
 
 
@@ -491,6 +547,8 @@ def update(train_step, b, returns, update_epochs, minibatch_size):
             losses.append(loss)
             q_taken_means.append(q_taken_mean)
     return torch.stack(losses).mean().item(), torch.stack(q_taken_means).mean().item()
+
+
 # --- end shared: pqn_update ---
 
 
@@ -509,6 +567,8 @@ def evaluate(q_network, envs, seeds: list[int] | None) -> np.ndarray:
         returns += np.where(finished, 0.0, reward)
         finished |= terminated | truncated
     return returns
+
+
 # --- end shared: gym_evaluate ---
 
 
@@ -530,6 +590,8 @@ def accelerate(fn, compile: bool, cudagraphs: bool):
 
     # A replay reuses the memory of the previous replay's outputs, so callers get copies.
     return lambda *args: copies(graphed(*args))
+
+
 # --- end shared: accelerate ---
 
 
@@ -566,6 +628,8 @@ class Progress:
         elif step * 10 >= self.next_tenth * self.total_steps:
             print(line, flush=True)
             self.next_tenth = step * 10 // self.total_steps + 1
+
+
 # --- end shared: progress ---
 
 
@@ -585,7 +649,9 @@ def check_memory(num_bytes: int, what: str):
     """Sizes that could never fit are one clear line before anything is allocated."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if num_bytes > total:
-        raise UsageError(f"{what} would take {num_bytes / 2**30:.1f} GiB and this machine has {total / 2**30:.1f} GiB; use smaller sizes")
+        raise UsageError(
+            f"{what} would take {num_bytes / 2**30:.1f} GiB and this machine has {total / 2**30:.1f} GiB; use smaller sizes"
+        )
 
 
 def check_writable(directory: str):
@@ -631,12 +697,25 @@ class Interrupts:
             print(f"{signal.Signals(signum).name} again: stopped at once, nothing saved", file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.signal = signum
+
+
 # --- end shared: faults ---
 
 
 # --- shared: resume ---
 # Flags a resumed run may change: where and how fast it runs, and where it logs; not what it computes.
-RESUME_MAY_CHANGE = {"resume", "checkpoint_frequency", "checkpoint_buffers", "save_model", "cuda", "compile", "cudagraphs", "track", "wandb_project_name", "wandb_entity"}
+RESUME_MAY_CHANGE = {
+    "resume",
+    "checkpoint_frequency",
+    "checkpoint_buffers",
+    "save_model",
+    "cuda",
+    "compile",
+    "cudagraphs",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+}
 
 
 def resumed_args(args, given: set[str], saved: dict):
@@ -648,7 +727,9 @@ def resumed_args(args, given: set[str], saved: dict):
             setattr(resumed, name, getattr(args, name))
         elif getattr(args, name) != saved[name]:
             flag = f"--{name.replace('_', '-')}"
-            raise UsageError(f"{flag} {getattr(args, name)} contradicts the resumed run's {flag} {saved[name]}; leave it out to resume")
+            raise UsageError(
+                f"{flag} {getattr(args, name)} contradicts the resumed run's {flag} {saved[name]}; leave it out to resume"
+            )
     return resumed
 
 
@@ -670,6 +751,8 @@ def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
 # --- end shared: resume ---
 
 
@@ -694,12 +777,24 @@ def load_training_state(run_dir: str, device: torch.device) -> dict:
     """A run's checkpoint.pt, checked for every key that resuming reads."""
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}: --resume takes the run directory (runs/<run_name>) of a run that wrote one")
+        raise UsageError(
+            f"no checkpoint at {path}: --resume takes the run directory (runs/<run_name>) of a run that wrote one"
+        )
     try:
         state = torch.load(path, map_location=device, weights_only=True)
         if state["format"] != CHECKPOINT_FORMAT:
             raise ValueError
-        keys = ["args", "q_network", "world_model", "optimizer", "model_optimizer", "iteration", "global_step", "recent_returns", "rng"]
+        keys = [
+            "args",
+            "q_network",
+            "world_model",
+            "optimizer",
+            "model_optimizer",
+            "iteration",
+            "global_step",
+            "recent_returns",
+            "rng",
+        ]
         for key in keys:
             state[key]
         return state
@@ -710,14 +805,18 @@ def load_training_state(run_dir: str, device: torch.device) -> dict:
 def eval_checkpoint(args: Args, given: set[str], device: torch.device):
     checkpoint = load_model(args.eval_checkpoint, device)
     if "env_id" in given and args.env_id != checkpoint["env_id"]:
-        raise UsageError(f"{args.eval_checkpoint} was trained on {checkpoint['env_id']}, not {args.env_id}; leave --env-id out")
+        raise UsageError(
+            f"{args.eval_checkpoint} was trained on {checkpoint['env_id']}, not {args.env_id}; leave --env-id out"
+        )
     args.env_id = checkpoint["env_id"]
     envs = make_envs(args, args.eval_episodes)
     q_network, _ = make_networks(envs.single_observation_space.shape[0], int(envs.single_action_space.n))
     try:
         q_network.to(device).load_state_dict(checkpoint["q_network"])
     except RuntimeError as e:
-        raise UsageError(f"{args.eval_checkpoint} does not fit the Q-network for {args.env_id}: {str(e).splitlines()[0]}") from None
+        raise UsageError(
+            f"{args.eval_checkpoint} does not fit the Q-network for {args.env_id}: {str(e).splitlines()[0]}"
+        ) from None
     returns = evaluate(q_network, envs, env_seeds(args.seed, "evaluation", args.eval_episodes))
     envs.close()
     print(f"{args.env_id}: greedy return over {len(returns)} episodes {returns.mean():.2f} ± {returns.std():.2f}")
@@ -800,7 +899,10 @@ def main(args: Args, given: set[str]):
     def run_evaluation(global_step):
         returns = evaluate(q_network, eval_envs, env_seeds(args.seed, "evaluation", args.eval_episodes, resume_step))
         writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
-        print(f"eval at step {global_step}: greedy return {returns.mean():.2f} ± {returns.std():.2f} ({len(returns)} episodes)", flush=True)
+        print(
+            f"eval at step {global_step}: greedy return {returns.mean():.2f} ± {returns.std():.2f} ({len(returns)} episodes)",
+            flush=True,
+        )
 
     def save_checkpoint(iteration):
         save_atomically(
@@ -821,7 +923,12 @@ def main(args: Args, given: set[str]):
 
     def save_model():
         path = os.path.join(run_dir, f"{args.exp_name}.pt")
-        model = {"format": MODEL_FORMAT, "q_network": q_network.state_dict(), "world_model": world_model.state_dict(), "args": asdict(args)}
+        model = {
+            "format": MODEL_FORMAT,
+            "q_network": q_network.state_dict(),
+            "world_model": world_model.state_dict(),
+            "args": asdict(args),
+        }
         save_atomically(model, path)
         print(f"model saved to {path}")
 
@@ -855,7 +962,12 @@ def main(args: Args, given: set[str]):
             if args.planning_steps > 0:
                 # 2. The world model learns from the same real transitions.
                 model_stats = model_update(world_model, model_optimizer, b, args.max_grad_norm)
-                losses.update(zip(["model_loss", "model_obs_loss", "model_reward_loss", "model_termination_loss", "model_obs_accuracy"], model_stats))
+                losses.update(
+                    zip(
+                        ["model_loss", "model_obs_loss", "model_reward_loss", "model_termination_loss", "model_obs_accuracy"],
+                        model_stats,
+                    )
+                )
                 # 3. Dyna: Q also learns from imagined steps, from the last real observations (not
                 #    from those that ended an episode: nothing follows them).
                 if iteration >= args.planning_delay_updates:
@@ -865,7 +977,11 @@ def main(args: Args, given: set[str]):
                     losses["planning_loss"] = planning_update(train_step, q_network, imagined, args.gamma)
             not_finite = [name for name, value in losses.items() if not math.isfinite(value)]
             if not_finite:
-                last = f"the last checkpoint is {checkpoint_path}" if os.path.isfile(checkpoint_path) else "no checkpoint was written"
+                last = (
+                    f"the last checkpoint is {checkpoint_path}"
+                    if os.path.isfile(checkpoint_path)
+                    else "no checkpoint was written"
+                )
                 raise RunFault(f"{', '.join(not_finite)} not finite at step {global_step:,}; {last}")
 
             for name, value in losses.items():
@@ -874,9 +990,14 @@ def main(args: Args, given: set[str]):
             writer.add_scalar("charts/learning_rate", lr, global_step)
             writer.add_scalar("charts/epsilon", epsilon, global_step)
             writer.add_scalar("charts/SPS", sps, global_step)
-            progress.update(global_step, sps, f"return(last 20 ep) {np.mean(recent_returns) if recent_returns else math.nan:8.2f}")
+            progress.update(
+                global_step, sps, f"return(last 20 ep) {np.mean(recent_returns) if recent_returns else math.nan:8.2f}"
+            )
             if iteration < args.num_iterations:  # the final evaluation and checkpoint follow the loop
-                if args.eval_frequency and global_step // args.eval_frequency > (global_step - args.batch_size) // args.eval_frequency:
+                if (
+                    args.eval_frequency
+                    and global_step // args.eval_frequency > (global_step - args.batch_size) // args.eval_frequency
+                ):
                     run_evaluation(global_step)
                 if global_step // checkpoint_frequency > (global_step - args.batch_size) // checkpoint_frequency:
                     save_checkpoint(iteration)
@@ -885,7 +1006,10 @@ def main(args: Args, given: set[str]):
                 if args.save_model:
                     save_model()
                 name = signal.Signals(interrupts.signal).name
-                print(f"{name}: stopped at step {global_step:,}; continue with `python pdqn_minatar.py --resume {run_dir}`", file=sys.stderr)
+                print(
+                    f"{name}: stopped at step {global_step:,}; continue with `python pdqn_minatar.py --resume {run_dir}`",
+                    file=sys.stderr,
+                )
                 return 128 + interrupts.signal
 
         run_evaluation(global_step)

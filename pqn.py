@@ -1,4 +1,9 @@
-"""PQN (Gallici et al., "Simplifying Deep Temporal Difference Learning", ICLR 2025) on envpool's classic-control envs."""
+"""PQN (Gallici et al., "Simplifying Deep Temporal Difference Learning", ICLR 2025) on envpool's classic-control envs.
+
+Reading guide: the algorithm is `main`'s loop (rollout -> Q(lambda) targets -> update epochs -> logging),
+with `QNetwork` (LayerNorm instead of a target network), `q_lambda_returns`, `rollout` and `update`.
+`--num-seeds` trains several agents at once: see the comment above `LinearPerAgent`.
+"""
 
 import collections
 import math
@@ -27,7 +32,8 @@ class Args:
     seed: int = 1
     """seed of the experiment (of its first agent, with --num-seeds)"""
     num_seeds: int = 1
-    """the number of agents trained at once, with seeds seed, seed + 1, ...: each is a PQN agent of its own (its own initialisation, envs, exploration, minibatches, gradient clipping and optimizer state) with its own run directory"""
+    """the number of agents trained at once, with seeds seed, seed + 1, ...: each is a PQN agent of its own (its own
+    initialisation, envs, exploration, minibatches, gradient clipping and optimizer state) with its own run directory"""
     torch_deterministic: bool = True
     """make torch use deterministic algorithms"""
     cuda: bool = True
@@ -41,11 +47,14 @@ class Args:
     save_model: bool = False
     """save each agent's Q-network and Args to runs/{run_name}/{exp_name}.pt (its own run directory) at the end"""
     eval_checkpoint: str | None = None
-    """evaluate this saved model (or every agent of this checkpoint.pt) greedily for `eval_episodes` episodes and exit, without training"""
+    """evaluate this saved model (or every agent of this checkpoint.pt) greedily for `eval_episodes` episodes and exit,
+    without training"""
     checkpoint_frequency: int | None = None
-    """write the whole training state of all agents to checkpoint.pt in the first agent's run directory every this many env steps of each agent (default: every tenth of the run), at an interrupt and at the end"""
+    """write the whole training state of all agents to checkpoint.pt in the first agent's run directory every this many env
+    steps of each agent (default: every tenth of the run), at an interrupt and at the end"""
     resume: str | None = None
-    """continue the run whose first agent's run directory (runs/{run_name}) holds this checkpoint.pt, with its Args; envs start afresh, so episodes in flight are lost"""
+    """continue the run whose first agent's run directory (runs/{run_name}) holds this checkpoint.pt, with its Args; envs
+    start afresh, so episodes in flight are lost"""
 
     env_id: str = "CartPole-v1"
     """the id of an envpool env with a flat Box observation and Discrete actions: CartPole-v1, Acrobot-v1, MountainCar-v0"""
@@ -80,9 +89,11 @@ class Args:
     eval_episodes: int = 10
     """the number of greedy evaluation episodes"""
     compile: bool = False
-    """torch.compile the acting step and the gradient step, the latter as one graph with its backward pass and RAdam (costs start-up time)"""
+    """torch.compile the acting step and the gradient step, the latter as one graph with its backward pass and RAdam (costs
+    start-up time)"""
     cudagraphs: bool = False
-    """record the acting step, the Q(lambda) targets and the gradient step as CUDA graphs and replay them (GPU only; with --compile, Inductor kernels inside the graphs)"""
+    """record the acting step, the Q(lambda) targets and the gradient step as CUDA graphs and replay them (GPU only; with
+    --compile, Inductor kernels inside the graphs)"""
 
     # Computed from the above after parsing.
     batch_size: int = field(default=0, init=False)
@@ -113,7 +124,10 @@ def finalize_args(args: Args) -> Args:
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     if args.track and args.num_seeds > 1:
-        raise UsageError("--track logs one run per process; with --num-seeds, upload the agents' run directories afterwards with `wandb sync --sync-tensorboard runs/<run_name>`")
+        raise UsageError(
+            "--track logs one run per process; with --num-seeds, upload the agents' run directories afterwards with "
+            "`wandb sync --sync-tensorboard runs/<run_name>`"
+        )
     if args.cudagraphs and not (args.cuda and torch.cuda.is_available()):
         raise UsageError("--cudagraphs needs a CUDA GPU and none is available; on the CPU use --compile")
     args.batch_size = args.num_envs * args.num_steps
@@ -145,6 +159,8 @@ def env_seeds(seed: int, stream: str, num_envs: int, step: int = 0) -> list[int]
     passes the step it resumes from, so that its new envs do not replay the run's first episodes."""
     state = np.random.SeedSequence([seed, step, *stream.encode()]).generate_state(num_envs, dtype=np.uint64)
     return [int(s) for s in state % 2**31]  # envpool takes int32 seeds
+
+
 # --- end shared: env_seeds ---
 
 
@@ -156,7 +172,9 @@ def make_envs(env_id: str, seeds: list[int]) -> gym.vector.VectorEnv:
     which gymnasium vectorises, trained as fast on either. One difference: an episode that
     terminates on its last allowed step comes back truncated and not terminated, so PQN bootstraps there."""
     if env_id not in envpool.list_all_envs():
-        raise UsageError(f"cannot make env {env_id!r}: envpool has no such env (classic control: CartPole-v1, Acrobot-v1, MountainCar-v0)")
+        raise UsageError(
+            f"cannot make env {env_id!r}: envpool has no such env (classic control: CartPole-v1, Acrobot-v1, MountainCar-v0)"
+        )
     # One thread: a classic-control step takes microseconds, and threads of envpool's own would
     # compete with the learner for the cores (Acrobot pinned to one core: 5.4k SPS, 4.1k with envpool's default).
     envs = envpool.make_gymnasium(env_id, num_envs=len(seeds), seed=seeds, num_threads=1)
@@ -181,8 +199,12 @@ class LinearPerAgent(nn.Module):
     def __init__(self, in_features: int, out_features: int, generators: list[torch.Generator]):
         super().__init__()
         bound = 1 / math.sqrt(in_features)
-        self.weight = nn.Parameter(torch.stack([torch.empty(in_features, out_features).uniform_(-bound, bound, generator=g) for g in generators]))
-        self.bias = nn.Parameter(torch.stack([torch.empty(1, out_features).uniform_(-bound, bound, generator=g) for g in generators]))
+        self.weight = nn.Parameter(
+            torch.stack([torch.empty(in_features, out_features).uniform_(-bound, bound, generator=g) for g in generators])
+        )
+        self.bias = nn.Parameter(
+            torch.stack([torch.empty(1, out_features).uniform_(-bound, bound, generator=g) for g in generators])
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.bias, x, self.weight)
@@ -257,6 +279,8 @@ def q_lambda_returns(rewards, terminations, truncations, next_q, gamma, q_lambda
     for t in reversed(range(rewards.shape[0] - 1)):
         base[t] += trace[t] * base[t + 1]
     return base
+
+
 # --- end shared: q_lambda_returns ---
 
 
@@ -276,6 +300,8 @@ def act(q_network, obs, epsilon):
     explore = torch.rand(obs.shape[0], device=obs.device) < epsilon
     random_actions = torch.randint(q.shape[1], (obs.shape[0],), device=obs.device)
     return torch.where(explore, random_actions, greedy), max_q
+
+
 # --- end shared: pqn_act ---
 
 
@@ -337,6 +363,8 @@ def rollout(envs, policy, obs, is_reset, epsilon, num_steps, episode_stats):
     b["truncations"] = torch.as_tensor(truncations, device=device)
     b["is_reset"] = torch.as_tensor(resets, device=device)
     return b, obs, is_reset, episodes
+
+
 # --- end shared: gym_rollout ---
 
 
@@ -372,7 +400,11 @@ class RAdam:
     @torch.no_grad()
     def load_state_dict(self, state: dict):
         """Copies in place: a compiled step keeps reading the tensors it was traced with."""
-        for mine, saved in zip([self.lr, self.t, *self.exp_avg, *self.exp_avg_sq], [state["lr"], state["t"], *state["exp_avg"], *state["exp_avg_sq"]], strict=True):
+        for mine, saved in zip(
+            [self.lr, self.t, *self.exp_avg, *self.exp_avg_sq],
+            [state["lr"], state["t"], *state["exp_avg"], *state["exp_avg_sq"]],
+            strict=True,
+        ):
             mine.copy_(saved)
 
     @torch.no_grad()
@@ -392,6 +424,8 @@ class RAdam:
             exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
             step = torch.where(rectified, rectified_step_size / exp_avg_sq.sqrt().add_(self.eps), step_size)
             p.addcmul_(exp_avg, step, value=-1.0)
+
+
 # --- end shared: radam ---
 
 
@@ -465,6 +499,8 @@ def evaluate(q_network, envs, seeds: list[int] | None) -> np.ndarray:
         returns += np.where(finished, 0.0, reward)
         finished |= terminated | truncated
     return returns
+
+
 # --- end shared: gym_evaluate ---
 
 
@@ -486,6 +522,8 @@ def accelerate(fn, compile: bool, cudagraphs: bool):
 
     # A replay reuses the memory of the previous replay's outputs, so callers get copies.
     return lambda *args: copies(graphed(*args))
+
+
 # --- end shared: accelerate ---
 
 
@@ -522,6 +560,8 @@ class Progress:
         elif step * 10 >= self.next_tenth * self.total_steps:
             print(line, flush=True)
             self.next_tenth = step * 10 // self.total_steps + 1
+
+
 # --- end shared: progress ---
 
 
@@ -541,7 +581,9 @@ def check_memory(num_bytes: int, what: str):
     """Sizes that could never fit are one clear line before anything is allocated."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if num_bytes > total:
-        raise UsageError(f"{what} would take {num_bytes / 2**30:.1f} GiB and this machine has {total / 2**30:.1f} GiB; use smaller sizes")
+        raise UsageError(
+            f"{what} would take {num_bytes / 2**30:.1f} GiB and this machine has {total / 2**30:.1f} GiB; use smaller sizes"
+        )
 
 
 def check_writable(directory: str):
@@ -587,12 +629,25 @@ class Interrupts:
             print(f"{signal.Signals(signum).name} again: stopped at once, nothing saved", file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.signal = signum
+
+
 # --- end shared: faults ---
 
 
 # --- shared: resume ---
 # Flags a resumed run may change: where and how fast it runs, and where it logs; not what it computes.
-RESUME_MAY_CHANGE = {"resume", "checkpoint_frequency", "checkpoint_buffers", "save_model", "cuda", "compile", "cudagraphs", "track", "wandb_project_name", "wandb_entity"}
+RESUME_MAY_CHANGE = {
+    "resume",
+    "checkpoint_frequency",
+    "checkpoint_buffers",
+    "save_model",
+    "cuda",
+    "compile",
+    "cudagraphs",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+}
 
 
 def resumed_args(args, given: set[str], saved: dict):
@@ -604,7 +659,9 @@ def resumed_args(args, given: set[str], saved: dict):
             setattr(resumed, name, getattr(args, name))
         elif getattr(args, name) != saved[name]:
             flag = f"--{name.replace('_', '-')}"
-            raise UsageError(f"{flag} {getattr(args, name)} contradicts the resumed run's {flag} {saved[name]}; leave it out to resume")
+            raise UsageError(
+                f"{flag} {getattr(args, name)} contradicts the resumed run's {flag} {saved[name]}; leave it out to resume"
+            )
     return resumed
 
 
@@ -626,6 +683,8 @@ def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
 # --- end shared: resume ---
 
 
@@ -662,14 +721,18 @@ def load_model(path: str, device: torch.device) -> dict:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
         return {"env_id": checkpoint["args"]["env_id"], "q_network": dict(checkpoint["q_network"])}
     except Exception as e:
-        raise UsageError(f"{path} is not a pqn.py checkpoint ({type(e).__name__}); write one with `python pqn.py --save-model`") from None
+        raise UsageError(
+            f"{path} is not a pqn.py checkpoint ({type(e).__name__}); write one with `python pqn.py --save-model`"
+        ) from None
 
 
 def load_training_state(run_dir: str, device: torch.device) -> dict:
     """A run's checkpoint.pt, checked for every key that resuming reads."""
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}: --resume takes the run directory (runs/<run_name>) of a run that wrote one")
+        raise UsageError(
+            f"no checkpoint at {path}: --resume takes the run directory (runs/<run_name>) of a run that wrote one"
+        )
     try:
         state = torch.load(path, map_location=device, weights_only=True)
         if state["format"] != CHECKPOINT_FORMAT:
@@ -699,7 +762,10 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
     returns = evaluate(q_network, envs, seeds=None).reshape(num_agents, -1)  # [agent, episode]; seeded when made
     for k, agent_returns in enumerate(returns):
         agent = f" (agent {k} of {num_agents})" if num_agents > 1 else ""
-        print(f"{env_id}{agent}: greedy return over {len(agent_returns)} episodes {agent_returns.mean():.2f} ± {agent_returns.std():.2f}")
+        print(
+            f"{env_id}{agent}: greedy return over {len(agent_returns)} episodes {agent_returns.mean():.2f} ± "
+            f"{agent_returns.std():.2f}"
+        )
 
 
 def main(args: Args, given: set[str]):
@@ -760,7 +826,9 @@ def main(args: Args, given: set[str]):
     if not state:
         for seed, writer in zip(seeds, writers):
             hyperparameters = {**asdict(args), "seed": seed}
-            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in hyperparameters.items()))
+            writer.add_text(
+                "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in hyperparameters.items())
+            )
 
     q_network = QNetwork(envs.single_observation_space, envs.single_action_space.n, seeds).to(device)
     optimizer = RAdam(q_network.parameters(), lr=args.learning_rate)
@@ -786,9 +854,17 @@ def main(args: Args, given: set[str]):
         for writer, agent_returns in zip(writers, returns):
             writer.add_scalar("eval/episodic_return", agent_returns.mean(), global_step)
         if args.num_seeds == 1:
-            print(f"eval at step {global_step}: greedy return {returns.mean():.2f} ± {returns.std():.2f} ({returns.size} episodes)", flush=True)
+            print(
+                f"eval at step {global_step}: greedy return {returns.mean():.2f} ± {returns.std():.2f} ({returns.size} "
+                "episodes)",
+                flush=True,
+            )
         else:
-            print(f"eval at step {global_step}: greedy return {over_agents(returns.mean(1))} ({args.eval_episodes} episodes each)", flush=True)
+            print(
+                f"eval at step {global_step}: greedy return {over_agents(returns.mean(1))} ({args.eval_episodes} "
+                "episodes each)",
+                flush=True,
+            )
 
     def save_checkpoint(iteration):
         save_atomically(
@@ -810,8 +886,14 @@ def main(args: Args, given: set[str]):
         """Each agent's Q-network, as a lone run with its seed would save it."""
         for k, (seed, run_dir) in enumerate(zip(seeds, run_dirs)):
             path = os.path.join(run_dir, f"{args.exp_name}.pt")
-            save_atomically({"q_network": q_network.agent_state_dict(k), "args": {**asdict(args), "seed": seed, "num_seeds": 1}}, path)
-        print(f"model saved to {path}" if args.num_seeds == 1 else f"{args.num_seeds} models saved, one in each agent's run directory")
+            save_atomically(
+                {"q_network": q_network.agent_state_dict(k), "args": {**asdict(args), "seed": seed, "num_seeds": 1}}, path
+            )
+        print(
+            f"model saved to {path}"
+            if args.num_seeds == 1
+            else f"{args.num_seeds} models saved, one in each agent's run directory"
+        )
 
     obs, _ = envs.reset()  # seeded when made
     obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
@@ -840,8 +922,14 @@ def main(args: Args, given: set[str]):
             td_losses, q_values = update(train_step, b, returns, args.num_seeds, args.update_epochs, args.minibatch_size)
             if not (np.isfinite(td_losses).all() and np.isfinite(q_values).all()):
                 bad = [seeds[k] for k in np.flatnonzero(~(np.isfinite(td_losses) & np.isfinite(q_values)))]
-                last = f"the last checkpoint is {checkpoint_path}" if os.path.isfile(checkpoint_path) else "no checkpoint was written"
-                raise RunFault(f"the TD loss or mean Q of the agent with seed {bad[0]} is not finite at step {global_step:,}; {last}")
+                last = (
+                    f"the last checkpoint is {checkpoint_path}"
+                    if os.path.isfile(checkpoint_path)
+                    else "no checkpoint was written"
+                )
+                raise RunFault(
+                    f"the TD loss or mean Q of the agent with seed {bad[0]} is not finite at step {global_step:,}; {last}"
+                )
 
             # Logging: each agent to its own run directory.
             sps = (global_step - start_step) / (time.time() - start_time)  # env steps per second of each agent
@@ -855,7 +943,10 @@ def main(args: Args, given: set[str]):
             # The progress line's SPS counts the env steps of all agents.
             progress.update(global_step, sps * args.num_seeds, f"return(last 20 ep) {over_agents(recent)}")
             if iteration < args.num_iterations:  # the final evaluation and checkpoint follow the loop
-                if args.eval_frequency and global_step // args.eval_frequency > (global_step - args.batch_size) // args.eval_frequency:
+                if (
+                    args.eval_frequency
+                    and global_step // args.eval_frequency > (global_step - args.batch_size) // args.eval_frequency
+                ):
                     run_evaluation(global_step)
                 if global_step // checkpoint_frequency > (global_step - args.batch_size) // checkpoint_frequency:
                     save_checkpoint(iteration)
@@ -864,7 +955,10 @@ def main(args: Args, given: set[str]):
                 if args.save_model:
                     save_models()
                 name = signal.Signals(interrupts.signal).name
-                print(f"{name}: stopped at step {global_step:,}; continue with `python pqn.py --resume {run_dirs[0]}`", file=sys.stderr)
+                print(
+                    f"{name}: stopped at step {global_step:,}; continue with `python pqn.py --resume {run_dirs[0]}`",
+                    file=sys.stderr,
+                )
                 return 128 + interrupts.signal
 
         run_evaluation(global_step)
@@ -876,6 +970,7 @@ def main(args: Args, given: set[str]):
         eval_envs.close()
         for writer in writers:
             writer.close()
+
 
 if __name__ == "__main__":
     try:

@@ -1,4 +1,8 @@
-"""PQN (Gallici et al., "Simplifying Deep Temporal Difference Learning", ICLR 2025) on Atari through envpool."""
+"""PQN (Gallici et al., "Simplifying Deep Temporal Difference Learning", ICLR 2025) on Atari through envpool.
+
+Reading guide: the algorithm is `main`'s loop (rollout -> Q(lambda) targets -> update epochs -> logging),
+with `QNetwork` (Nature CNN with LayerNorm, no target network), `q_lambda_returns`, `rollout` and `update`.
+"""
 
 import collections
 import math
@@ -37,11 +41,14 @@ class Args:
     save_model: bool = False
     """save the Q-network and these Args to runs/{run_name}/{exp_name}.pt at the end (the QDagger teacher format)"""
     eval_checkpoint: str | None = None
-    """evaluate this saved model greedily for `eval_episodes` games (with the episodic-life setting it was trained with) and exit, without training"""
+    """evaluate this saved model greedily for `eval_episodes` games (with the episodic-life setting it was trained with)
+    and exit, without training"""
     checkpoint_frequency: int | None = None
-    """write the whole training state to runs/{run_name}/checkpoint.pt every this many env steps (default: every tenth of the run), at an interrupt and at the end"""
+    """write the whole training state to runs/{run_name}/checkpoint.pt every this many env steps (default: every tenth of
+    the run), at an interrupt and at the end"""
     resume: str | None = None
-    """continue the run in this run directory (runs/{run_name}) from its checkpoint.pt, with its Args; envs start afresh, so games in flight are lost"""
+    """continue the run in this run directory (runs/{run_name}) from its checkpoint.pt, with its Args; envs start afresh,
+    so games in flight are lost"""
 
     env_id: str = "Breakout-v5"
     """the id of an envpool Atari env (`*-v5`)"""
@@ -88,9 +95,11 @@ class Args:
     eval_max_steps: int = 27_000
     """truncate an evaluation game after this many agent steps: this bounds how long an evaluation takes"""
     compile: bool = False
-    """torch.compile the acting step and the gradient step, the latter as one graph with its backward pass and RAdam (costs start-up time)"""
+    """torch.compile the acting step and the gradient step, the latter as one graph with its backward pass and RAdam (costs
+    start-up time)"""
     cudagraphs: bool = False
-    """record the acting step, the Q(lambda) targets and the gradient step as CUDA graphs and replay them (GPU only; with --compile, Inductor kernels inside the graphs)"""
+    """record the acting step, the Q(lambda) targets and the gradient step as CUDA graphs and replay them (GPU only; with
+    --compile, Inductor kernels inside the graphs)"""
 
     # Computed from the above after parsing.
     batch_size: int = field(default=0, init=False)
@@ -104,7 +113,16 @@ class UsageError(Exception):
 
 def finalize_args(args: Args) -> Args:
     """Checks the flags and fills in the derived sizes."""
-    for name in ["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes", "max_episode_steps", "eval_max_steps"]:
+    for name in [
+        "total_timesteps",
+        "num_envs",
+        "num_steps",
+        "num_minibatches",
+        "update_epochs",
+        "eval_episodes",
+        "max_episode_steps",
+        "eval_max_steps",
+    ]:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check_finite(args)
@@ -147,6 +165,8 @@ def env_seeds(seed: int, stream: str, num_envs: int, step: int = 0) -> list[int]
     passes the step it resumes from, so that its new envs do not replay the run's first episodes."""
     state = np.random.SeedSequence([seed, step, *stream.encode()]).generate_state(num_envs, dtype=np.uint64)
     return [int(s) for s in state % 2**31]  # envpool takes int32 seeds
+
+
 # --- end shared: env_seeds ---
 
 
@@ -198,6 +218,8 @@ class GameStats:
         ended = list(zip(self.score[over], info["elapsed_step"][over]))
         self.score[over] = 0.0
         return ended
+
+
 # --- end shared: envpool_atari ---
 
 
@@ -225,6 +247,8 @@ def nature_cnn(in_channels: int) -> nn.Sequential:
         nn.LayerNorm(512),
         nn.ReLU(),
     )
+
+
 # --- end shared: nature_cnn ---
 
 
@@ -239,6 +263,8 @@ class QNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.q_head(self.torso(x / 255.0))
+
+
 # --- end shared: pqn_atari_q_network ---
 
 
@@ -261,6 +287,8 @@ def q_lambda_returns(rewards, terminations, truncations, next_q, gamma, q_lambda
     for t in reversed(range(rewards.shape[0] - 1)):
         base[t] += trace[t] * base[t + 1]
     return base
+
+
 # --- end shared: q_lambda_returns ---
 
 
@@ -280,6 +308,8 @@ def act(q_network, obs, epsilon):
     explore = torch.rand(obs.shape[0], device=obs.device) < epsilon
     random_actions = torch.randint(q.shape[1], (obs.shape[0],), device=obs.device)
     return torch.where(explore, random_actions, greedy), max_q
+
+
 # --- end shared: pqn_act ---
 
 
@@ -378,7 +408,11 @@ class RAdam:
     @torch.no_grad()
     def load_state_dict(self, state: dict):
         """Copies in place: a compiled step keeps reading the tensors it was traced with."""
-        for mine, saved in zip([self.lr, self.t, *self.exp_avg, *self.exp_avg_sq], [state["lr"], state["t"], *state["exp_avg"], *state["exp_avg_sq"]], strict=True):
+        for mine, saved in zip(
+            [self.lr, self.t, *self.exp_avg, *self.exp_avg_sq],
+            [state["lr"], state["t"], *state["exp_avg"], *state["exp_avg_sq"]],
+            strict=True,
+        ):
             mine.copy_(saved)
 
     @torch.no_grad()
@@ -398,6 +432,8 @@ class RAdam:
             exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
             step = torch.where(rectified, rectified_step_size / exp_avg_sq.sqrt().add_(self.eps), step_size)
             p.addcmul_(exp_avg, step, value=-1.0)
+
+
 # --- end shared: radam ---
 
 
@@ -405,6 +441,8 @@ class RAdam:
 def td_loss(q_taken: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the real transitions (mask = 1); reset steps (mask = 0) add nothing."""
     return (mask * (q_taken - returns) ** 2).sum() / mask.sum().clamp(min=1.0)
+
+
 # --- end shared: td_loss ---
 
 
@@ -437,6 +475,8 @@ def update(train_step, b, returns, update_epochs, minibatch_size):
             losses.append(loss)
             q_taken_means.append(q_taken_mean)
     return torch.stack(losses).mean().item(), torch.stack(q_taken_means).mean().item()
+
+
 # --- end shared: pqn_update ---
 
 
@@ -459,6 +499,8 @@ def evaluate(q_network, envs) -> np.ndarray:
         scores += np.where(finished, 0.0, info["reward"])
         finished |= (info["terminated"] == 1) | truncated
     return scores
+
+
 # --- end shared: atari_evaluate ---
 
 
@@ -480,6 +522,8 @@ def accelerate(fn, compile: bool, cudagraphs: bool):
 
     # A replay reuses the memory of the previous replay's outputs, so callers get copies.
     return lambda *args: copies(graphed(*args))
+
+
 # --- end shared: accelerate ---
 
 
@@ -516,6 +560,8 @@ class Progress:
         elif step * 10 >= self.next_tenth * self.total_steps:
             print(line, flush=True)
             self.next_tenth = step * 10 // self.total_steps + 1
+
+
 # --- end shared: progress ---
 
 
@@ -535,7 +581,9 @@ def check_memory(num_bytes: int, what: str):
     """Sizes that could never fit are one clear line before anything is allocated."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if num_bytes > total:
-        raise UsageError(f"{what} would take {num_bytes / 2**30:.1f} GiB and this machine has {total / 2**30:.1f} GiB; use smaller sizes")
+        raise UsageError(
+            f"{what} would take {num_bytes / 2**30:.1f} GiB and this machine has {total / 2**30:.1f} GiB; use smaller sizes"
+        )
 
 
 def check_writable(directory: str):
@@ -581,12 +629,25 @@ class Interrupts:
             print(f"{signal.Signals(signum).name} again: stopped at once, nothing saved", file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.signal = signum
+
+
 # --- end shared: faults ---
 
 
 # --- shared: resume ---
 # Flags a resumed run may change: where and how fast it runs, and where it logs; not what it computes.
-RESUME_MAY_CHANGE = {"resume", "checkpoint_frequency", "checkpoint_buffers", "save_model", "cuda", "compile", "cudagraphs", "track", "wandb_project_name", "wandb_entity"}
+RESUME_MAY_CHANGE = {
+    "resume",
+    "checkpoint_frequency",
+    "checkpoint_buffers",
+    "save_model",
+    "cuda",
+    "compile",
+    "cudagraphs",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+}
 
 
 def resumed_args(args, given: set[str], saved: dict):
@@ -598,7 +659,9 @@ def resumed_args(args, given: set[str], saved: dict):
             setattr(resumed, name, getattr(args, name))
         elif getattr(args, name) != saved[name]:
             flag = f"--{name.replace('_', '-')}"
-            raise UsageError(f"{flag} {getattr(args, name)} contradicts the resumed run's {flag} {saved[name]}; leave it out to resume")
+            raise UsageError(
+                f"{flag} {getattr(args, name)} contradicts the resumed run's {flag} {saved[name]}; leave it out to resume"
+            )
     return resumed
 
 
@@ -620,6 +683,8 @@ def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
 # --- end shared: resume ---
 
 
@@ -652,7 +717,9 @@ def load_model(path: str, device: torch.device) -> dict:
     try:
         if checkpoint["format"] != MODEL_FORMAT:
             raise ValueError
-        return {key: checkpoint[key] for key in ["env_id", "num_actions", "q_network"]} | {"episodic_life": checkpoint["args"]["episodic_life"]}
+        return {key: checkpoint[key] for key in ["env_id", "num_actions", "q_network"]} | {
+            "episodic_life": checkpoint["args"]["episodic_life"]
+        }
     except Exception:
         raise UsageError(f"{path} is not a pqn_atari_envpool.py model (format {MODEL_FORMAT})") from None
 
@@ -661,7 +728,9 @@ def load_training_state(run_dir: str, device: torch.device) -> dict:
     """A run's checkpoint.pt, checked for every key that resuming reads."""
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}: --resume takes the run directory (runs/<run_name>) of a run that wrote one")
+        raise UsageError(
+            f"no checkpoint at {path}: --resume takes the run directory (runs/<run_name>) of a run that wrote one"
+        )
     try:
         state = torch.load(path, map_location=device, weights_only=True)
         if state["format"] != CHECKPOINT_FORMAT:
@@ -723,7 +792,9 @@ def main(args: Args, given: set[str]):
     seeds = env_seeds(args.seed, "training", args.num_envs, resume_step)
     first = args.num_envs // 2 if device.type == "cuda" else args.num_envs
     env_groups = [make_atari_envs(args.env_id, group, 4, args) for group in (seeds[:first], seeds[first:]) if group]
-    eval_envs = make_atari_envs(args.env_id, env_seeds(args.seed, "evaluation", args.eval_episodes, resume_step), 4, args, evaluation=True)
+    eval_envs = make_atari_envs(
+        args.env_id, env_seeds(args.seed, "evaluation", args.eval_episodes, resume_step), 4, args, evaluation=True
+    )
     check_writable(run_dir)
     num_actions = int(env_groups[0].action_space.n)
     if args.track:
@@ -765,7 +836,10 @@ def main(args: Args, given: set[str]):
     def run_evaluation(global_step):
         scores = evaluate(q_network, eval_envs)
         writer.add_scalar("eval/episodic_return", scores.mean(), global_step)
-        print(f"eval at step {global_step}: greedy score {scores.mean():.2f} ± {scores.std():.2f} ({len(scores)} games)", flush=True)
+        print(
+            f"eval at step {global_step}: greedy score {scores.mean():.2f} ± {scores.std():.2f} ({len(scores)} games)",
+            flush=True,
+        )
 
     def save_checkpoint(iteration):
         save_atomically(
@@ -812,8 +886,14 @@ def main(args: Args, given: set[str]):
             returns = targets(b["rewards"], b["terminations"], b["truncations"], b["next_q"])
             td_loss_mean, q_values_mean = update(train_step, b, returns, args.update_epochs, args.minibatch_size)
             if not (math.isfinite(td_loss_mean) and math.isfinite(q_values_mean)):
-                last = f"the last checkpoint is {checkpoint_path}" if os.path.isfile(checkpoint_path) else "no checkpoint was written"
-                raise RunFault(f"the TD loss ({td_loss_mean}) or mean Q ({q_values_mean}) is not finite at step {global_step:,}; {last}")
+                last = (
+                    f"the last checkpoint is {checkpoint_path}"
+                    if os.path.isfile(checkpoint_path)
+                    else "no checkpoint was written"
+                )
+                raise RunFault(
+                    f"the TD loss ({td_loss_mean}) or mean Q ({q_values_mean}) is not finite at step {global_step:,}; {last}"
+                )
 
             sps = (global_step - start_step) / (time.time() - start_time)
             writer.add_scalar("losses/td_loss", td_loss_mean, global_step)
@@ -821,9 +901,14 @@ def main(args: Args, given: set[str]):
             writer.add_scalar("charts/learning_rate", lr, global_step)
             writer.add_scalar("charts/epsilon", epsilon, global_step)
             writer.add_scalar("charts/SPS", sps, global_step)
-            progress.update(global_step, sps, f"return(last 20 ep) {np.mean(recent_scores) if recent_scores else math.nan:8.2f}")
+            progress.update(
+                global_step, sps, f"return(last 20 ep) {np.mean(recent_scores) if recent_scores else math.nan:8.2f}"
+            )
             if iteration < args.num_iterations:  # the final evaluation and checkpoint follow the loop
-                if args.eval_frequency and global_step // args.eval_frequency > (global_step - args.batch_size) // args.eval_frequency:
+                if (
+                    args.eval_frequency
+                    and global_step // args.eval_frequency > (global_step - args.batch_size) // args.eval_frequency
+                ):
                     run_evaluation(global_step)
                 if global_step // checkpoint_frequency > (global_step - args.batch_size) // checkpoint_frequency:
                     save_checkpoint(iteration)
@@ -832,7 +917,10 @@ def main(args: Args, given: set[str]):
                 if args.save_model:
                     save_trained_model()
                 name = signal.Signals(interrupts.signal).name
-                print(f"{name}: stopped at step {global_step:,}; continue with `python pqn_atari_envpool.py --resume {run_dir}`", file=sys.stderr)
+                print(
+                    f"{name}: stopped at step {global_step:,}; continue with `python pqn_atari_envpool.py --resume {run_dir}`",
+                    file=sys.stderr,
+                )
                 return 128 + interrupts.signal
 
         run_evaluation(global_step)

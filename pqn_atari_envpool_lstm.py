@@ -1,4 +1,10 @@
-"""Recurrent PQN (Gallici et al., "Simplifying Deep Temporal Difference Learning", ICLR 2025): an LSTM Q-network on single Atari frames through envpool."""
+"""Recurrent PQN (Gallici et al., "Simplifying Deep Temporal Difference Learning", ICLR 2025): an LSTM
+Q-network on single Atari frames through envpool.
+
+Reading guide: the algorithm is `main`'s loop (rollout -> Q(lambda) targets -> update epochs -> logging),
+with `RecurrentQNetwork` (the LSTM state reset where an episode starts), `rollout` (which keeps the state
+each minibatch replays from) and `update` (minibatches of whole env sequences).
+"""
 
 import collections
 import math
@@ -37,11 +43,14 @@ class Args:
     save_model: bool = False
     """save the Q-network and these Args to runs/{run_name}/{exp_name}.pt at the end"""
     eval_checkpoint: str | None = None
-    """evaluate this saved model greedily for `eval_episodes` games (with the episodic-life setting it was trained with) and exit, without training"""
+    """evaluate this saved model greedily for `eval_episodes` games (with the episodic-life setting it was trained with)
+    and exit, without training"""
     checkpoint_frequency: int | None = None
-    """write the whole training state to runs/{run_name}/checkpoint.pt every this many env steps (default: every tenth of the run), at an interrupt and at the end"""
+    """write the whole training state to runs/{run_name}/checkpoint.pt every this many env steps (default: every tenth of
+    the run), at an interrupt and at the end"""
     resume: str | None = None
-    """continue the run in this run directory (runs/{run_name}) from its checkpoint.pt, with its Args; envs start afresh, so games in flight are lost"""
+    """continue the run in this run directory (runs/{run_name}) from its checkpoint.pt, with its Args; envs start afresh,
+    so games in flight are lost"""
 
     env_id: str = "Breakout-v5"
     """the id of an envpool Atari env (`*-v5`)"""
@@ -88,9 +97,11 @@ class Args:
     eval_max_steps: int = 27_000
     """truncate an evaluation game after this many agent steps: this bounds how long an evaluation takes"""
     compile: bool = False
-    """torch.compile the acting step and the gradient step, the latter as one graph with its backward pass and RAdam (costs start-up time)"""
+    """torch.compile the acting step and the gradient step, the latter as one graph with its backward pass and RAdam (costs
+    start-up time)"""
     cudagraphs: bool = False
-    """record the acting step, the Q(lambda) targets and the gradient step as CUDA graphs and replay them (GPU only; with --compile, Inductor kernels inside the graphs)"""
+    """record the acting step, the Q(lambda) targets and the gradient step as CUDA graphs and replay them (GPU only; with
+    --compile, Inductor kernels inside the graphs)"""
 
     # Computed from the above after parsing.
     batch_size: int = field(default=0, init=False)
@@ -104,7 +115,16 @@ class UsageError(Exception):
 
 def finalize_args(args: Args) -> Args:
     """Checks the flags and fills in the derived sizes."""
-    for name in ["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes", "max_episode_steps", "eval_max_steps"]:
+    for name in [
+        "total_timesteps",
+        "num_envs",
+        "num_steps",
+        "num_minibatches",
+        "update_epochs",
+        "eval_episodes",
+        "max_episode_steps",
+        "eval_max_steps",
+    ]:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check_finite(args)
@@ -125,7 +145,8 @@ def finalize_args(args: Args) -> Args:
     args.batch_size = args.num_envs * args.num_steps
     if args.num_envs % args.num_minibatches != 0:
         raise UsageError(
-            f"--num-envs {args.num_envs} is not divisible by --num-minibatches {args.num_minibatches} (minibatches are groups of whole envs)"
+            f"--num-envs {args.num_envs} is not divisible by --num-minibatches {args.num_minibatches} (minibatches are "
+            "groups of whole envs)"
         )
     if args.total_timesteps < args.batch_size:
         raise UsageError(
@@ -147,6 +168,8 @@ def env_seeds(seed: int, stream: str, num_envs: int, step: int = 0) -> list[int]
     passes the step it resumes from, so that its new envs do not replay the run's first episodes."""
     state = np.random.SeedSequence([seed, step, *stream.encode()]).generate_state(num_envs, dtype=np.uint64)
     return [int(s) for s in state % 2**31]  # envpool takes int32 seeds
+
+
 # --- end shared: env_seeds ---
 
 
@@ -198,6 +221,8 @@ class GameStats:
         ended = list(zip(self.score[over], info["elapsed_step"][over]))
         self.score[over] = 0.0
         return ended
+
+
 # --- end shared: envpool_atari ---
 
 
@@ -225,6 +250,8 @@ def nature_cnn(in_channels: int) -> nn.Sequential:
         nn.LayerNorm(512),
         nn.ReLU(),
     )
+
+
 # --- end shared: nature_cnn ---
 
 
@@ -281,6 +308,8 @@ def q_lambda_returns(rewards, terminations, truncations, next_q, gamma, q_lambda
     for t in reversed(range(rewards.shape[0] - 1)):
         base[t] += trace[t] * base[t + 1]
     return base
+
+
 # --- end shared: q_lambda_returns ---
 
 
@@ -333,7 +362,12 @@ def rollout(env_groups, policy, carry, epsilon, num_steps, game_stats, staging):
     truncations = np.zeros((num_steps, num_envs), dtype=bool)
     resets = np.zeros((num_steps, num_envs), dtype=bool)
     # Updated group by group below, so copies: the carry passed in (and the initial state) stay as they were.
-    obs, is_reset, episode_start, (h, c) = obs.clone(), is_reset.copy(), episode_start.clone(), (state[0].clone(), state[1].clone())
+    obs, is_reset, episode_start, (h, c) = (
+        obs.clone(),
+        is_reset.copy(),
+        episode_start.clone(),
+        (state[0].clone(), state[1].clone()),
+    )
     starts = np.cumsum([0] + [envs.config["num_envs"] for envs in env_groups])
     groups = [(envs, stats, slice(start, end)) for envs, stats, start, end in zip(env_groups, game_stats, starts, starts[1:])]
     games = []
@@ -343,7 +377,9 @@ def rollout(env_groups, policy, carry, epsilon, num_steps, game_stats, staging):
         next_obs, rewards[step, cols], terminations[step, cols], truncations[step, cols], info = envs.recv()
         staging[cols] = torch.from_numpy(next_obs)
         obs[cols] = staging[cols].to(device, non_blocking=True)
-        episode_start[cols] = torch.as_tensor(is_reset[cols], device=device)  # a reset step returns the first observation of the next episode
+        episode_start[cols] = torch.as_tensor(
+            is_reset[cols], device=device
+        )  # a reset step returns the first observation of the next episode
         is_reset[cols] = terminations[step, cols] | truncations[step, cols]
         games.extend((step, score, length) for score, length in stats.step(info, truncations[step, cols]))
 
@@ -403,7 +439,11 @@ class RAdam:
     @torch.no_grad()
     def load_state_dict(self, state: dict):
         """Copies in place: a compiled step keeps reading the tensors it was traced with."""
-        for mine, saved in zip([self.lr, self.t, *self.exp_avg, *self.exp_avg_sq], [state["lr"], state["t"], *state["exp_avg"], *state["exp_avg_sq"]], strict=True):
+        for mine, saved in zip(
+            [self.lr, self.t, *self.exp_avg, *self.exp_avg_sq],
+            [state["lr"], state["t"], *state["exp_avg"], *state["exp_avg_sq"]],
+            strict=True,
+        ):
             mine.copy_(saved)
 
     @torch.no_grad()
@@ -423,6 +463,8 @@ class RAdam:
             exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
             step = torch.where(rectified, rectified_step_size / exp_avg_sq.sqrt().add_(self.eps), step_size)
             p.addcmul_(exp_avg, step, value=-1.0)
+
+
 # --- end shared: radam ---
 
 
@@ -430,6 +472,8 @@ class RAdam:
 def td_loss(q_taken: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the real transitions (mask = 1); reset steps (mask = 0) add nothing."""
     return (mask * (q_taken - returns) ** 2).sum() / mask.sum().clamp(min=1.0)
+
+
 # --- end shared: td_loss ---
 
 
@@ -458,7 +502,13 @@ def update(train_step, b, returns, update_epochs, num_minibatches):
         order = torch.randperm(num_envs, device=returns.device)
         for mb in order.chunk(num_minibatches):
             loss, q_taken_mean = train_step(
-                b["obs"][:, mb], b["actions"][:, mb], returns[:, mb], mask[:, mb], b["episode_start"][:, mb], h0[:, mb], c0[:, mb]
+                b["obs"][:, mb],
+                b["actions"][:, mb],
+                returns[:, mb],
+                mask[:, mb],
+                b["episode_start"][:, mb],
+                h0[:, mb],
+                c0[:, mb],
             )
             losses.append(loss)
             q_taken_means.append(q_taken_mean)
@@ -483,7 +533,9 @@ def evaluate(q_network, envs) -> np.ndarray:
     finished = np.zeros(num_envs, dtype=bool)
     while not finished.all():
         with torch.no_grad():
-            q, state = q_network(torch.as_tensor(obs, device=device)[None], state, torch.as_tensor(episode_start, device=device)[None])
+            q, state = q_network(
+                torch.as_tensor(obs, device=device)[None], state, torch.as_tensor(episode_start, device=device)[None]
+            )
         obs, _, terminated, truncated, info = envs.step(q[0].argmax(dim=1).cpu().numpy())
         scores += np.where(finished, 0.0, info["reward"])
         finished |= (info["terminated"] == 1) | truncated
@@ -509,6 +561,8 @@ def accelerate(fn, compile: bool, cudagraphs: bool):
 
     # A replay reuses the memory of the previous replay's outputs, so callers get copies.
     return lambda *args: copies(graphed(*args))
+
+
 # --- end shared: accelerate ---
 
 
@@ -545,6 +599,8 @@ class Progress:
         elif step * 10 >= self.next_tenth * self.total_steps:
             print(line, flush=True)
             self.next_tenth = step * 10 // self.total_steps + 1
+
+
 # --- end shared: progress ---
 
 
@@ -564,7 +620,9 @@ def check_memory(num_bytes: int, what: str):
     """Sizes that could never fit are one clear line before anything is allocated."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if num_bytes > total:
-        raise UsageError(f"{what} would take {num_bytes / 2**30:.1f} GiB and this machine has {total / 2**30:.1f} GiB; use smaller sizes")
+        raise UsageError(
+            f"{what} would take {num_bytes / 2**30:.1f} GiB and this machine has {total / 2**30:.1f} GiB; use smaller sizes"
+        )
 
 
 def check_writable(directory: str):
@@ -610,12 +668,25 @@ class Interrupts:
             print(f"{signal.Signals(signum).name} again: stopped at once, nothing saved", file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.signal = signum
+
+
 # --- end shared: faults ---
 
 
 # --- shared: resume ---
 # Flags a resumed run may change: where and how fast it runs, and where it logs; not what it computes.
-RESUME_MAY_CHANGE = {"resume", "checkpoint_frequency", "checkpoint_buffers", "save_model", "cuda", "compile", "cudagraphs", "track", "wandb_project_name", "wandb_entity"}
+RESUME_MAY_CHANGE = {
+    "resume",
+    "checkpoint_frequency",
+    "checkpoint_buffers",
+    "save_model",
+    "cuda",
+    "compile",
+    "cudagraphs",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+}
 
 
 def resumed_args(args, given: set[str], saved: dict):
@@ -627,7 +698,9 @@ def resumed_args(args, given: set[str], saved: dict):
             setattr(resumed, name, getattr(args, name))
         elif getattr(args, name) != saved[name]:
             flag = f"--{name.replace('_', '-')}"
-            raise UsageError(f"{flag} {getattr(args, name)} contradicts the resumed run's {flag} {saved[name]}; leave it out to resume")
+            raise UsageError(
+                f"{flag} {getattr(args, name)} contradicts the resumed run's {flag} {saved[name]}; leave it out to resume"
+            )
     return resumed
 
 
@@ -649,6 +722,8 @@ def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
 # --- end shared: resume ---
 
 
@@ -681,7 +756,9 @@ def load_model(path: str, device: torch.device) -> dict:
     try:
         if checkpoint["format"] != MODEL_FORMAT:
             raise ValueError
-        return {key: checkpoint[key] for key in ["env_id", "num_actions", "q_network"]} | {"episodic_life": checkpoint["args"]["episodic_life"]}
+        return {key: checkpoint[key] for key in ["env_id", "num_actions", "q_network"]} | {
+            "episodic_life": checkpoint["args"]["episodic_life"]
+        }
     except Exception:
         raise UsageError(f"{path} is not a pqn_atari_envpool_lstm.py model (format {MODEL_FORMAT})") from None
 
@@ -690,7 +767,9 @@ def load_training_state(run_dir: str, device: torch.device) -> dict:
     """A run's checkpoint.pt, checked for every key that resuming reads."""
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}: --resume takes the run directory (runs/<run_name>) of a run that wrote one")
+        raise UsageError(
+            f"no checkpoint at {path}: --resume takes the run directory (runs/<run_name>) of a run that wrote one"
+        )
     try:
         state = torch.load(path, map_location=device, weights_only=True)
         if state["format"] != CHECKPOINT_FORMAT:
@@ -699,7 +778,9 @@ def load_training_state(run_dir: str, device: torch.device) -> dict:
             state[key]
         return state
     except Exception:
-        raise UsageError(f"{path} is not a pqn_atari_envpool_lstm.py training checkpoint (format {CHECKPOINT_FORMAT})") from None
+        raise UsageError(
+            f"{path} is not a pqn_atari_envpool_lstm.py training checkpoint (format {CHECKPOINT_FORMAT})"
+        ) from None
 
 
 def eval_checkpoint(args: Args, given: set[str], device: torch.device):
@@ -752,7 +833,9 @@ def main(args: Args, given: set[str]):
     seeds = env_seeds(args.seed, "training", args.num_envs, resume_step)
     first = args.num_envs // 2 if device.type == "cuda" else args.num_envs
     env_groups = [make_atari_envs(args.env_id, group, 1, args) for group in (seeds[:first], seeds[first:]) if group]
-    eval_envs = make_atari_envs(args.env_id, env_seeds(args.seed, "evaluation", args.eval_episodes, resume_step), 1, args, evaluation=True)
+    eval_envs = make_atari_envs(
+        args.env_id, env_seeds(args.seed, "evaluation", args.eval_episodes, resume_step), 1, args, evaluation=True
+    )
     check_writable(run_dir)
     num_actions = int(env_groups[0].action_space.n)
     if args.track:
@@ -794,7 +877,10 @@ def main(args: Args, given: set[str]):
     def run_evaluation(global_step):
         scores = evaluate(q_network, eval_envs)
         writer.add_scalar("eval/episodic_return", scores.mean(), global_step)
-        print(f"eval at step {global_step}: greedy score {scores.mean():.2f} ± {scores.std():.2f} ({len(scores)} games)", flush=True)
+        print(
+            f"eval at step {global_step}: greedy score {scores.mean():.2f} ± {scores.std():.2f} ({len(scores)} games)",
+            flush=True,
+        )
 
     def save_checkpoint(iteration):
         save_atomically(
@@ -833,7 +919,9 @@ def main(args: Args, given: set[str]):
             lr = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations) if args.anneal_lr else args.learning_rate
             optimizer.lr.fill_(lr)  # in place: a compiled step reads this very tensor
             epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, global_step)
-            b, carry, games = rollout(env_groups, policy, carry, torch.tensor(epsilon, device=device), args.num_steps, game_stats, staging)
+            b, carry, games = rollout(
+                env_groups, policy, carry, torch.tensor(epsilon, device=device), args.num_steps, game_stats, staging
+            )
             for step, score, length in games:
                 writer.add_scalar("charts/episodic_return", score, global_step + (step + 1) * args.num_envs)
                 writer.add_scalar("charts/episodic_length", length, global_step + (step + 1) * args.num_envs)
@@ -843,8 +931,14 @@ def main(args: Args, given: set[str]):
             returns = targets(b["rewards"], b["terminations"], b["truncations"], b["next_q"])
             td_loss_mean, q_values_mean = update(train_step, b, returns, args.update_epochs, args.num_minibatches)
             if not (math.isfinite(td_loss_mean) and math.isfinite(q_values_mean)):
-                last = f"the last checkpoint is {checkpoint_path}" if os.path.isfile(checkpoint_path) else "no checkpoint was written"
-                raise RunFault(f"the TD loss ({td_loss_mean}) or mean Q ({q_values_mean}) is not finite at step {global_step:,}; {last}")
+                last = (
+                    f"the last checkpoint is {checkpoint_path}"
+                    if os.path.isfile(checkpoint_path)
+                    else "no checkpoint was written"
+                )
+                raise RunFault(
+                    f"the TD loss ({td_loss_mean}) or mean Q ({q_values_mean}) is not finite at step {global_step:,}; {last}"
+                )
 
             sps = (global_step - start_step) / (time.time() - start_time)
             writer.add_scalar("losses/td_loss", td_loss_mean, global_step)
@@ -852,9 +946,14 @@ def main(args: Args, given: set[str]):
             writer.add_scalar("charts/learning_rate", lr, global_step)
             writer.add_scalar("charts/epsilon", epsilon, global_step)
             writer.add_scalar("charts/SPS", sps, global_step)
-            progress.update(global_step, sps, f"return(last 20 ep) {np.mean(recent_scores) if recent_scores else math.nan:8.2f}")
+            progress.update(
+                global_step, sps, f"return(last 20 ep) {np.mean(recent_scores) if recent_scores else math.nan:8.2f}"
+            )
             if iteration < args.num_iterations:  # the final evaluation and checkpoint follow the loop
-                if args.eval_frequency and global_step // args.eval_frequency > (global_step - args.batch_size) // args.eval_frequency:
+                if (
+                    args.eval_frequency
+                    and global_step // args.eval_frequency > (global_step - args.batch_size) // args.eval_frequency
+                ):
                     run_evaluation(global_step)
                 if global_step // checkpoint_frequency > (global_step - args.batch_size) // checkpoint_frequency:
                     save_checkpoint(iteration)
@@ -863,7 +962,11 @@ def main(args: Args, given: set[str]):
                 if args.save_model:
                     save_trained_model()
                 name = signal.Signals(interrupts.signal).name
-                print(f"{name}: stopped at step {global_step:,}; continue with `python pqn_atari_envpool_lstm.py --resume {run_dir}`", file=sys.stderr)
+                print(
+                    f"{name}: stopped at step {global_step:,}; continue with `python pqn_atari_envpool_lstm.py "
+                    f"--resume {run_dir}`",
+                    file=sys.stderr,
+                )
                 return 128 + interrupts.signal
 
         run_evaluation(global_step)
@@ -886,7 +989,9 @@ if __name__ == "__main__":
             try:
                 args = resumed_args(args, given, saved)
             except (KeyError, TypeError):
-                raise UsageError(f"{args.resume}/checkpoint.pt is not a pqn_atari_envpool_lstm.py training checkpoint") from None
+                raise UsageError(
+                    f"{args.resume}/checkpoint.pt is not a pqn_atari_envpool_lstm.py training checkpoint"
+                ) from None
         sys.exit(main(finalize_args(args), given))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,4 +1,10 @@
-"""QDagger (Agarwal et al., "Reincarnating Reinforcement Learning", NeurIPS 2022): a DQN student with an IMPALA CNN, distilled from a PQN teacher, on Atari through envpool."""
+"""QDagger (Agarwal et al., "Reincarnating Reinforcement Learning", NeurIPS 2022): a DQN student with an
+IMPALA CNN, distilled from a PQN teacher, on Atari through envpool.
+
+Reading guide: `main` runs three phases: (1) the teacher plays and fills a replay buffer, (2) the student
+learns offline from it (TD loss + `distill_loss`), (3) the student plays and learns online while the
+distillation fades (`distill_coefficient`). `FrameReplayBuffer` stores each frame once.
+"""
 
 import collections
 import math
@@ -38,20 +44,26 @@ class Args:
     save_model: bool = False
     """save the student and these Args to runs/{run_name}/{exp_name}.pt at the end (and at an interrupt)"""
     eval_checkpoint: str | None = None
-    """evaluate this saved student greedily for `eval_episodes` games (with the episodic-life setting it was trained with) and exit"""
+    """evaluate this saved student greedily for `eval_episodes` games (with the episodic-life setting it was trained with)
+    and exit"""
     checkpoint_frequency: int | None = None
-    """write the training state to runs/{run_name}/checkpoint.pt every this many steps of the current phase (teacher env steps, offline gradient steps, student env steps; default: every tenth of each phase), at an interrupt and at the end"""
+    """write the training state to runs/{run_name}/checkpoint.pt every this many steps of the current phase (teacher env
+    steps, offline gradient steps, student env steps; default: every tenth of each phase), at an interrupt and at the
+    end"""
     checkpoint_buffers: bool = False
-    """also save the replay buffer of the current phase in each checkpoint (up to 7.5 GB for 1M transitions); without it, a resumed run refills the buffer first"""
+    """also save the replay buffer of the current phase in each checkpoint (up to 7.5 GB for 1M transitions); without it, a
+    resumed run refills the buffer first"""
     resume: str | None = None
-    """continue the run in this run directory (runs/{run_name}) from its checkpoint.pt, with its Args; envs start afresh, so games in flight are lost"""
+    """continue the run in this run directory (runs/{run_name}) from its checkpoint.pt, with its Args; envs start afresh,
+    so games in flight are lost"""
 
     teacher_model_path: str | None = None
     """the teacher: a checkpoint written by `pqn_atari_envpool.py --save-model` for the same env"""
     teacher_eval_episodes: int = 10
     """the number of greedy games that measure the teacher's score"""
     teacher_steps: int = 500_000
-    """phase 1: env steps the teacher plays to fill the teacher replay buffer, epsilon-greedily with epsilon decaying from `start_e` to `end_e` over all of them"""
+    """phase 1: env steps the teacher plays to fill the teacher replay buffer, epsilon-greedily with epsilon decaying from
+    `start_e` to `end_e` over all of them"""
     offline_steps: int = 500_000
     """phase 2: gradient steps of the student on the teacher buffer"""
     offline_eval_frequency: int = 100_000
@@ -92,7 +104,8 @@ class Args:
     end_e: float = 0.01
     """the final epsilon"""
     exploration_fraction: float = 0.10
-    """phase 3: the fraction of `total_timesteps` over which the student's epsilon decays linearly to `end_e`, on a clock that starts at `offline_steps`"""
+    """phase 3: the fraction of `total_timesteps` over which the student's epsilon decays linearly to `end_e`, on a clock
+    that starts at `offline_steps`"""
     learning_starts: int = 80_000
     """phase 3: the student learns from its own buffer once its clock (`offline_steps` + its env steps) passes this"""
     train_frequency: int = 4
@@ -111,9 +124,19 @@ class UsageError(Exception):
 
 def finalize_args(args: Args) -> Args:
     """Checks the flags."""
-    positive = ["teacher_eval_episodes", "teacher_steps", "num_envs", "buffer_size", "batch_size",
-                "target_network_frequency", "train_frequency", "eval_episodes", "eval_max_steps", "max_episode_steps",
-                "offline_eval_frequency"]
+    positive = [
+        "teacher_eval_episodes",
+        "teacher_steps",
+        "num_envs",
+        "buffer_size",
+        "batch_size",
+        "target_network_frequency",
+        "train_frequency",
+        "eval_episodes",
+        "eval_max_steps",
+        "max_episode_steps",
+        "offline_eval_frequency",
+    ]
     for name in positive:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -134,7 +157,9 @@ def finalize_args(args: Args) -> Args:
     if args.batch_size > min(args.buffer_size, args.teacher_steps):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the replay buffers (--buffer-size, --teacher-steps)")
     # The teacher buffer is freed before the student's is made: the larger of the two must fit.
-    student_buffer = FrameReplayBuffer.nbytes(args.buffer_size, args.num_envs) if args.total_timesteps > 0 else 0  # none without phase 3
+    student_buffer = (
+        FrameReplayBuffer.nbytes(args.buffer_size, args.num_envs) if args.total_timesteps > 0 else 0
+    )  # none without phase 3
     largest = max(FrameReplayBuffer.nbytes(args.teacher_steps, args.num_envs), student_buffer)
     check_memory(largest, "the larger replay buffer (--buffer-size, --teacher-steps)")
     if args.checkpoint_frequency is not None and args.checkpoint_frequency <= 0:
@@ -144,7 +169,10 @@ def finalize_args(args: Args) -> Args:
     return args
 
 
-TEACHER_HINT = "produce a teacher with `python pqn_atari_envpool.py --env-id {env_id} --save-model` (it writes runs/<run_name>/pqn_atari_envpool.pt)"
+TEACHER_HINT = (
+    "produce a teacher with `python pqn_atari_envpool.py --env-id {env_id} --save-model` "
+    "(it writes runs/<run_name>/pqn_atari_envpool.pt)"
+)
 
 
 # --- shared: env_seeds ---
@@ -155,6 +183,8 @@ def env_seeds(seed: int, stream: str, num_envs: int, step: int = 0) -> list[int]
     passes the step it resumes from, so that its new envs do not replay the run's first episodes."""
     state = np.random.SeedSequence([seed, step, *stream.encode()]).generate_state(num_envs, dtype=np.uint64)
     return [int(s) for s in state % 2**31]  # envpool takes int32 seeds
+
+
 # --- end shared: env_seeds ---
 
 
@@ -206,6 +236,8 @@ class GameStats:
         ended = list(zip(self.score[over], info["elapsed_step"][over]))
         self.score[over] = 0.0
         return ended
+
+
 # --- end shared: envpool_atari ---
 
 
@@ -233,6 +265,8 @@ def nature_cnn(in_channels: int) -> nn.Sequential:
         nn.LayerNorm(512),
         nn.ReLU(),
     )
+
+
 # --- end shared: nature_cnn ---
 
 
@@ -247,6 +281,8 @@ class QNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.q_head(self.torso(x / 255.0))
+
+
 # --- end shared: pqn_atari_q_network ---
 
 
@@ -458,7 +494,9 @@ def student_clock(args: Args, global_step: int) -> int:
 
 
 def student_epsilon(args: Args, global_step: int) -> float:
-    return linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, student_clock(args, global_step))
+    return linear_schedule(
+        args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, student_clock(args, global_step)
+    )
 
 
 def student_learns(args: Args, global_step: int) -> bool:
@@ -496,6 +534,8 @@ def evaluate(q_network, envs) -> np.ndarray:
         scores += np.where(finished, 0.0, info["reward"])
         finished |= (info["terminated"] == 1) | truncated
     return scores
+
+
 # --- end shared: atari_evaluate ---
 
 
@@ -532,6 +572,8 @@ class Progress:
         elif step * 10 >= self.next_tenth * self.total_steps:
             print(line, flush=True)
             self.next_tenth = step * 10 // self.total_steps + 1
+
+
 # --- end shared: progress ---
 
 
@@ -551,7 +593,9 @@ def check_memory(num_bytes: int, what: str):
     """Sizes that could never fit are one clear line before anything is allocated."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if num_bytes > total:
-        raise UsageError(f"{what} would take {num_bytes / 2**30:.1f} GiB and this machine has {total / 2**30:.1f} GiB; use smaller sizes")
+        raise UsageError(
+            f"{what} would take {num_bytes / 2**30:.1f} GiB and this machine has {total / 2**30:.1f} GiB; use smaller sizes"
+        )
 
 
 def check_writable(directory: str):
@@ -597,12 +641,25 @@ class Interrupts:
             print(f"{signal.Signals(signum).name} again: stopped at once, nothing saved", file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.signal = signum
+
+
 # --- end shared: faults ---
 
 
 # --- shared: resume ---
 # Flags a resumed run may change: where and how fast it runs, and where it logs; not what it computes.
-RESUME_MAY_CHANGE = {"resume", "checkpoint_frequency", "checkpoint_buffers", "save_model", "cuda", "compile", "cudagraphs", "track", "wandb_project_name", "wandb_entity"}
+RESUME_MAY_CHANGE = {
+    "resume",
+    "checkpoint_frequency",
+    "checkpoint_buffers",
+    "save_model",
+    "cuda",
+    "compile",
+    "cudagraphs",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+}
 
 
 def resumed_args(args, given: set[str], saved: dict):
@@ -614,7 +671,9 @@ def resumed_args(args, given: set[str], saved: dict):
             setattr(resumed, name, getattr(args, name))
         elif getattr(args, name) != saved[name]:
             flag = f"--{name.replace('_', '-')}"
-            raise UsageError(f"{flag} {getattr(args, name)} contradicts the resumed run's {flag} {saved[name]}; leave it out to resume")
+            raise UsageError(
+                f"{flag} {getattr(args, name)} contradicts the resumed run's {flag} {saved[name]}; leave it out to resume"
+            )
     return resumed
 
 
@@ -636,6 +695,8 @@ def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
 # --- end shared: resume ---
 
 
@@ -652,7 +713,11 @@ def load_teacher(path: str, env_id: str, num_actions: int, device: torch.device)
     except Exception as e:
         raise UsageError(f"{path} is not a torch checkpoint ({type(e).__name__}); {hint}") from None
     keys = ["env_id", "num_actions", "observation_shape", "q_network"]
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != TEACHER_FORMAT or any(key not in checkpoint for key in keys):
+    if (
+        not isinstance(checkpoint, dict)
+        or checkpoint.get("format") != TEACHER_FORMAT
+        or any(key not in checkpoint for key in keys)
+    ):
         raise UsageError(f"{path} is not a pqn_atari_envpool.py checkpoint; {hint}")
     if checkpoint["env_id"] != env_id:
         raise UsageError(f"the teacher at {path} was trained on {checkpoint['env_id']}, this run is {env_id}; {hint}")
@@ -681,7 +746,11 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
         checkpoint = torch.load(path, map_location=device, weights_only=True)
         if checkpoint["format"] != STUDENT_FORMAT:
             raise ValueError
-        env_id, num_actions, episodic_life = checkpoint["env_id"], checkpoint["num_actions"], checkpoint["args"]["episodic_life"]
+        env_id, num_actions, episodic_life = (
+            checkpoint["env_id"],
+            checkpoint["num_actions"],
+            checkpoint["args"]["episodic_life"],
+        )
         student = ImpalaQNetwork(num_actions).to(device)
         student.load_state_dict(checkpoint["student"])
     except Exception:
@@ -704,16 +773,33 @@ def load_training_state(run_dir: str, device: torch.device) -> dict:
     """A run's checkpoint.pt, checked for every key that resuming reads."""
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}: --resume takes the run directory (runs/<run_name>) of a run that wrote one")
+        raise UsageError(
+            f"no checkpoint at {path}: --resume takes the run directory (runs/<run_name>) of a run that wrote one"
+        )
     try:
         state = torch.load(path, map_location=device, weights_only=True)
         if state["format"] != CHECKPOINT_FORMAT:
             raise ValueError
-        for key in ["args", "phase", "phase_step", "teacher_return", "student", "target_network", "optimizer", "rng", "sample_rng", "online", "buffer", "buffer_len"]:
+        for key in [
+            "args",
+            "phase",
+            "phase_step",
+            "teacher_return",
+            "student",
+            "target_network",
+            "optimizer",
+            "rng",
+            "sample_rng",
+            "online",
+            "buffer",
+            "buffer_len",
+        ]:
             state[key]
         return state
     except Exception:
-        raise UsageError(f"{path} is not a qdagger_dqn_atari_impalacnn.py training checkpoint (format {CHECKPOINT_FORMAT})") from None
+        raise UsageError(
+            f"{path} is not a qdagger_dqn_atari_impalacnn.py training checkpoint (format {CHECKPOINT_FORMAT})"
+        ) from None
 
 
 def main(args: Args, given: set[str]):
@@ -745,7 +831,9 @@ def main(args: Args, given: set[str]):
     # Envs cannot be saved: a resumed run makes them afresh, seeded from the run's seed and where it resumes.
     resumed_in = f" (resumed in phase {start_phase})" if state else ""
     envs = make_atari_envs(args.env_id, env_seeds(args.seed, "training" + resumed_in, args.num_envs, start_step), 4, args)
-    eval_envs = make_atari_envs(args.env_id, env_seeds(args.seed, "evaluation" + resumed_in, args.eval_episodes, start_step), 4, args, evaluation=True)
+    eval_envs = make_atari_envs(
+        args.env_id, env_seeds(args.seed, "evaluation" + resumed_in, args.eval_episodes, start_step), 4, args, evaluation=True
+    )
     num_actions = int(envs.action_space.n)
     teacher = load_teacher(args.teacher_model_path, args.env_id, num_actions, device)
     check_writable(run_dir)
@@ -815,7 +903,13 @@ def main(args: Args, given: set[str]):
 
     def save_student():
         path = os.path.join(run_dir, f"{args.exp_name}.pt")
-        model = {"format": STUDENT_FORMAT, "env_id": args.env_id, "num_actions": num_actions, "student": student.state_dict(), "args": asdict(args)}
+        model = {
+            "format": STUDENT_FORMAT,
+            "env_id": args.env_id,
+            "num_actions": num_actions,
+            "student": student.state_dict(),
+            "args": asdict(args),
+        }
         save_atomically(model, path)
         print(f"model saved to {path}")
 
@@ -825,7 +919,11 @@ def main(args: Args, given: set[str]):
         if args.save_model:
             save_student()
         name = signal.Signals(interrupts.signal).name
-        print(f"{name}: stopped in phase {phase} at step {phase_step:,}; continue with `python qdagger_dqn_atari_impalacnn.py --resume {run_dir}`", file=sys.stderr)
+        print(
+            f"{name}: stopped in phase {phase} at step {phase_step:,}; continue with `python "
+            f"qdagger_dqn_atari_impalacnn.py --resume {run_dir}`",
+            file=sys.stderr,
+        )
         return 128 + interrupts.signal
 
     def gradient_step(rb, distill_coeff):
@@ -847,8 +945,12 @@ def main(args: Args, given: set[str]):
         td, distill, q = (torch.stack(x).mean().item() for x in zip(*losses))
         if not all(math.isfinite(value) for value in (td, distill, q)):
             phase = "offline gradient step" if prefix else "online env step"
-            last = f"the last checkpoint is {checkpoint_path}" if os.path.isfile(checkpoint_path) else "no checkpoint was written"
-            raise RunFault(f"a loss or mean Q is not finite at {phase} {step:,} (TD {td}, distillation {distill}, Q {q}); {last}")
+            last = (
+                f"the last checkpoint is {checkpoint_path}" if os.path.isfile(checkpoint_path) else "no checkpoint was written"
+            )
+            raise RunFault(
+                f"a loss or mean Q is not finite at {phase} {step:,} (TD {td}, distillation {distill}, Q {q}); {last}"
+            )
         writer.add_scalar(f"losses/{prefix}td_loss", td, step)
         writer.add_scalar(f"losses/{prefix}distill_loss", distill, step)
         writer.add_scalar(f"losses/{prefix}q_values", q, step)
@@ -867,7 +969,9 @@ def main(args: Args, given: set[str]):
         start_time = time.time()
         for step in range(first_step // args.num_envs, args.teacher_steps // args.num_envs):
             teacher_step = (step + 1) * args.num_envs
-            obs, is_reset, games = play_step(envs, teacher, rb, obs, is_reset, teacher_epsilon(args, step * args.num_envs), game_stats, device)
+            obs, is_reset, games = play_step(
+                envs, teacher, rb, obs, is_reset, teacher_epsilon(args, step * args.num_envs), game_stats, device
+            )
             if writer is None:
                 continue
             for score, _ in games:
@@ -877,25 +981,41 @@ def main(args: Args, given: set[str]):
             if checkpoint_due(teacher_step, args.teacher_steps, args.num_envs):
                 save_checkpoint(1, teacher_step, rb)
         if writer is not None:
-            writer.add_scalar("charts/teacher/SPS", (args.teacher_steps - first_step) / (time.time() - start_time), args.teacher_steps)
+            writer.add_scalar(
+                "charts/teacher/SPS", (args.teacher_steps - first_step) / (time.time() - start_time), args.teacher_steps
+            )
         print(f"phase 1: {len(rb):,} teacher transitions in {time.time() - start_time:.0f} s", flush=True)
         return rb
 
     online_writer = phase_writer(3)
     try:
         if not state:
-            online_writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+            online_writer.add_text(
+                "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+            )
             # The teacher's score sets the scale of the distillation coefficient.
-            teacher_eval_envs = make_atari_envs(args.env_id, env_seeds(args.seed, "teacher evaluation", args.teacher_eval_episodes), 4, args, evaluation=True)
+            teacher_eval_envs = make_atari_envs(
+                args.env_id, env_seeds(args.seed, "teacher evaluation", args.teacher_eval_episodes), 4, args, evaluation=True
+            )
             teacher_scores = evaluate(teacher, teacher_eval_envs)
             teacher_eval_envs.close()
             teacher_return = float(teacher_scores.mean())
-            print(f"teacher: greedy score {teacher_return:.2f} ± {teacher_scores.std():.2f} ({len(teacher_scores)} games)", flush=True)
+            print(
+                f"teacher: greedy score {teacher_return:.2f} ± {teacher_scores.std():.2f} ({len(teacher_scores)} games)",
+                flush=True,
+            )
             if teacher_return <= 0:
                 print("warning: the teacher scores <= 0; distillation stops once the student scores as much", flush=True)
-        student_buffer = f"student {FrameReplayBuffer.nbytes(args.buffer_size, args.num_envs) / 2**30:.2f} GiB ({args.buffer_size:,})" if args.total_timesteps else "no student buffer (no phase 3)"
-        print(f"replay buffers: teacher {FrameReplayBuffer.nbytes(args.teacher_steps, args.num_envs) / 2**30:.2f} GiB "
-              f"({args.teacher_steps:,} transitions), {student_buffer}", flush=True)
+        student_buffer = (
+            f"student {FrameReplayBuffer.nbytes(args.buffer_size, args.num_envs) / 2**30:.2f} GiB ({args.buffer_size:,})"
+            if args.total_timesteps
+            else "no student buffer (no phase 3)"
+        )
+        print(
+            f"replay buffers: teacher {FrameReplayBuffer.nbytes(args.teacher_steps, args.num_envs) / 2**30:.2f} GiB "
+            f"({args.teacher_steps:,} transitions), {student_buffer}",
+            flush=True,
+        )
 
         if start_phase == 1:
             # Phase 1: the teacher fills the teacher buffer.
@@ -929,7 +1049,10 @@ def main(args: Args, given: set[str]):
                 if offline_step % args.offline_eval_frequency == 0 or offline_step == args.offline_steps:
                     scores = evaluate(student, eval_envs)
                     writer.add_scalar("charts/offline/avg_episodic_return", scores.mean(), offline_step)
-                    print(f"phase 2: step {offline_step:,}: student greedy score {scores.mean():.2f} ± {scores.std():.2f}", flush=True)
+                    print(
+                        f"phase 2: step {offline_step:,}: student greedy score {scores.mean():.2f} ± {scores.std():.2f}",
+                        flush=True,
+                    )
                 if interrupts.signal:
                     return stop(2, offline_step, teacher_rb)
                 if checkpoint_due(offline_step, args.offline_steps):
@@ -990,9 +1113,14 @@ def main(args: Args, given: set[str]):
                 writer.add_scalar("charts/epsilon", epsilon, global_step)
                 writer.add_scalar("charts/learning_rate", args.learning_rate, global_step)
                 writer.add_scalar("charts/SPS", sps, global_step)
-                progress.update(global_step, sps, f"return(last 20 ep) {np.mean(recent_scores) if recent_scores else math.nan:8.2f}")
+                progress.update(
+                    global_step, sps, f"return(last 20 ep) {np.mean(recent_scores) if recent_scores else math.nan:8.2f}"
+                )
             if step < num_vector_steps - 1:  # the final evaluation and checkpoint follow the loop
-                if args.eval_frequency and global_step // args.eval_frequency > (global_step - args.num_envs) // args.eval_frequency:
+                if (
+                    args.eval_frequency
+                    and global_step // args.eval_frequency > (global_step - args.num_envs) // args.eval_frequency
+                ):
                     scores = evaluate(student, eval_envs)
                     writer.add_scalar("eval/episodic_return", scores.mean(), global_step)
                     print(f"eval at step {global_step}: greedy score {scores.mean():.2f} ± {scores.std():.2f}", flush=True)
@@ -1022,7 +1150,9 @@ if __name__ == "__main__":
             try:
                 args = resumed_args(args, given, saved)
             except (KeyError, TypeError):
-                raise UsageError(f"{args.resume}/checkpoint.pt is not a qdagger_dqn_atari_impalacnn.py training checkpoint") from None
+                raise UsageError(
+                    f"{args.resume}/checkpoint.pt is not a qdagger_dqn_atari_impalacnn.py training checkpoint"
+                ) from None
         sys.exit(main(finalize_args(args), given))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

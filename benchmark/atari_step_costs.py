@@ -2,7 +2,8 @@
 128 random frame stacks, timed on this machine: plain (eager) PyTorch with the script's RAdam and
 with torch.optim.RAdam, the RAdam step alone, and compiled as `--compile` makes it (one graph:
 forward, backward, clipping and RAdam) and split at backward() (forward and loss compiled, backward()
-run by autograd, clipping and RAdam compiled). Each is timed `--repeat` times after a warm-up; the best and the median are printed.
+run by autograd, clipping and RAdam compiled). Each is timed `--repeat` times after a warm-up; the best
+and the median are printed.
 
     python benchmark/atari_step_costs.py               # torch's default threads (all cores)
 """
@@ -52,11 +53,15 @@ if __name__ == "__main__":
 
     print(f"one gradient step, minibatch of {n} frame stacks, {torch.get_num_threads()} threads, {cli.repeat} repeats:")
     print(f"  eager, the script's RAdam      {times_ms(lambda: train_step(*minibatch), cli.repeat)}")
-    print(f"  eager, torch.optim.RAdam       {times_ms(lambda: pqn.grad_step(q_network, torch_optimizer, *minibatch, 10.0), cli.repeat)}")
+    print(
+        "  eager, torch.optim.RAdam       "
+        f"{times_ms(lambda: pqn.grad_step(q_network, torch_optimizer, *minibatch, 10.0), cli.repeat)}"
+    )
     print(f"  the script's RAdam step alone  {times_ms(optimizer.step, cli.repeat)}")
     print(f"  torch.optim.RAdam step alone   {times_ms(torch_optimizer.step, cli.repeat)}")
     one_graph = pqn.accelerate(train_step, compile=True, cudagraphs=False)
     print(f"  compiled, one graph (--compile) {times_ms(lambda: one_graph(*minibatch), cli.repeat)}")
+
     # The same step as three pieces: forward and loss compiled (AOTAutograd compiles their backward
     # too), backward() called eagerly, then clipping and RAdam compiled.
     @torch.compile

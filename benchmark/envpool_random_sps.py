@@ -47,4 +47,7 @@ if __name__ == "__main__":
     for a in actions:
         envs.step(a)
     elapsed = time.perf_counter() - start
-    print(f"{args.env_id}: {args.num_envs} envs, {args.steps * args.num_envs / elapsed:,.0f} env steps/s (random actions, {elapsed:.1f} s)")
+    print(
+        f"{args.env_id}: {args.num_envs} envs, {args.steps * args.num_envs / elapsed:,.0f} env steps/s (random "
+        f"actions, {elapsed:.1f} s)"
+    )

@@ -27,7 +27,9 @@ PROGRESS = re.compile(r"step\s+([\d,]+)/([\d,]+) .*SPS\s+([\d,]+)")
 
 def run(command):
     """Runs `command` in a scratch directory; returns (wall seconds, SPS of its last progress line)."""
-    scratch = tempfile.mkdtemp(prefix="num_seeds_speed_", dir=os.path.join(ROOT, "runs") if os.path.isdir(os.path.join(ROOT, "runs")) else None)
+    scratch = tempfile.mkdtemp(
+        prefix="num_seeds_speed_", dir=os.path.join(ROOT, "runs") if os.path.isdir(os.path.join(ROOT, "runs")) else None
+    )
     try:
         start = time.time()
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -53,15 +55,26 @@ def main():
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch  # here, so that --help works without it; after OMP_NUM_THREADS, which it reads
 
-    print(f"{args.env_id}, {args.total_timesteps:,} env steps per agent, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}\n")
+    print(
+        f"{args.env_id}, {args.total_timesteps:,} env steps per agent, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}\n"
+    )
     print("| flags | num seeds | wall time | aggregate SPS | × S = 1 |\n|---|---|---|---|---|", flush=True)
     for variant in args.variants:
         base = None
         for num_seeds in args.num_seeds:
             flags = ["--compile"] if variant == "compile" else []
-            command = [sys.executable, os.path.join(ROOT, "pqn.py"), "--env-id", args.env_id, "--num-seeds", str(num_seeds),
-                       "--total-timesteps", str(args.total_timesteps), *flags]
+            command = [
+                sys.executable,
+                os.path.join(ROOT, "pqn.py"),
+                "--env-id",
+                args.env_id,
+                "--num-seeds",
+                str(num_seeds),
+                "--total-timesteps",
+                str(args.total_timesteps),
+                *flags,
+            ]
             wall, sps = run(command)
             base = sps if num_seeds == 1 else base
             ratio = f"{sps / base:.1f}" if base else "—"

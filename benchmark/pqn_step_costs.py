@@ -43,9 +43,17 @@ if __name__ == "__main__":
     returns = pqn.q_lambda_returns(b["rewards"], b["terminations"], b["truncations"], b["next_q"], args.gamma, args.q_lambda)
     print(f"per iteration ({args.batch_size} env steps of each of {args.num_seeds} agent(s)):")
     print(f"  rollout      {ms(lambda: pqn.rollout(envs, policy, obs, is_reset, epsilon, args.num_steps, stats), 10):7.2f} ms")
-    print(f"    env step   {ms(lambda: envs.step(np.zeros(envs.num_envs, dtype=np.int64)), 200) * args.num_steps:7.2f} ms ({args.num_steps} vector steps)")
-    print(f"  targets      {ms(lambda: pqn.q_lambda_returns(b['rewards'], b['terminations'], b['truncations'], b['next_q'], args.gamma, args.q_lambda), 20):7.2f} ms")
-    print(f"  update       {ms(lambda: pqn.update(train_step, b, returns, args.num_seeds, args.update_epochs, args.minibatch_size), 3):7.2f} ms")
+    print(
+        f"    env step   {ms(lambda: envs.step(np.zeros(envs.num_envs, dtype=np.int64)), 200) * args.num_steps:7.2f} "
+        f"ms ({args.num_steps} vector steps)"
+    )
+    rollout_parts = (b["rewards"], b["terminations"], b["truncations"], b["next_q"])
+    print(f"  targets      {ms(lambda: pqn.q_lambda_returns(*rollout_parts, args.gamma, args.q_lambda), 20):7.2f} ms")
+
+    def update():
+        pqn.update(train_step, b, returns, args.num_seeds, args.update_epochs, args.minibatch_size)
+
+    print(f"  update       {ms(update, 3):7.2f} ms")
 
     def by_agent(x):  # as update() lays out a rollout: [S, T * N, ...]
         return x.unflatten(1, (args.num_seeds, -1)).transpose(0, 1).flatten(1, 2)[:, : args.minibatch_size]
@@ -60,7 +68,9 @@ if __name__ == "__main__":
         pqn.td_loss(q_taken, mb[2], mb[3]).sum().backward()
 
     print(f"  fwd + bwd    {ms(forward_backward, 300):7.2f} ms")
-    print(f"  clip         {ms(lambda: pqn.clip_grad_norm_per_agent(q_network.parameters(), args.max_grad_norm), 300):7.2f} ms")
+    print(
+        f"  clip         {ms(lambda: pqn.clip_grad_norm_per_agent(q_network.parameters(), args.max_grad_norm), 300):7.2f} ms"
+    )
     print(f"  RAdam step   {ms(optimizer.step, 300):7.2f} ms")
     torch._inductor.config.cpp.enable_kernel_profile = True  # each Inductor kernel its own profiler row
     compiled_step = pqn.accelerate(train_step, compile=True, cudagraphs=False)

@@ -21,7 +21,6 @@ import sys
 import time
 
 import numpy as np
-
 from report import import_pyplot, read_run
 from run import ROOT, fail, format_duration
 
@@ -47,17 +46,34 @@ def main():
     os.makedirs(os.path.join(ROOT, "runs"), exist_ok=True)
 
     flags = [
-        "--teacher-model-path", os.path.abspath(args.teacher), "--env-id", args.env_id, "--seed", str(args.seed),
-        "--teacher-steps", str(args.teacher_steps), "--offline-steps", str(args.offline_steps),
-        "--offline-eval-frequency", str(args.offline_eval_frequency), "--eval-episodes", str(args.eval_episodes),
-        "--teacher-eval-episodes", str(args.eval_episodes), "--total-timesteps", "0", "--save-model",
+        "--teacher-model-path",
+        os.path.abspath(args.teacher),
+        "--env-id",
+        args.env_id,
+        "--seed",
+        str(args.seed),
+        "--teacher-steps",
+        str(args.teacher_steps),
+        "--offline-steps",
+        str(args.offline_steps),
+        "--offline-eval-frequency",
+        str(args.offline_eval_frequency),
+        "--eval-episodes",
+        str(args.eval_episodes),
+        "--teacher-eval-episodes",
+        str(args.eval_episodes),
+        "--total-timesteps",
+        "0",
+        "--save-model",
     ]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     commands, processes, start = {}, {}, time.time()
     for name, variant in VARIANTS.items():
         commands[name] = [sys.executable, "qdagger_dqn_atari_impalacnn.py", *flags, *variant, "--exp-name", name]
         log = open(os.path.join(LOGS, f"{name}.log"), "w")
-        log.write(f"# command: {shlex.join(['python', *commands[name][1:]]).replace(os.path.abspath(args.teacher), args.teacher)}\n")
+        log.write(
+            f"# command: {shlex.join(['python', *commands[name][1:]]).replace(os.path.abspath(args.teacher), args.teacher)}\n"
+        )
         log.flush()
         processes[name] = subprocess.Popen(commands[name], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     runs = {}
@@ -68,12 +84,20 @@ def main():
             saved = [line.split()[-1] for line in log if line.startswith("model saved to ")]
         run_dir = os.path.join(ROOT, os.path.dirname(saved[-1]))
         # Phases 1 and 2 log to the run's teacher/ and offline/ subdirectories.
-        runs[name] = {tag: v for d in ("teacher", "offline") if os.path.isdir(os.path.join(run_dir, d)) for tag, v in read_run(os.path.join(run_dir, d))[0].items()}
+        runs[name] = {
+            tag: v
+            for d in ("teacher", "offline")
+            if os.path.isdir(os.path.join(run_dir, d))
+            for tag, v in read_run(os.path.join(run_dir, d))[0].items()
+        }
     wall = time.time() - start
 
     teacher_score = float(runs["qdagger"]["charts/teacher/avg_episodic_return"][1][0])
     same_data = all(
-        np.array_equal(runs["qdagger"]["charts/teacher/episodic_return"][i], runs["td_only"]["charts/teacher/episodic_return"][i]) for i in (0, 1)
+        np.array_equal(
+            runs["qdagger"]["charts/teacher/episodic_return"][i], runs["td_only"]["charts/teacher/episodic_return"][i]
+        )
+        for i in (0, 1)
     )
     curves = {name: runs[name]["charts/offline/avg_episodic_return"] for name in VARIANTS}
     finals = {name: float(values[-1]) for name, (_, values) in curves.items()}
@@ -92,7 +116,10 @@ def main():
         "|---|" + "---|" * len(steps),
         f"| teacher | {teacher_score:.1f} (before phase 1) |" + " |" * (len(steps) - 1),
     ]
-    for name, label in [("qdagger", "QDagger student (TD + distillation)"), ("td_only", "TD-only student (`--no-distillation`)")]:
+    for name, label in [
+        ("qdagger", "QDagger student (TD + distillation)"),
+        ("td_only", "TD-only student (`--no-distillation`)"),
+    ]:
         lines.append(f"| {label} | " + " | ".join(f"{v:.1f}" for v in curves[name][1]) + " |")
     ratio = finals["qdagger"] / teacher_score if teacher_score > 0 else float("nan")
     lines += [
@@ -105,7 +132,10 @@ def main():
         "Commands:",
         "",
         "```",
-        *(shlex.join(["python", *command[1:]]).replace(os.path.abspath(args.teacher), args.teacher) for command in commands.values()),
+        *(
+            shlex.join(["python", *command[1:]]).replace(os.path.abspath(args.teacher), args.teacher)
+            for command in commands.values()
+        ),
         "```",
         "",
         f"Made with `{shlex.join(['python', 'benchmark/qdagger_reincarnation.py', *sys.argv[1:]])}`.",

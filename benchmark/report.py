@@ -28,19 +28,26 @@ import sys
 import warnings
 
 import numpy as np
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 # run.py is in this directory, which Python puts first on sys.path when it runs this file.
 from run import ROOT, Parser, fail, format_duration, logged_command, logs_dir, read_marker
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 TAIL = 0.1  # the behaviour return of a run: its episodes in this last fraction of its env steps
 BINS = 50  # the learning curves: equal-width bins of env steps
 BOOTSTRAP_REPS = 2000  # resamples of the stratified bootstrap
 # Published per-game random and human scores (Mnih et al., 2015), for human-normalised Atari scores.
 ATARI_RANDOM_HUMAN = {
-    "Asterix": (210.0, 8503.3), "BeamRider": (363.9, 16926.5), "Breakout": (1.7, 30.5), "Enduro": (0.0, 860.5),
-    "Freeway": (0.0, 29.6), "MsPacman": (307.3, 6951.6), "Pong": (-20.7, 14.6), "Qbert": (163.9, 13455.0),
-    "Seaquest": (68.4, 42054.7), "SpaceInvaders": (148.0, 1668.7),
+    "Asterix": (210.0, 8503.3),
+    "BeamRider": (363.9, 16926.5),
+    "Breakout": (1.7, 30.5),
+    "Enduro": (0.0, 860.5),
+    "Freeway": (0.0, 29.6),
+    "MsPacman": (307.3, 6951.6),
+    "Pong": (-20.7, 14.6),
+    "Qbert": (163.9, 13455.0),
+    "Seaquest": (68.4, 42054.7),
+    "SpaceInvaders": (148.0, 1668.7),
 }
 # Tags logged against env steps (the README's Logged metrics): the largest step among them is the run's length.
 ENV_STEP_TAGS = ("charts/SPS", "charts/episodic_return", "eval/episodic_return")
@@ -141,10 +148,16 @@ def aggregate_lines(groups, envs, variants):
             continue
         lines += ["", f"### {name}: IQM of normalised scores over {len(games)} games", ""]
         if name == "Atari":
-            lines += ["Human-normalised: (score − random) / (human − random), with the published per-game random and human scores.", ""]
+            lines += [
+                "Human-normalised: (score − random) / (human − random), with the published per-game random and human scores.",
+                "",
+            ]
         else:
-            lines += ["MinAtar has no reference scores: each game's scores are divided by the best mean (over seeds) "
-                      "that a variant reaches on that game in this table, for that metric (1 = the best variant's mean).", ""]
+            lines += [
+                "MinAtar has no reference scores: each game's scores are divided by the best mean (over seeds) "
+                "that a variant reaches on that game in this table, for that metric (1 = the best variant's mean).",
+                "",
+            ]
         lines += ["| variant | games | behaviour | greedy |", "|---|---|---|---|"]
         for exp in variants:
             cells = []
@@ -159,7 +172,9 @@ def aggregate_lines(groups, envs, variants):
                         random_score, human = ATARI_RANDOM_HUMAN[env_id[: -len("-v5")]]
                         tasks.append((scores - random_score) / (human - random_score))
                     else:
-                        means = [np.nanmean([run[metric] for run in groups[(env_id, e)]]) for e in variants if (env_id, e) in groups]
+                        means = [
+                            np.nanmean([run[metric] for run in groups[(env_id, e)]]) for e in variants if (env_id, e) in groups
+                        ]
                         best = max(m for m in means if not math.isnan(m))
                         tasks.append(scores / best if best > 0 else np.full(len(scores), np.nan))
                 if tasks and not any(np.isnan(t).any() for t in tasks):
@@ -219,7 +234,11 @@ def plot(groups, envs, variants, title, path):
                 continue
             color = f"C{i}"
             total = max(run["steps"] for run in runs)
-            curves = [binned_curve(*run["scalars"]["charts/episodic_return"], total)[1] for run in runs if "charts/episodic_return" in run["scalars"]]
+            curves = [
+                binned_curve(*run["scalars"]["charts/episodic_return"], total)[1]
+                for run in runs
+                if "charts/episodic_return" in run["scalars"]
+            ]
             if curves and total > 0:
                 x = binned_curve(np.array([]), np.array([]), total)[0]
                 with warnings.catch_warnings():  # bins before any seed's first episode are all-NaN
@@ -234,7 +253,14 @@ def plot(groups, envs, variants, title, path):
                         evals.setdefault(int(step), []).append(value)
             if evals:
                 eval_steps = sorted(evals)
-                ax.plot(eval_steps, [np.mean(evals[s]) for s in eval_steps], "o", color=color, markeredgecolor="black", label=f"{exp} (greedy)")
+                ax.plot(
+                    eval_steps,
+                    [np.mean(evals[s]) for s in eval_steps],
+                    "o",
+                    color=color,
+                    markeredgecolor="black",
+                    label=f"{exp} (greedy)",
+                )
         ax.set_title(env_id)
         ax.set_xlabel("env steps")
         ax.set_ylabel("episodic return")
@@ -265,7 +291,8 @@ def markdown(benchmark, groups, envs, variants, machine, made_with, png):
         lines += [f"Made with `{made_with}`.", ""]
     lines += [f"Machine: {machine or 'not given (report.py --machine)'}.", ""]
     lines += [
-        "| env | variant | seeds | behaviour IQM [95% CI] | behaviour mean ± std | greedy IQM [95% CI] | greedy mean ± std | wall time | SPS |",
+        "| env | variant | seeds | behaviour IQM [95% CI] | behaviour mean ± std | greedy IQM [95% CI] | greedy mean "
+        "± std | wall time | SPS |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for env_id in envs:
@@ -277,7 +304,8 @@ def markdown(benchmark, groups, envs, variants, machine, made_with, png):
                 lines.append(
                     f"| {env_id} | {exp} | {len(runs)} | {iqm_ci([run['behaviour'] for run in runs])} "
                     f"| {mean_std([run['behaviour'] for run in runs])} | {iqm_ci([run['greedy'] for run in runs])} "
-                    f"| {mean_std([run['greedy'] for run in runs])} | {format_duration(wall) if not math.isnan(wall) else '—'} "
+                    f"| {mean_std([run['greedy'] for run in runs])} | "
+                    f"{format_duration(wall) if not math.isnan(wall) else '—'} "
                     f"| {f'{np.mean(sps):,.0f}' if sps else '—'} |"
                 )
     lines += [
@@ -313,7 +341,13 @@ def markdown(benchmark, groups, envs, variants, machine, made_with, png):
             "without an episode keeps the previous value); the line is the mean over seeds and the band ± one std; "
             "the points are the greedy evaluations (`eval/episodic_return`), mean over seeds.",
         ]
-    lines += ["", "## Commands", "", "Run from the repository root by `benchmark/run.py` (with `OMP_NUM_THREADS=1` unless set otherwise):", ""]
+    lines += [
+        "",
+        "## Commands",
+        "",
+        "Run from the repository root by `benchmark/run.py` (with `OMP_NUM_THREADS=1` unless set otherwise):",
+        "",
+    ]
     lines += ["```"]
     for env_id in envs:
         for exp in variants:

@@ -22,7 +22,6 @@ import time
 
 import numpy as np
 import torch
-
 from report import TAIL, binned_curve, import_pyplot, read_run
 from run import ROOT, fail
 
@@ -53,7 +52,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env-id", default="CartPole-v1")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--kill-after", type=float, default=0.55, help="when to kill the second run, as a fraction of the first run's wall time")
+    parser.add_argument(
+        "--kill-after",
+        type=float,
+        default=0.55,
+        help="when to kill the second run, as a fraction of the first run's wall time",
+    )
     parser.add_argument("flags", nargs="*", help="more flags for both pqn.py runs (after --)")
     args = parser.parse_args()
     if not 0 < args.kill_after < 1:
@@ -88,7 +92,12 @@ def main():
     killed_sps = (step1 - step0) / (t1 - t0)
     since_checkpoint = kill_time - t1
     checkpoint = torch.load(checkpoint_path, weights_only=True)
-    resumed = subprocess.run([sys.executable, "pqn.py", "--resume", os.path.relpath(killed, ROOT), "--no-cuda"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    resumed = subprocess.run(
+        [sys.executable, "pqn.py", "--resume", os.path.relpath(killed, ROOT), "--no-cuda"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
     if resumed.returncode != 0:
         fail(f"the resumed run exited with status {resumed.returncode}")
 
@@ -130,21 +139,26 @@ def main():
         "",
         f"`{command}`: `pqn.py {' '.join(flags)}`, run once through and once killed after "
         f"{killed_seconds:.0f} s ({args.kill_after:.0%} of the first run's {through_seconds:.0f} s), then continued "
-        f"with `--resume`. Behaviour return: mean over the episodes of the last {TAIL:.0%} of env steps; greedy: the final evaluation.",
+        f"with `--resume`. Behaviour return: mean over the episodes of the last {TAIL:.0%} of env steps; greedy: the "
+        "final evaluation.",
         "",
         "| run | env steps | behaviour return | greedy return |",
         "|---|---|---|---|",
     ]
     for name, scalars in data.items():
         steps = int(scalars["charts/SPS"][0][-1])
-        lines.append(f"| {name} | {steps:,} | {behaviour_return(scalars, total):.1f} | {scalars['eval/episodic_return'][1][-1]:.1f} |")
+        lines.append(
+            f"| {name} | {steps:,} | {behaviour_return(scalars, total):.1f} | {scalars['eval/episodic_return'][1][-1]:.1f} |"
+        )
     lines += [
         "",
         f"The killed run's last checkpoint held step {checkpoint['global_step']:,}; it was written {since_checkpoint:.1f} s "
-        f"before the kill, so about {lost:,} env steps ({since_checkpoint:.1f} s × {killed_sps:,.0f} SPS, its rate between its last "
+        f"before the kill, so about {lost:,} env steps ({since_checkpoint:.1f} s × {killed_sps:,.0f} SPS, its rate "
+        "between its last "
         f"two checkpoints) were lost and done again. "
         f"A checkpoint write took {write_ms:.1f} ms (median of 20): at the default frequency ({writes} writes a run) "
-        f"{writes * write_ms / 1000:.2f} s, {100 * writes * write_ms / 1000 / through_seconds:.2f}% of the uninterrupted run's {through_seconds:.0f} s.",
+        f"{writes * write_ms / 1000:.2f} s, {100 * writes * write_ms / 1000 / through_seconds:.2f}% of the "
+        f"uninterrupted run's {through_seconds:.0f} s.",
         "",
         "![learning curves](pqn_resume.png)",
         "",

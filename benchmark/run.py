@@ -101,7 +101,11 @@ class Job:
         # The agents of a --num-seeds command after the first: (seed, .log, .done, run prefix) of each;
         # their run directories carry the first one's unix time.
         self.other_agents = [
-            (s, *(os.path.join(directory, stem(args.exp_name, env_id, s) + ext) for ext in (".log", ".done")), f"{env_id.replace('/', '-')}__{args.exp_name}__{s}__")
+            (
+                s,
+                *(os.path.join(directory, stem(args.exp_name, env_id, s) + ext) for ext in (".log", ".done")),
+                f"{env_id.replace('/', '-')}__{args.exp_name}__{s}__",
+            )
             for s in range(seed + 1, seed + args.num_seeds)
         ]
         # The runs this one needs: {exp: its .done file}, from the {run_dir:EXP} placeholders.
@@ -117,7 +121,9 @@ class Job:
             elif missing is not None:
                 values[exp] = missing(exp, done)
             else:
-                raise RuntimeError(f"needs the run of --exp-name {exp} for {self.env_id} seed {self.seed}, which has not finished (no {done})")
+                raise RuntimeError(
+                    f"needs the run of --exp-name {exp} for {self.env_id} seed {self.seed}, which has not finished (no {done})"
+                )
         return [PLACEHOLDER.sub(lambda m: values[m[1].split(":", 1)[1]], flag) for flag in self.argv]
 
     def command(self):
@@ -136,10 +142,15 @@ class Job:
         stamp = run_dir.rsplit("__", 1)[1]
         for seed, log, done, prefix in self.other_agents:
             with open(log, "w", encoding="utf-8") as f:
-                f.write(f"# command: {self.command()}\n# the agent with seed {seed} of this command; its output is in {os.path.basename(self.log)}\n")
+                f.write(f"# command: {self.command()}\n{other_agent_note(seed, self)}\n")
             with open(done + ".tmp", "w", encoding="utf-8") as f:
                 f.write(os.path.join(os.path.dirname(run_dir), prefix + stamp) + "\n")
             os.replace(done + ".tmp", done)
+
+
+def other_agent_note(seed, job):
+    """The second line of the log of an agent after the first of a --num-seeds command."""
+    return f"# the agent with seed {seed} of this command; its output is in {os.path.basename(job.log)}"
 
 
 def show(path):
@@ -174,7 +185,10 @@ def needed_runs(flags):
             if name.startswith("run_dir:") and name[len("run_dir:") :]:
                 exps.append(name[len("run_dir:") :])
             elif name not in ("env_id", "seed"):
-                fail(f"unknown placeholder {{{name}}} in {flag!r}: the flags after -- may use {{env_id}}, {{seed}} and {{run_dir:EXP}}")
+                fail(
+                    f"unknown placeholder {{{name}}} in {flag!r}: the flags after -- may use {{env_id}}, {{seed}} and "
+                    f"{{run_dir:EXP}}"
+                )
     return list(dict.fromkeys(exps))
 
 
@@ -188,7 +202,11 @@ def find_run_dir(root, run_prefix, start, before, pid=None):
         stamp = os.path.basename(path)[len(run_prefix) :]
         if stamp.isdigit() and int(stamp) >= int(start) and path not in before and os.path.isdir(path):
             found.append((int(stamp), path))
-    own = [(stamp, path) for stamp, path in found if pid is not None and glob.glob(os.path.join(glob.escape(path), f"events.out.tfevents.*.{pid}.*"))]
+    own = [
+        (stamp, path)
+        for stamp, path in found
+        if pid is not None and glob.glob(os.path.join(glob.escape(path), f"events.out.tfevents.*.{pid}.*"))
+    ]
     found = own or found
     return os.path.relpath(max(found)[1], root) if found else None
 
@@ -244,7 +262,8 @@ def write_job_file(job, args):
         resources.append(f"#SBATCH --partition={args.slurm_partition}")
     # A run this one needs is read from its .done marker when the job starts, and must have finished.
     requires = [
-        f'[ -f {shlex.quote(done)} ] || {{ echo "error: the run of --exp-name {exp} for this env and seed has not finished (no {done})"; exit 1; }}'
+        f"[ -f {shlex.quote(done)} ] || "
+        f'{{ echo "error: the run of --exp-name {exp} for this env and seed has not finished (no {done})"; exit 1; }}'
         for exp, done in job.needs.items()
     ]
 
@@ -252,7 +271,9 @@ def write_job_file(job, args):
         # A {run_dir:EXP} of a run that has not finished yet is read from its .done when the job runs;
         # resolved_argv below puts the path of that .done between two \0.
         parts = flag.split("\0")
-        return "".join(f'"$(head -n 1 {shlex.quote(p)})"' if i % 2 else (shlex.quote(p) if p else "") for i, p in enumerate(parts))
+        return "".join(
+            f'"$(head -n 1 {shlex.quote(p)})"' if i % 2 else (shlex.quote(p) if p else "") for i, p in enumerate(parts)
+        )
 
     command = " ".join(shell_word(flag) for flag in job.resolved_argv(missing=lambda exp, done: f"\0{done}\0"))
     fields = {
@@ -271,7 +292,8 @@ def write_job_file(job, args):
         "resume_command": shlex.join([*job.argv[:2], "--resume"]),
         # The agents after the first of a --num-seeds command: their directories carry the first one's unix time.
         "other_agents": "\n".join(
-            f"printf '%s\\n' {shlex.quote(f'# command: {job.command()}')} {shlex.quote(f'# the agent with seed {seed} of this command; its output is in {os.path.basename(job.log)}')} > {shlex.quote(log)}\n"
+            f"printf '%s\\n' {shlex.quote(f'# command: {job.command()}')} {shlex.quote(other_agent_note(seed, job))} "
+            f"> {shlex.quote(log)}\n"
             f'echo "runs/{prefix}${{run_dir##*__}}" > {shlex.quote(done)}'
             for seed, log, done, prefix in job.other_agents
         ),
@@ -304,17 +326,35 @@ def parse_args(argv):
         usage="%(prog)s --benchmark NAME --exp-name EXP --script SCRIPT --env-ids ENV [ENV ...] [options] [-- FLAGS]",
         epilog="FLAGS (after --) are passed to every command; they may use {env_id}, {seed} and {run_dir:EXP}.",
     )
-    parser.add_argument("--benchmark", required=True, help="name of the benchmark: benchmark/logs/<name>/, report.py --benchmark <name>")
+    parser.add_argument(
+        "--benchmark", required=True, help="name of the benchmark: benchmark/logs/<name>/, report.py --benchmark <name>"
+    )
     parser.add_argument("--exp-name", required=True, help="the --exp-name of the runs (a variant in the report)")
     parser.add_argument("--script", required=True, help="the script to run, relative to --root, e.g. pqn.py")
     parser.add_argument("--env-ids", nargs="+", required=True, metavar="ENV", help="the env ids")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], metavar="S", help="the seeds (default: 1 2 3)")
-    parser.add_argument("--num-seeds", type=int, default=1, metavar="N", help="agents per command, seeds S ... S + N - 1 in one process (the script's --num-seeds; default: 1)")
+    parser.add_argument(
+        "--num-seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="agents per command, seeds S ... S + N - 1 in one process (the script's --num-seeds; default: 1)",
+    )
     parser.add_argument("--workers", type=int, default=1, help="how many runs at a time (default: 1)")
-    parser.add_argument("--root", default=ROOT, help="where the commands run and runs/ and benchmark/logs/ are (default: the repository root)")
-    parser.add_argument("--dry-run", action="store_true", help="only print the commands (with --slurm: write the job files and print the sbatch commands)")
-    parser.add_argument("--slurm", action="store_true", help="submit one slurm job per command with sbatch instead of running them here")
-    parser.add_argument("--slurm-template", default=TEMPLATE, help="the job file template (default: benchmark/slurm_template.sbatch)")
+    parser.add_argument(
+        "--root", default=ROOT, help="where the commands run and runs/ and benchmark/logs/ are (default: the repository root)"
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only print the commands (with --slurm: write the job files and print the sbatch commands)",
+    )
+    parser.add_argument(
+        "--slurm", action="store_true", help="submit one slurm job per command with sbatch instead of running them here"
+    )
+    parser.add_argument(
+        "--slurm-template", default=TEMPLATE, help="the job file template (default: benchmark/slurm_template.sbatch)"
+    )
     parser.add_argument("--slurm-cpus", type=int, default=1, help="#SBATCH --cpus-per-task (default: 1)")
     parser.add_argument("--slurm-gpus", type=int, default=0, help="#SBATCH --gres=gpu:N when N > 0 (default: 0)")
     parser.add_argument("--slurm-time", default="24:00:00", help="#SBATCH --time (default: 24:00:00)")
@@ -334,7 +374,10 @@ def parse_args(argv):
         fail(f"--num-seeds {args.num_seeds}: must be at least 1")
     seeds = sorted(set(args.seeds))
     if any(b - a < args.num_seeds for a, b in zip(seeds, seeds[1:])):
-        fail(f"--seeds {' '.join(map(str, args.seeds))} with --num-seeds {args.num_seeds}: the agents of two commands would share seeds; space the seeds at least {args.num_seeds} apart")
+        fail(
+            f"--seeds {' '.join(map(str, args.seeds))} with --num-seeds {args.num_seeds}: the agents of two commands "
+            f"would share seeds; space the seeds at least {args.num_seeds} apart"
+        )
     for flag in extra:
         if flag.split("=")[0] in ("--env-id", "--seed", "--exp-name", "--num-seeds"):
             fail(f"{flag} after --: give it to the runner as --env-ids, --seeds, --exp-name or --num-seeds")
@@ -351,12 +394,15 @@ def main(argv):
     jobs = [Job(args, env_id, seed) for env_id in dict.fromkeys(args.env_ids) for seed in dict.fromkeys(args.seeds)]
     # A finished run counts only for the same command: a benchmark made with other flags is not resumed.
     conflicts = [
-        job for job in jobs if any(os.path.exists(done) and logged_command(log) not in (None, job.command()) for log, done in job.markers())
+        job
+        for job in jobs
+        if any(os.path.exists(done) and logged_command(log) not in (None, job.command()) for log, done in job.markers())
     ]
     if conflicts:
         fail(
             f"{len(conflicts)} of these runs already finished in benchmark {args.benchmark!r} with another command "
-            f"(see {show(conflicts[0].log)}): use another --benchmark name, or delete {show(logs_dir(args.root, args.benchmark))}"
+            f"(see {show(conflicts[0].log)}): use another --benchmark name, or delete "
+            f"{show(logs_dir(args.root, args.benchmark))}"
         )
     todo = [job for job in jobs if not job.finished()]
     for job in jobs:
@@ -379,7 +425,10 @@ def main(argv):
             print(f"[{number}/{len(todo)}] start: {job.command()}", flush=True)
         ok, message = run_local(job, args.root)
         with lock:
-            print(f"[{number}/{len(todo)}] {'done' if ok else 'FAILED'}: {message}" + ("" if ok else f" (log: {show(job.log)})"), flush=True)
+            print(
+                f"[{number}/{len(todo)}] {'done' if ok else 'FAILED'}: {message}" + ("" if ok else f" (log: {show(job.log)})"),
+                flush=True,
+            )
         return ok, message
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.workers) as pool:
@@ -397,7 +446,10 @@ def main(argv):
             print("interrupted: run the same command again to run what has not finished", file=sys.stderr)
             return 130
     skipped = len(jobs) - len(todo)
-    print(f"{args.benchmark}/{args.exp_name}: {len(jobs)} commands, {finished} finished, {skipped} skipped (already done), {len(failures)} failed")
+    print(
+        f"{args.benchmark}/{args.exp_name}: {len(jobs)} commands, {finished} finished, {skipped} skipped (already "
+        f"done), {len(failures)} failed"
+    )
     for _, job, message in sorted(failures, key=lambda failure: failure[0]):
         print(f"  FAILED: {job.command()}\n    {message}; log: {show(job.log)}")
     return 1 if failures else 0
@@ -408,7 +460,10 @@ def submit(args, todo, total):
     submitted, failures = 0, []
     for job in todo:
         if os.path.exists(job.job_id_file) and not args.dry_run:
-            print(f"# skipped, submitted before as job {read_marker(job.job_id_file)} (delete {job.job_id_file} to submit again): {job.command()}")
+            print(
+                f"# skipped, submitted before as job {read_marker(job.job_id_file)} (delete {job.job_id_file} to "
+                f"submit again): {job.command()}"
+            )
             continue
         sbatch = write_job_file(job, args)
         if args.dry_run:
@@ -424,9 +479,15 @@ def submit(args, todo, total):
         submitted += 1
         print(f"submitted job {job_id}: {job.command()}")
     if args.dry_run:
-        print(f"# {total} commands: {len(todo)} job files written to {show(os.path.join(logs_dir(args.root, args.benchmark), 'slurm'))}, not submitted")
+        print(
+            f"# {total} commands: {len(todo)} job files written to "
+            f"{show(os.path.join(logs_dir(args.root, args.benchmark), 'slurm'))}, not submitted"
+        )
         return 0
-    print(f"{args.benchmark}/{args.exp_name}: {total} commands, {submitted} submitted, {total - len(todo)} skipped (already done), {len(failures)} failed to submit")
+    print(
+        f"{args.benchmark}/{args.exp_name}: {total} commands, {submitted} submitted, {total - len(todo)} skipped "
+        f"(already done), {len(failures)} failed to submit"
+    )
     for job, message in failures:
         print(f"  FAILED: {job.job_file}: {message}")
     return 1 if failures else 0

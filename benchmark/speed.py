@@ -48,7 +48,10 @@ def steady_sps(points):
 def envpool_sps(num_envs, stack_num):
     out = subprocess.run(
         [sys.executable, "benchmark/envpool_random_sps.py", "--num-envs", str(num_envs), "--stack-num", str(stack_num)],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return float(re.search(r"([\d,.]+) env steps/s", out).group(1).replace(",", ""))
 
@@ -66,19 +69,39 @@ def main():
     variants = [[], ["--compile"]]
     if torch.cuda.is_available():
         variants += [["--cudagraphs"], ["--compile", "--cudagraphs"]]
-    print(f"{args.env_id}, {args.total_timesteps:,} env steps per run, {os.cpu_count()} cores, "
-          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}\n")
+    print(
+        f"{args.env_id}, {args.total_timesteps:,} env steps per run, {os.cpu_count()} cores, "
+        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}\n"
+    )
     print("| num envs | what | SPS | steady |\n|---|---|---|---|", flush=True)
     for num_envs in args.num_envs:
         for stack_num in [4, 1]:
-            print(f"| {num_envs} | envpool alone, random actions, {stack_num} frame(s) | {envpool_sps(num_envs, stack_num):,.0f} | |", flush=True)
+            print(
+                f"| {num_envs} | envpool alone, random actions, {stack_num} frame(s) | "
+                f"{envpool_sps(num_envs, stack_num):,.0f} | |",
+                flush=True,
+            )
         for script in args.scripts:
             for flags in variants:
                 # The LSTM splits its envs into the minibatches (32 by default), so fewer envs need fewer.
                 sizes = ["--num-minibatches", str(math.gcd(num_envs, 32))] if "lstm" in script and num_envs % 32 else []
-                command = [sys.executable, script, "--env-id", args.env_id, "--num-envs", str(num_envs),
-                           "--total-timesteps", str(args.total_timesteps), "--eval-episodes", "2", "--eval-max-steps", "200",
-                           *sizes, *flags, *args.extra]
+                command = [
+                    sys.executable,
+                    script,
+                    "--env-id",
+                    args.env_id,
+                    "--num-envs",
+                    str(num_envs),
+                    "--total-timesteps",
+                    str(args.total_timesteps),
+                    "--eval-episodes",
+                    "2",
+                    "--eval-max-steps",
+                    "200",
+                    *sizes,
+                    *flags,
+                    *args.extra,
+                ]
                 points = timed_progress(command)
                 what = " ".join([script, *sizes, *flags, *args.extra])
                 print(f"| {num_envs} | `{what}` | {points[-1][3]:,} | {steady_sps(points):,.0f} |", flush=True)

@@ -10,9 +10,8 @@ import sys
 
 import numpy as np
 import pytest
-from torch.utils.tensorboard import SummaryWriter
-
 from helpers import ROOT, error_line
+from torch.utils.tensorboard import SummaryWriter
 
 RUN = os.path.join(ROOT, "benchmark", "run.py")
 REPORT = os.path.join(ROOT, "benchmark", "report.py")
@@ -43,7 +42,9 @@ if os.environ.get("FAKE_WAIT_FOR_SIGTERM"):  # as the real scripts: a checkpoint
 
 def call(tool, *flags, cwd=ROOT, env=None):
     environ = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "FAKE_FAIL_ENV")}
-    return subprocess.run([sys.executable, tool, *flags], cwd=cwd, env=dict(environ, **(env or {})), capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, tool, *flags], cwd=cwd, env=dict(environ, **(env or {})), capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.fixture
@@ -119,10 +120,17 @@ def test_several_agents_in_one_process_get_a_marker_each(root):
             assert re.fullmatch(rf"runs/A__e__{seed}__\d+", run_dir) and (root / run_dir).is_dir()
             stamps.add(run_dir.rsplit("__", 1)[1])
             # Every agent's log names the command that trained it, for the report.
-            assert (logs(root) / f"e__A__{seed}.log").read_text().startswith(f"# command: python fake.py --env-id A --seed {first} ")
+            assert (
+                (logs(root) / f"e__A__{seed}.log")
+                .read_text()
+                .startswith(f"# command: python fake.py --env-id A --seed {first} ")
+            )
         assert len(stamps) == 1
     # Run again: all done. With a marker missing, its command runs again.
-    assert runner(root, "--num-seeds", "3", "--dry-run", envs=("A",), seeds=("1", "4")).stdout.splitlines()[-1] == "# 2 commands: 0 to run, 2 already done"
+    assert (
+        runner(root, "--num-seeds", "3", "--dry-run", envs=("A",), seeds=("1", "4")).stdout.splitlines()[-1]
+        == "# 2 commands: 0 to run, 2 already done"
+    )
     os.remove(logs(root) / "e__A__5.done")
     assert runner(root, "--num-seeds", "3", "--dry-run", envs=("A",), seeds=("1", "4")).stdout.splitlines()[-2:] == [
         "python fake.py --env-id A --seed 4 --exp-name e --num-seeds 3",
@@ -144,7 +152,10 @@ def test_run_dir_placeholder_gives_the_run_directory_of_another_exp(root):
         teacher_dir = (logs(root) / f"teacher__MinAtar-B__{seed}.done").read_text().strip()
         log = (logs(root) / f"student__MinAtar-B__{seed}.log").read_text()
         assert f"'--teacher', '{teacher_dir}/teacher.pt'" in log
-        assert log.startswith(f"# command: python fake.py --env-id MinAtar/B --seed {seed} --exp-name student --teacher '{{run_dir:teacher}}/teacher.pt'\n")
+        assert log.startswith(
+            f"# command: python fake.py --env-id MinAtar/B --seed {seed} --exp-name student --teacher "
+            f"'{{run_dir:teacher}}/teacher.pt'\n"
+        )
 
 
 def fake_sbatch(tmp_path):
@@ -169,13 +180,20 @@ def test_slurm_writes_job_files_submits_them_and_the_jobs_work(root, tmp_path):
     assert job_file.exists() and not calls.exists()
 
     assert runner(root, *slurm_flags, exp="teacher", envs=["A"], seeds=["1"], env=env).returncode == 0
-    result = runner(root, *slurm_flags, exp="student", envs=["A"], seeds=["1"], extra=["--teacher", "{run_dir:teacher}/t.pt"], env=env)
+    result = runner(
+        root, *slurm_flags, exp="student", envs=["A"], seeds=["1"], extra=["--teacher", "{run_dir:teacher}/t.pt"], env=env
+    )
     assert result.returncode == 0, result.stderr
     student_file = logs(root) / "slurm" / "student__A__1.sbatch"
     # The student waits for its teacher's job.
     assert calls.read_text().splitlines() == [f"--parsable {job_file}", f"--parsable --dependency=afterok:101 {student_file}"]
     text = job_file.read_text()
-    for line in ("#SBATCH --cpus-per-task=4", "#SBATCH --gres=gpu:1", "#SBATCH --time=2:00:00", f"#SBATCH --output={logs(root)}/teacher__A__1.log"):
+    for line in (
+        "#SBATCH --cpus-per-task=4",
+        "#SBATCH --gres=gpu:1",
+        "#SBATCH --time=2:00:00",
+        f"#SBATCH --output={logs(root)}/teacher__A__1.log",
+    ):
         assert line in text.splitlines()
     assert "    python fake.py --env-id A --seed 1 --exp-name teacher &\n" in text
     # Submitted jobs are not submitted again.
@@ -215,7 +233,9 @@ def test_a_slurm_job_stopped_by_sigterm_requeues_itself_and_resumes_its_run(root
     run_dir = (logs(root) / "e__A__1.resume").read_text().strip()
     assert run_dir.startswith("runs/A__e__1__") and not (logs(root) / "e__A__1.done").exists()
     # The requeued job continues that run with --resume and marks it done.
-    again = subprocess.run(["bash", str(job_file)], cwd=root, env=dict(job_env, FAKE_WAIT_FOR_SIGTERM=""), capture_output=True, text=True)
+    again = subprocess.run(
+        ["bash", str(job_file)], cwd=root, env=dict(job_env, FAKE_WAIT_FOR_SIGTERM=""), capture_output=True, text=True
+    )
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"argv ['--resume', '{run_dir}']" in again.stdout
     assert (logs(root) / "e__A__1.done").read_text().strip() == run_dir and not (logs(root) / "e__A__1.resume").exists()
@@ -267,7 +287,9 @@ def synthetic_run(root, env_id, exp, seed):
     stem = logs(root, "bench") / f"{exp}__{env_id.replace('/', '-')}__{seed}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     (stem.parent / (stem.name + ".done")).write_text(run_dir + "\n")
-    (stem.parent / (stem.name + ".log")).write_text(f"# command: python x.py --env-id {env_id} --seed {seed} --exp-name {exp} --k 1\n")
+    (stem.parent / (stem.name + ".log")).write_text(
+        f"# command: python x.py --env-id {env_id} --seed {seed} --exp-name {exp} --k 1\n"
+    )
     return dict(behaviour=returns[STEPS >= 9_000].mean(), greedy=evals[-1][1], sps=sps, wall=wall)
 
 
@@ -277,13 +299,17 @@ def table_rows(md):
 
 
 def test_report_table_holds_means_and_stds_over_seeds_and_a_png(tmp_path):
-    known = {(env_id, exp): [synthetic_run(tmp_path, env_id, exp, seed) for seed in SEEDS] for env_id in ENVS for exp in VARIANTS}
+    known = {
+        (env_id, exp): [synthetic_run(tmp_path, env_id, exp, seed) for seed in SEEDS] for env_id in ENVS for exp in VARIANTS
+    }
     # A run in runs/ that run.py did not finish for this benchmark does not count.
     writer = SummaryWriter(str(tmp_path / "runs" / f"CartPole-v1__pdqn__4__{T0}"))
     writer.add_scalar("charts/episodic_return", 1e6, 10_000)
     writer.close()
 
-    result = call(REPORT, "--benchmark", "bench", "--root", str(tmp_path), "--machine", "a test machine", "--command", "bash x.sh")
+    result = call(
+        REPORT, "--benchmark", "bench", "--root", str(tmp_path), "--machine", "a test machine", "--command", "bash x.sh"
+    )
     assert result.returncode == 0, result.stderr
     md = (tmp_path / "benchmark" / "results" / "bench.md").read_text()
     rows = table_rows(md)
@@ -313,7 +339,10 @@ def test_report_table_holds_means_and_stds_over_seeds_and_a_png(tmp_path):
 
 def test_report_without_finished_runs_is_one_error_line(tmp_path):
     result = call(REPORT, "--benchmark", "nothing", "--root", str(tmp_path))
-    assert error_line(result) == f"error: benchmark 'nothing' has no finished runs (no .done files in {tmp_path}/benchmark/logs/nothing)"
+    assert (
+        error_line(result)
+        == f"error: benchmark 'nothing' has no finished runs (no .done files in {tmp_path}/benchmark/logs/nothing)"
+    )
     assert result.returncode == 2
 
 
@@ -324,7 +353,10 @@ def test_report_without_matplotlib_says_how_to_install_it_or_writes_only_the_tab
     (no_matplotlib / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
     env = {"PYTHONPATH": str(no_matplotlib.parent)}
     result = call(REPORT, "--benchmark", "bench", "--root", str(tmp_path), env=env)
-    assert error_line(result) == "error: the learning curves need matplotlib: pip install -r requirements/plot.txt (or pass --no-plot)"
+    assert (
+        error_line(result)
+        == "error: the learning curves need matplotlib: pip install -r requirements/plot.txt (or pass --no-plot)"
+    )
     result = call(REPORT, "--benchmark", "bench", "--root", str(tmp_path), "--no-plot", env=env)
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(tmp_path / "benchmark" / "results")) == ["bench.md"]
@@ -342,13 +374,16 @@ def import_report():
 
 def test_classic_control_trains_its_seeds_in_one_process_per_env():
     env = dict(os.environ, RUNNER_FLAGS="--dry-run", SUFFIX="_dry_run_test")
-    result = subprocess.run(["bash", os.path.join(ROOT, "benchmark", "pqn.sh"), "classic"], env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", os.path.join(ROOT, "benchmark", "pqn.sh"), "classic"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     commands = [line for line in result.stdout.splitlines() if line.startswith("python ")]
     assert commands == [
         "python pqn.py --env-id CartPole-v1 --seed 1 --exp-name pqn --num-seeds 32",
         "python pqn.py --env-id Acrobot-v1 --seed 1 --exp-name pqn --num-seeds 32",
-        "python pqn.py --env-id MountainCar-v0 --seed 1 --exp-name pqn --num-seeds 32 --exploration-fraction 0.1 --q-lambda 0.95",
+        "python pqn.py --env-id MountainCar-v0 --seed 1 --exp-name pqn --num-seeds 32 --exploration-fraction 0.1 "
+        "--q-lambda 0.95",
     ]
 
 
@@ -375,23 +410,35 @@ def test_shell_scripts_print_their_commands_in_a_dry_run(script):
     path = os.path.join(ROOT, "benchmark", script)
     assert subprocess.run(["bash", "-n", path]).returncode == 0
     # A benchmark name of its own, so that benchmarks already run in this checkout do not interfere.
-    env = dict(os.environ, RUNNER_FLAGS="--dry-run", SEEDS="1 2", NUM_SEEDS="1", EXTRA_FLAGS="--total-timesteps 1000", SUFFIX="_dry_run_test")
+    env = dict(
+        os.environ,
+        RUNNER_FLAGS="--dry-run",
+        SEEDS="1 2",
+        NUM_SEEDS="1",
+        EXTRA_FLAGS="--total-timesteps 1000",
+        SUFFIX="_dry_run_test",
+    )
     result = subprocess.run(["bash", path], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     expected = {
         "pqn.sh": [
             "python pqn.py --env-id CartPole-v1 --seed 2 --exp-name pqn --total-timesteps 1000",
-            "python pqn.py --env-id MountainCar-v0 --seed 1 --exp-name pqn --exploration-fraction 0.1 --q-lambda 0.95 --total-timesteps 1000",
+            "python pqn.py --env-id MountainCar-v0 --seed 1 --exp-name pqn --exploration-fraction 0.1 --q-lambda 0.95 "
+            "--total-timesteps 1000",
             "python pqn_atari_envpool.py --env-id Pong-v5 --seed 1 --exp-name pqn --total-timesteps 1000",
             "python pqn_atari_envpool_lstm.py --env-id BeamRider-v5 --seed 2 --exp-name pqn --total-timesteps 1000",
         ],
         "pdqn.sh": [
-            "python pdqn_minatar.py --env-id MinAtar/Seaquest-v1 --seed 2 --exp-name pdqn --eval-frequency 1000000 --total-timesteps 1000",
-            "python pdqn_minatar.py --env-id MinAtar/Breakout-v1 --seed 1 --exp-name pqn_minatar --eval-frequency 1000000 --planning-steps 0 --total-timesteps 1000",
+            "python pdqn_minatar.py --env-id MinAtar/Seaquest-v1 --seed 2 --exp-name pdqn --eval-frequency 1000000 "
+            "--total-timesteps 1000",
+            "python pdqn_minatar.py --env-id MinAtar/Breakout-v1 --seed 1 --exp-name pqn_minatar --eval-frequency "
+            "1000000 --planning-steps 0 --total-timesteps 1000",
         ],
         "qdagger.sh": [
-            "python pqn_atari_envpool.py --env-id Breakout-v5 --seed 1 --exp-name pqn_teacher --save-model --total-timesteps 1000",
-            "python qdagger_dqn_atari_impalacnn.py --env-id Breakout-v5 --seed 1 --exp-name qdagger --teacher-model-path '{run_dir:pqn_teacher}/pqn_teacher.pt' --total-timesteps 1000",
+            "python pqn_atari_envpool.py --env-id Breakout-v5 --seed 1 --exp-name pqn_teacher --save-model "
+            "--total-timesteps 1000",
+            "python qdagger_dqn_atari_impalacnn.py --env-id Breakout-v5 --seed 1 --exp-name qdagger "
+            "--teacher-model-path '{run_dir:pqn_teacher}/pqn_teacher.pt' --total-timesteps 1000",
         ],
     }[script]
     # A command is printed to run, or as skipped when this repository has already finished it.
@@ -410,11 +457,17 @@ def test_speed_reads_progress_lines_and_the_steady_rate(tmp_path):
         "import sys, time\n"
         "for i in range(1, 5):\n"
         "    time.sleep(0.05)\n"
-        "    print(f'step {i * 1000:>10,}/4,000 ({25 * i:5.1f}%)  SPS {i * 1500:>7,}  return(last 20 ep)     1.00', flush=True)\n"
+        "    print(f'step {i * 1000:>10,}/4,000 ({25 * i:5.1f}%)  SPS {i * 1500:>7,}  return(last 20 ep)     1.00', "
+        "flush=True)\n"
         "sys.exit(int(sys.argv[1]))\n"
     )
     points = speed.timed_progress([sys.executable, str(fake), "0"])
-    assert [(step, total, sps) for _, step, total, sps in points] == [(1000, 4000, 1500), (2000, 4000, 3000), (3000, 4000, 4500), (4000, 4000, 6000)]
+    assert [(step, total, sps) for _, step, total, sps in points] == [
+        (1000, 4000, 1500),
+        (2000, 4000, 3000),
+        (3000, 4000, 4500),
+        (4000, 4000, 6000),
+    ]
     assert all(a[0] < b[0] for a, b in zip(points, points[1:]))
     # From the first line at 3/4 of the run (step 3,000 at 4 s) to the last (step 4,000 at 6 s).
     assert speed.steady_sps([(1.0, 1000, 4000, 0), (4.0, 3000, 4000, 0), (6.0, 4000, 4000, 0)]) == 500.0
@@ -481,17 +534,25 @@ def test_aggregate_iqm_of_normalised_scores():
         return [dict(behaviour=v, greedy=v) for v in values]
 
     groups = {
-        ("Breakout-v5", "a"): runs([30.5, 1.7, 16.1]), ("Pong-v5", "a"): runs([14.6, -20.7, -3.05]),
-        ("MinAtar/Breakout-v1", "a"): runs([10.0, 20.0]), ("MinAtar/Asterix-v1", "a"): runs([4.0, 4.0]),
-        ("MinAtar/Breakout-v1", "b"): runs([5.0, 5.0]), ("MinAtar/Asterix-v1", "b"): runs([8.0, 8.0]),
+        ("Breakout-v5", "a"): runs([30.5, 1.7, 16.1]),
+        ("Pong-v5", "a"): runs([14.6, -20.7, -3.05]),
+        ("MinAtar/Breakout-v1", "a"): runs([10.0, 20.0]),
+        ("MinAtar/Asterix-v1", "a"): runs([4.0, 4.0]),
+        ("MinAtar/Breakout-v1", "b"): runs([5.0, 5.0]),
+        ("MinAtar/Asterix-v1", "b"): runs([8.0, 8.0]),
     }
     envs = sorted({env for env, _ in groups})
     lines = report.aggregate_lines(groups, envs, ["a", "b"])
-    table = {line.split("|")[1].strip() + "/" + section: line for section, block in
-             zip(["MinAtar", "Atari"], "\n".join(lines).split("### ")[1:]) for line in block.splitlines() if line.startswith("| a") or line.startswith("| b")}
+    table = {
+        line.split("|")[1].strip() + "/" + section: line
+        for section, block in zip(["MinAtar", "Atari"], "\n".join(lines).split("### ")[1:])
+        for line in block.splitlines()
+        if line.startswith("| a") or line.startswith("| b")
+    }
     # Atari: human-normalised 1, 0, 0.5 in both games -> IQM over the 6 runs (0, 0.5, 0.5, 1 after the cut) = 0.5.
     assert "| a | 2 | 0.50 [" in table["a/Atari"]
-    # MinAtar: Breakout's best mean is a's 15 -> a: 0.667, 1.333; b: 0.333, 0.333. Asterix's best is b's 8 -> a: 0.5, 0.5; b: 1, 1.
+    # MinAtar: Breakout's best mean is a's 15 -> a: 0.667, 1.333; b: 0.333, 0.333. Asterix's best is b's 8 -> a: 0.5, 0.5;
+    # b: 1, 1.
     assert f"| a | 2 | {reference_iqm([10 / 15, 20 / 15, 0.5, 0.5]):.2f} [" in table["a/MinAtar"]
     assert f"| b | 2 | {reference_iqm([1 / 3, 1 / 3, 1.0, 1.0]):.2f} [" in table["b/MinAtar"]
     assert "| b | 2 | — | — |" in table["b/Atari"]  # b has no Atari runs

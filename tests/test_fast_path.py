@@ -6,9 +6,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from helpers import assert_greedy, error_line, mutated_inputs_cuda_graphs_would_skip, only_run_dir, read_scalars, run_script
 
 import pqn
-from helpers import assert_greedy, error_line, mutated_inputs_cuda_graphs_would_skip, only_run_dir, read_scalars, run_script
 
 PQN_SCRIPTS = ["pqn.py", "pqn_atari_envpool.py", "pqn_atari_envpool_lstm.py", "pdqn_minatar.py"]
 
@@ -113,14 +113,19 @@ def test_compiled_steps_only_mutate_what_cuda_graphs_keep_in_place():
     obs = torch.randn(16, 4)
     minibatch = (obs.view(2, 8, 4), torch.randint(3, (2, 8)), torch.randn(2, 8), torch.ones(2, 8))
     # The gradient step updates the parameters and RAdam's state (moments, step count) in place.
-    assert mutated_inputs_cuda_graphs_would_skip(pqn, lambda *mb: pqn.grad_step(q_network, optimizer, *mb, 1.0), *minibatch) == []
+    assert (
+        mutated_inputs_cuda_graphs_would_skip(pqn, lambda *mb: pqn.grad_step(q_network, optimizer, *mb, 1.0), *minibatch) == []
+    )
     assert mutated_inputs_cuda_graphs_would_skip(pqn, lambda o, e: pqn.act(q_network, o, e), obs, torch.tensor(0.1)) == []
     # Without the marks, the step count and the 20 moment tensors would keep the step out of CUDA graphs.
     unmarked = pqn.RAdam(q_network.parameters(), lr=1e-2)
     unmarked.t = torch.zeros((), dtype=torch.float64)
     unmarked.exp_avg = [torch.zeros_like(p) for p in unmarked.params]
     unmarked.exp_avg_sq = [torch.zeros_like(p) for p in unmarked.params]
-    assert len(mutated_inputs_cuda_graphs_would_skip(pqn, lambda *mb: pqn.grad_step(q_network, unmarked, *mb, 1.0), *minibatch)) == 21
+    assert (
+        len(mutated_inputs_cuda_graphs_would_skip(pqn, lambda *mb: pqn.grad_step(q_network, unmarked, *mb, 1.0), *minibatch))
+        == 21
+    )
 
 
 def test_cudagraphs_backend_traces_the_steps_to_the_same_numbers():

@@ -13,18 +13,44 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, error_line, only_run_dir, read_scalars, run_script
 
 import pdqn_minatar as pdqn
 import pqn
 import pqn_atari_envpool as atari
 import pqn_atari_envpool_lstm as lstm
-from helpers import ROOT, error_line, only_run_dir, read_scalars, run_script
 
 # 256 env steps per iteration, 40 iterations; a checkpoint every 4 iterations.
-FLAGS = ["--num-envs", "8", "--num-steps", "32", "--num-minibatches", "4", "--update-epochs", "2", "--eval-episodes", "2", "--no-cuda"]
+FLAGS = [
+    "--num-envs",
+    "8",
+    "--num-steps",
+    "32",
+    "--num-minibatches",
+    "4",
+    "--update-epochs",
+    "2",
+    "--eval-episodes",
+    "2",
+    "--no-cuda",
+]
 TOTAL, BATCH, EVERY = 10_240, 256, 1_024
 # Atari: 64 env steps per iteration, 24 iterations; a checkpoint every 4 iterations.
-ATARI_FLAGS = ["--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2", "--update-epochs", "2", "--eval-episodes", "2", "--eval-max-steps", "200", "--no-cuda"]
+ATARI_FLAGS = [
+    "--num-envs",
+    "4",
+    "--num-steps",
+    "16",
+    "--num-minibatches",
+    "2",
+    "--update-epochs",
+    "2",
+    "--eval-episodes",
+    "2",
+    "--eval-max-steps",
+    "200",
+    "--no-cuda",
+]
 ATARI_TOTAL, ATARI_BATCH, ATARI_EVERY = 1_536, 64, 256
 # script: (module, flags, total steps, steps per iteration, checkpoint frequency, RAdam steps after n iterations)
 SCRIPTS = {
@@ -34,7 +60,11 @@ SCRIPTS = {
     # MinAtar in async env workers: 8 envs x 32 steps; from the 3rd update on, one more step on the
     # 8 transitions of the one imagined step.
     "pdqn_minatar.py": (
-        pdqn, [*FLAGS, "--vectorization", "async", "--planning-steps", "1", "--planning-delay-updates", "3"], 6_144, BATCH, EVERY,
+        pdqn,
+        [*FLAGS, "--vectorization", "async", "--planning-steps", "1", "--planning-delay-updates", "3"],
+        6_144,
+        BATCH,
+        EVERY,
         lambda n: n * 2 * 4 + max(n - 2, 0),
     ),
 }
@@ -43,7 +73,12 @@ SCRIPTS = {
 def start_script(*flags, cwd, script="pqn.py"):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     return subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, script), *flags], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, os.path.join(ROOT, script), *flags],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -52,7 +87,11 @@ def wait_for_checkpoint(cwd, min_step, process, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert process.poll() is None, process.communicate()
-        paths = [os.path.join(cwd, "runs", d, "checkpoint.pt") for d in os.listdir(os.path.join(cwd, "runs"))] if os.path.isdir(os.path.join(cwd, "runs")) else []
+        paths = (
+            [os.path.join(cwd, "runs", d, "checkpoint.pt") for d in os.listdir(os.path.join(cwd, "runs"))]
+            if os.path.isdir(os.path.join(cwd, "runs"))
+            else []
+        )
         if paths and os.path.isfile(paths[0]):
             try:  # written atomically, so it is whole whenever it is there
                 if torch.load(paths[0], weights_only=True)["global_step"] >= min_step:
@@ -68,7 +107,9 @@ def killed_and_resumed(request, tmp_path_factory):
     script = request.param
     _, flags, total, _, every, _ = SCRIPTS[script]
     cwd = tmp_path_factory.mktemp("resume")
-    process = start_script(*flags, "--total-timesteps", str(total), "--checkpoint-frequency", str(every), cwd=cwd, script=script)
+    process = start_script(
+        *flags, "--total-timesteps", str(total), "--checkpoint-frequency", str(every), cwd=cwd, script=script
+    )
     run_dir = wait_for_checkpoint(cwd, 2 * every, process)
     process.kill()  # SIGKILL: nothing of the run gets to react
     process.communicate()
@@ -98,12 +139,16 @@ def test_resumed_logs_continue_without_overlap_and_with_the_schedules(killed_and
     assert [s for s, _ in scalars["losses/td_loss"]] == list(range(batch, total + 1, batch))
     episode_steps = [s for s, _ in scalars["charts/episodic_return"]]
     assert episode_steps == sorted(episode_steps)
-    args = module.finalize_args(module.Args(**{k: v for k, v in saved["args"].items() if k not in ("batch_size", "minibatch_size", "num_iterations")}))
+    args = module.finalize_args(
+        module.Args(**{k: v for k, v in saved["args"].items() if k not in ("batch_size", "minibatch_size", "num_iterations")})
+    )
     for step, lr in scalars["charts/learning_rate"]:
         iteration = step // batch
         assert lr == pytest.approx(args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations))
     for step, epsilon in scalars["charts/epsilon"]:
-        assert epsilon == pytest.approx(module.linear_schedule(args.start_e, args.end_e, args.exploration_fraction * total, step - batch))
+        assert epsilon == pytest.approx(
+            module.linear_schedule(args.start_e, args.end_e, args.exploration_fraction * total, step - batch)
+        )
     assert len(scalars["eval/episodic_return"]) == 1
 
 
@@ -184,7 +229,12 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_pa
 
 @pytest.mark.parametrize(
     "script, signum",
-    [("pqn.py", signal.SIGINT), ("pqn.py", signal.SIGTERM), ("pqn_atari_envpool.py", signal.SIGINT), ("pdqn_minatar.py", signal.SIGTERM)],
+    [
+        ("pqn.py", signal.SIGINT),
+        ("pqn.py", signal.SIGTERM),
+        ("pqn_atari_envpool.py", signal.SIGINT),
+        ("pdqn_minatar.py", signal.SIGTERM),
+    ],
 )
 def test_an_interrupt_saves_a_checkpoint_and_the_model_and_exits_with_one_line(tmp_path, script, signum):
     flags = SCRIPTS[script][1]
@@ -194,7 +244,11 @@ def test_an_interrupt_saves_a_checkpoint_and_the_model_and_exits_with_one_line(t
     while run_dir is None and time.time() < deadline:  # until the first iteration's scalars are written
         assert process.poll() is None, process.communicate()
         runs = os.path.join(tmp_path, "runs")
-        if os.path.isdir(runs) and os.listdir(runs) and any(f.startswith("events") for f in os.listdir(os.path.join(runs, os.listdir(runs)[0]))):
+        if (
+            os.path.isdir(runs)
+            and os.listdir(runs)
+            and any(f.startswith("events") for f in os.listdir(os.path.join(runs, os.listdir(runs)[0])))
+        ):
             run_dir = os.path.join(runs, os.listdir(runs)[0])
         time.sleep(0.05)
     time.sleep(2)
@@ -202,7 +256,10 @@ def test_an_interrupt_saves_a_checkpoint_and_the_model_and_exits_with_one_line(t
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signum
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
-    assert f"{signal.Signals(signum).name}: stopped at step" in stderr and f"--resume {os.path.relpath(run_dir, tmp_path)}" in stderr
+    assert (
+        f"{signal.Signals(signum).name}: stopped at step" in stderr
+        and f"--resume {os.path.relpath(run_dir, tmp_path)}" in stderr
+    )
     checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     assert 0 < checkpoint["global_step"] < 1_000_000
     assert os.path.isfile(os.path.join(run_dir, script.replace(".py", ".pt")))
@@ -252,7 +309,9 @@ def test_broken_checkpoints_and_conflicting_env_ids_are_one_line(tmp_path):
     assert "run/checkpoint.pt is not a pqn.py training checkpoint" in line
     q_network = pqn.QNetwork(gym.make("CartPole-v1").observation_space, 2, seeds=[0])
     torch.save({"q_network": q_network.state_dict(), "args": {"env_id": "CartPole-v1"}}, tmp_path / "cartpole.pt")
-    line = error_line(run_script("pqn.py", "--eval-checkpoint", "cartpole.pt", "--env-id", "Acrobot-v1", "--no-cuda", cwd=tmp_path))
+    line = error_line(
+        run_script("pqn.py", "--eval-checkpoint", "cartpole.pt", "--env-id", "Acrobot-v1", "--no-cuda", cwd=tmp_path)
+    )
     assert "cartpole.pt was trained on CartPole-v1, not Acrobot-v1" in line
 
 
@@ -277,7 +336,11 @@ def test_atari_broken_model_and_conflicting_env_id_are_one_line(tmp_path):
     assert "only_format.pt is not a pqn_atari_envpool.py model" in line
     args = atari.finalize_args(atari.Args(num_envs=4, num_steps=16, num_minibatches=2, total_timesteps=64))
     atari.save_model(str(tmp_path / "breakout.pt"), atari.QNetwork(4, 4), args, 4)
-    line = error_line(run_script("pqn_atari_envpool.py", "--eval-checkpoint", "breakout.pt", "--env-id", "Pong-v5", "--no-cuda", cwd=tmp_path))
+    line = error_line(
+        run_script(
+            "pqn_atari_envpool.py", "--eval-checkpoint", "breakout.pt", "--env-id", "Pong-v5", "--no-cuda", cwd=tmp_path
+        )
+    )
     assert "breakout.pt was trained on Breakout-v5, not Pong-v5" in line
 
 
@@ -287,8 +350,13 @@ def test_pdqn_interrupt_reaching_its_env_workers_too_stops_cleanly(tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     flags = [*SCRIPTS["pdqn_minatar.py"][1], "--total-timesteps", "1000000"]
     process = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "pdqn_minatar.py"), *flags], cwd=tmp_path, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [sys.executable, os.path.join(ROOT, "pdqn_minatar.py"), *flags],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     deadline = time.time() + 120
     while not list((tmp_path / "runs").glob("*/events*")) and time.time() < deadline:

@@ -11,13 +11,25 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, read_scalars, run_script
 
 import pqn
-from helpers import ROOT, read_scalars, run_script
 
 SPACE = gym.spaces.Box(-np.inf, np.inf, (4,))
 # 8 envs x 32 steps per agent and iteration, 8 iterations.
-TINY = ["--num-envs", "8", "--num-steps", "32", "--num-minibatches", "4", "--update-epochs", "2", "--eval-episodes", "2", "--no-cuda"]
+TINY = [
+    "--num-envs",
+    "8",
+    "--num-steps",
+    "32",
+    "--num-minibatches",
+    "4",
+    "--update-epochs",
+    "2",
+    "--eval-episodes",
+    "2",
+    "--no-cuda",
+]
 
 
 def agent_parameters(q_network, k):
@@ -129,7 +141,9 @@ def test_the_agents_envs_are_those_of_lone_runs_and_all_distinct():
 @pytest.fixture(scope="module")
 def three_agents(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("agents")
-    result = run_script("pqn.py", *TINY, "--num-seeds", "3", "--seed", "5", "--total-timesteps", "2048", "--save-model", cwd=cwd)
+    result = run_script(
+        "pqn.py", *TINY, "--num-seeds", "3", "--seed", "5", "--total-timesteps", "2048", "--save-model", cwd=cwd
+    )
     assert result.returncode == 0, result.stderr
     return cwd, result
 
@@ -152,7 +166,9 @@ def test_each_agent_logs_to_its_own_run_directory(three_agents):
 def test_each_agents_saved_model_evaluates_as_that_agent_of_the_checkpoint(three_agents):
     cwd, _ = three_agents
     dirs = sorted(glob.glob(os.path.join(cwd, "runs", "*")))
-    all_agents = run_script("pqn.py", "--eval-checkpoint", os.path.join(dirs[0], "checkpoint.pt"), "--seed", "5", "--no-cuda", cwd=cwd)
+    all_agents = run_script(
+        "pqn.py", "--eval-checkpoint", os.path.join(dirs[0], "checkpoint.pt"), "--seed", "5", "--no-cuda", cwd=cwd
+    )
     assert all_agents.returncode == 0, all_agents.stderr
     lines = all_agents.stdout.splitlines()
     assert len(lines) == 3 and lines[1].startswith("CartPole-v1 (agent 1 of 3): greedy return over 10 episodes")
@@ -168,7 +184,11 @@ def test_an_interrupted_run_of_several_agents_resumes_all_of_them(tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     process = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "pqn.py"), *TINY, "--num-seeds", "2", "--total-timesteps", "40960"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     # Wait for the first progress line, then interrupt: the run stops with a checkpoint.
     assert process.stdout.readline().startswith("step ")

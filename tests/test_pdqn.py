@@ -5,10 +5,10 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-
-import pdqn_minatar as pdqn
 from helpers import error_line, only_run_dir, read_scalars, run_script
 from test_pqn_cli import CONVENTION_SCALARS
+
+import pdqn_minatar as pdqn
 
 MODEL_SCALARS = {
     "losses/model_loss",
@@ -17,7 +17,19 @@ MODEL_SCALARS = {
     "losses/model_termination_loss",
     "losses/model_obs_accuracy",
 }
-TINY = ["--num-envs", "8", "--num-steps", "16", "--num-minibatches", "4", "--eval-episodes", "2", "--max-episode-steps", "100", "--no-cuda"]
+TINY = [
+    "--num-envs",
+    "8",
+    "--num-steps",
+    "16",
+    "--num-minibatches",
+    "4",
+    "--eval-episodes",
+    "2",
+    "--max-episode-steps",
+    "100",
+    "--no-cuda",
+]
 
 
 def random_batch(B=6, C=4, A=3, seed=0):
@@ -44,8 +56,12 @@ def test_model_losses_match_references():
     # then each loss averaged over the real transitions.
     cell_errors = [sum(float(d) ** 2 for d in (obs_pred[i] - next_obs[i]).flatten()) / next_obs[i].numel() for i in real]
     assert obs_loss.item() == pytest.approx(sum(cell_errors) / len(real), rel=1e-5)
-    assert reward_loss.item() == pytest.approx(sum((reward_pred[i].item() - rewards[i].item()) ** 2 for i in real) / len(real), rel=1e-5)
-    assert term_loss.item() == pytest.approx(sum((term_pred[i].item() - terms[i].item()) ** 2 for i in real) / len(real), rel=1e-5)
+    assert reward_loss.item() == pytest.approx(
+        sum((reward_pred[i].item() - rewards[i].item()) ** 2 for i in real) / len(real), rel=1e-5
+    )
+    assert term_loss.item() == pytest.approx(
+        sum((term_pred[i].item() - terms[i].item()) ** 2 for i in real) / len(real), rel=1e-5
+    )
     assert total.item() == pytest.approx((obs_loss + reward_loss + term_loss).item(), rel=1e-6)
     cell_hits = [((obs_pred[i] > 0.5).float() == next_obs[i]).float().mean().item() for i in real]
     assert accuracy.item() == pytest.approx(sum(cell_hits) / len(real), rel=1e-6)
@@ -106,7 +122,9 @@ def test_imagined_rollouts_stay_binary_and_stop_at_a_predicted_termination():
 def test_planning_update_uses_one_step_targets_on_live_transitions_only():
     torch.manual_seed(0)
     q_network = pdqn.QNetwork(4, 3)
-    imagined = pdqn.imagine(ScriptedModel(), q_network, (torch.rand(3, 4, 10, 10) < 0.2).float(), torch.ones(3, dtype=torch.bool), 4, 0.5)
+    imagined = pdqn.imagine(
+        ScriptedModel(), q_network, (torch.rand(3, 4, 10, 10) < 0.2).float(), torch.ones(3, dtype=torch.bool), 4, 0.5
+    )
     live = imagined["alive"] == 1
     with torch.no_grad():
         next_max = q_network(imagined["next_obs"].flatten(0, 1)).max(1).values.view(4, 3)
@@ -143,7 +161,9 @@ def test_one_gradient_step_of_all_envs_per_imagined_step(planning_steps):
 def test_planning_stops_when_every_imagined_trajectory_has_ended():
     torch.manual_seed(0)
     q_network = pdqn.QNetwork(4, 3)
-    imagined = pdqn.imagine(ScriptedModel(), q_network, (torch.rand(1, 4, 10, 10) < 0.2).float(), torch.ones(1, dtype=torch.bool), 5, 0.0)
+    imagined = pdqn.imagine(
+        ScriptedModel(), q_network, (torch.rand(1, 4, 10, 10) < 0.2).float(), torch.ones(1, dtype=torch.bool), 5, 0.0
+    )
     calls = []
     pdqn.planning_update(lambda *mb: calls.append(mb) or (torch.tensor(0.0), torch.tensor(0.0)), q_network, imagined, 0.99)
     assert len(calls) == 2  # env 0's imagined episode terminates at its second step
@@ -160,8 +180,18 @@ def test_env_observations_are_float_channels_first():
 @pytest.mark.parametrize("planning_steps", ["0", "3"])
 def test_smoke_run_logs_metrics_and_planning_off_leaves_the_model_untouched(tmp_path, planning_steps):
     result = run_script(
-        "pdqn_minatar.py", *TINY, "--total-timesteps", "640", "--planning-steps", planning_steps, "--planning-delay-updates", "2",
-        "--seed", "3", "--save-model", cwd=tmp_path,
+        "pdqn_minatar.py",
+        *TINY,
+        "--total-timesteps",
+        "640",
+        "--planning-steps",
+        planning_steps,
+        "--planning-delay-updates",
+        "2",
+        "--seed",
+        "3",
+        "--save-model",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     run_dir = only_run_dir(tmp_path)
@@ -177,7 +207,12 @@ def test_smoke_run_logs_metrics_and_planning_off_leaves_the_model_untouched(tmp_
         assert unchanged
     else:
         assert MODEL_SCALARS | {"losses/planning_loss"} <= set(scalars)
-        assert [s for s, _ in scalars["losses/planning_loss"]] == [256, 384, 512, 640]  # from the 2nd update (128 steps each) on
+        assert [s for s, _ in scalars["losses/planning_loss"]] == [
+            256,
+            384,
+            512,
+            640,
+        ]  # from the 2nd update (128 steps each) on
         assert not unchanged
 
 

@@ -5,10 +5,10 @@ import os
 import numpy as np
 import pytest
 import torch
-
-import pqn_atari_envpool as atari
 from helpers import error_line, only_run_dir, read_scalars, run_script
 from test_pqn_cli import CONVENTION_SCALARS
+
+import pqn_atari_envpool as atari
 
 TINY = ["--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2", "--eval-episodes", "2", "--no-cuda"]
 
@@ -50,7 +50,9 @@ def run_rollout(env_groups, q_network, epsilon, num_steps):
     game_stats = [atari.GameStats(envs.config["num_envs"]) for envs in env_groups]
     staging = torch.empty(obs.shape, dtype=torch.uint8)
     is_reset = np.zeros(len(obs), dtype=bool)
-    return atari.rollout(env_groups, policy, torch.as_tensor(obs), is_reset, torch.tensor(epsilon), num_steps, game_stats, staging)
+    return atari.rollout(
+        env_groups, policy, torch.as_tensor(obs), is_reset, torch.tensor(epsilon), num_steps, game_stats, staging
+    )
 
 
 def random_rollout(num_steps, **overrides):
@@ -67,7 +69,12 @@ def test_two_env_groups_give_the_rollout_of_one():
     torch.manual_seed(0)
     q_network = atari.QNetwork(4, 4)
     one = run_rollout([atari.make_atari_envs(args.env_id, [0, 1, 2, 3], 4, args)], q_network, 0.0, 60)
-    two = run_rollout([atari.make_atari_envs(args.env_id, [0, 1], 4, args), atari.make_atari_envs(args.env_id, [2, 3], 4, args)], q_network, 0.0, 60)
+    two = run_rollout(
+        [atari.make_atari_envs(args.env_id, [0, 1], 4, args), atari.make_atari_envs(args.env_id, [2, 3], 4, args)],
+        q_network,
+        0.0,
+        60,
+    )
     # Frames, actions, rewards and flags exactly (this network's greedy actions win by more than 0.9,
     # far above rounding); Q-values up to rounding: CPU kernels round differently with the batch
     # size, 4 envs against two groups of 2.
@@ -148,7 +155,16 @@ def test_q_network_shapes_and_uint8_input():
 def saved_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("atari")
     result = run_script(
-        "pqn_atari_envpool.py", *TINY, "--total-timesteps", "192", "--max-episode-steps", "40", "--eval-max-steps", "50", "--save-model", cwd=cwd
+        "pqn_atari_envpool.py",
+        *TINY,
+        "--total-timesteps",
+        "192",
+        "--max-episode-steps",
+        "40",
+        "--eval-max-steps",
+        "50",
+        "--save-model",
+        cwd=cwd,
     )
     assert result.returncode == 0, result.stderr
     return cwd
@@ -170,7 +186,17 @@ def test_saved_model_is_the_documented_format_and_loads(saved_run):
     assert checkpoint["env_id"] == "Breakout-v5" and checkpoint["num_actions"] == 4
     assert checkpoint["observation_shape"] == [4, 84, 84] and checkpoint["args"]["num_envs"] == 4
     atari.QNetwork(4, checkpoint["num_actions"]).load_state_dict(checkpoint["q_network"])
-    result = run_script("pqn_atari_envpool.py", "--eval-checkpoint", path, "--eval-episodes", "1", "--eval-max-steps", "30", "--no-cuda", cwd=saved_run)
+    result = run_script(
+        "pqn_atari_envpool.py",
+        "--eval-checkpoint",
+        path,
+        "--eval-episodes",
+        "1",
+        "--eval-max-steps",
+        "30",
+        "--no-cuda",
+        cwd=saved_run,
+    )
     assert result.returncode == 0, result.stderr
     assert "Breakout-v5: greedy score over 1 games" in result.stdout
 

@@ -5,10 +5,10 @@ import os
 import numpy as np
 import pytest
 import torch
-
-import pqn_atari_envpool_lstm as lstm
 from helpers import error_line, mutated_inputs_cuda_graphs_would_skip, only_run_dir, read_scalars, run_script
 from test_pqn_cli import CONVENTION_SCALARS
+
+import pqn_atari_envpool_lstm as lstm
 
 TINY = ["--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2", "--eval-episodes", "2", "--no-cuda"]
 
@@ -36,7 +36,10 @@ def two_rollouts():
     from two env groups (each group's slice of the recurrent state is updated on its own)."""
     args = tiny_args()
     half = args.num_envs // 2
-    env_groups = [lstm.make_atari_envs(args.env_id, list(range(half)), 1, args), lstm.make_atari_envs(args.env_id, list(range(half, 2 * half)), 1, args)]
+    env_groups = [
+        lstm.make_atari_envs(args.env_id, list(range(half)), 1, args),
+        lstm.make_atari_envs(args.env_id, list(range(half, 2 * half)), 1, args),
+    ]
     torch.manual_seed(0)
     q_network = lstm.RecurrentQNetwork(int(env_groups[0].action_space.n))
     carry = start_carry(env_groups, q_network, args.num_envs)
@@ -124,8 +127,13 @@ def test_compiled_gradient_steps_match_the_plain_ones(two_rollouts):
     h0, c0 = b["initial_state"]
     envs = torch.tensor([0, 2])
     minibatch = (
-        b["obs"][:6, envs], b["actions"][:6, envs], returns[:6, envs], (~b["is_reset"][:6, envs]).float(),
-        b["episode_start"][:6, envs], h0[:, envs], c0[:, envs],
+        b["obs"][:6, envs],
+        b["actions"][:6, envs],
+        returns[:6, envs],
+        (~b["is_reset"][:6, envs]).float(),
+        b["episode_start"][:6, envs],
+        h0[:, envs],
+        c0[:, envs],
     )
     steps = {}
     for compile in [False, True]:
@@ -160,7 +168,16 @@ def test_compiled_steps_only_mutate_what_cuda_graphs_keep_in_place():
 def saved_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("lstm")
     result = run_script(
-        "pqn_atari_envpool_lstm.py", *TINY, "--total-timesteps", "192", "--max-episode-steps", "40", "--eval-max-steps", "50", "--save-model", cwd=cwd
+        "pqn_atari_envpool_lstm.py",
+        *TINY,
+        "--total-timesteps",
+        "192",
+        "--max-episode-steps",
+        "40",
+        "--eval-max-steps",
+        "50",
+        "--save-model",
+        cwd=cwd,
     )
     assert result.returncode == 0, result.stderr
     return cwd
@@ -178,7 +195,17 @@ def test_saved_model_loads_and_evaluates(saved_run):
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["format"] == lstm.MODEL_FORMAT and checkpoint["observation_shape"] == [1, 84, 84]
     lstm.RecurrentQNetwork(checkpoint["num_actions"]).load_state_dict(checkpoint["q_network"])
-    result = run_script("pqn_atari_envpool_lstm.py", "--eval-checkpoint", path, "--eval-episodes", "1", "--eval-max-steps", "30", "--no-cuda", cwd=saved_run)
+    result = run_script(
+        "pqn_atari_envpool_lstm.py",
+        "--eval-checkpoint",
+        path,
+        "--eval-episodes",
+        "1",
+        "--eval-max-steps",
+        "30",
+        "--no-cuda",
+        cwd=saved_run,
+    )
     assert result.returncode == 0, result.stderr
     assert "Breakout-v5: greedy score over 1 games" in result.stdout
 
@@ -187,7 +214,10 @@ def test_saved_model_loads_and_evaluates(saved_run):
     "flags, message",
     [
         (["--num-minibatches", "3"], "--num-envs 4 is not divisible by --num-minibatches 3"),
-        (["--num-envs", "6", "--num-minibatches", "4", "--num-steps", "2"], "--num-envs 6 is not divisible by --num-minibatches 4"),
+        (
+            ["--num-envs", "6", "--num-minibatches", "4", "--num-steps", "2"],
+            "--num-envs 6 is not divisible by --num-minibatches 4",
+        ),
         (["--env-id", "Acrobot-v1"], "Acrobot-v1 is not an Atari env"),
     ],
 )

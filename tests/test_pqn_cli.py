@@ -5,11 +5,23 @@ import os
 import gymnasium as gym
 import pytest
 import torch
-
-import pqn
 from helpers import error_line, only_run_dir, read_scalars, read_text, run_script
 
-TINY = ["--num-envs", "8", "--num-steps", "32", "--num-minibatches", "4", "--update-epochs", "2", "--eval-episodes", "3", "--no-cuda"]
+import pqn
+
+TINY = [
+    "--num-envs",
+    "8",
+    "--num-steps",
+    "32",
+    "--num-minibatches",
+    "4",
+    "--update-epochs",
+    "2",
+    "--eval-episodes",
+    "3",
+    "--no-cuda",
+]
 
 CONVENTION_SCALARS = {
     "charts/episodic_return",

@@ -52,7 +52,11 @@ def reference(rewards, terminations, truncations, next_q, gamma, lam):
                 H += 1
             value = 0.0
             for steps in range(1, H):
-                value += (1 - lam) * lam ** (steps - 1) * n_step_return(rewards, terminations, truncations, next_q, gamma, t, n, steps)
+                value += (
+                    (1 - lam)
+                    * lam ** (steps - 1)
+                    * n_step_return(rewards, terminations, truncations, next_q, gamma, t, n, steps)
+                )
             value += lam ** (H - 1) * n_step_return(rewards, terminations, truncations, next_q, gamma, t, n, H)
             out[t, n] = value
     return out

@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, error_line, only_run_dir, read_scalars, run_script
 
 import qdagger_dqn_atari_impalacnn as qd
-from helpers import ROOT, error_line, only_run_dir, read_scalars, run_script
 
 
 def buffer_args(**overrides):
@@ -164,9 +164,31 @@ def test_impala_student_shapes():
 
 
 TINY = [
-    "--teacher-steps", "64", "--offline-steps", "20", "--offline-eval-frequency", "10", "--total-timesteps", "120",
-    "--learning-starts", "40", "--buffer-size", "200", "--num-envs", "2", "--eval-episodes", "1", "--eval-max-steps", "30",
-    "--teacher-eval-episodes", "1", "--max-episode-steps", "40", "--target-network-frequency", "16", "--no-cuda",
+    "--teacher-steps",
+    "64",
+    "--offline-steps",
+    "20",
+    "--offline-eval-frequency",
+    "10",
+    "--total-timesteps",
+    "120",
+    "--learning-starts",
+    "40",
+    "--buffer-size",
+    "200",
+    "--num-envs",
+    "2",
+    "--eval-episodes",
+    "1",
+    "--eval-max-steps",
+    "30",
+    "--teacher-eval-episodes",
+    "1",
+    "--max-episode-steps",
+    "40",
+    "--target-network-frequency",
+    "16",
+    "--no-cuda",
 ]
 
 
@@ -174,8 +196,22 @@ TINY = [
 def teacher(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("teacher")
     result = run_script(
-        "pqn_atari_envpool.py", "--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2", "--total-timesteps", "64",
-        "--eval-episodes", "1", "--eval-max-steps", "30", "--save-model", "--no-cuda", cwd=cwd,
+        "pqn_atari_envpool.py",
+        "--num-envs",
+        "4",
+        "--num-steps",
+        "16",
+        "--num-minibatches",
+        "2",
+        "--total-timesteps",
+        "64",
+        "--eval-episodes",
+        "1",
+        "--eval-max-steps",
+        "30",
+        "--save-model",
+        "--no-cuda",
+        cwd=cwd,
     )
     assert result.returncode == 0, result.stderr
     return os.path.join(only_run_dir(cwd), "pqn_atari_envpool.pt")
@@ -186,12 +222,28 @@ def test_three_phases_log_their_metrics(teacher, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "replay buffers: teacher" in result.stdout and "(1 games)" in result.stdout.splitlines()[0]
     run_dir = only_run_dir(tmp_path)
-    scalars = {**read_scalars(run_dir), **read_scalars(os.path.join(run_dir, "teacher")), **read_scalars(os.path.join(run_dir, "offline"))}
+    scalars = {
+        **read_scalars(run_dir),
+        **read_scalars(os.path.join(run_dir, "teacher")),
+        **read_scalars(os.path.join(run_dir, "offline")),
+    }
     expected = {
-        "charts/teacher/avg_episodic_return", "charts/teacher/SPS",  # teacher evaluation and phase 1
-        "losses/offline/td_loss", "losses/offline/distill_loss", "charts/offline/avg_episodic_return", "charts/offline/SPS",
-        "losses/td_loss", "losses/distill_loss", "losses/q_values", "charts/distill_coeff", "charts/SPS", "charts/epsilon",
-        "charts/learning_rate", "eval/episodic_return", "charts/episodic_return", "charts/episodic_length",
+        "charts/teacher/avg_episodic_return",
+        "charts/teacher/SPS",  # teacher evaluation and phase 1
+        "losses/offline/td_loss",
+        "losses/offline/distill_loss",
+        "charts/offline/avg_episodic_return",
+        "charts/offline/SPS",
+        "losses/td_loss",
+        "losses/distill_loss",
+        "losses/q_values",
+        "charts/distill_coeff",
+        "charts/SPS",
+        "charts/epsilon",
+        "charts/learning_rate",
+        "eval/episodic_return",
+        "charts/episodic_return",
+        "charts/episodic_length",
     }
     assert expected <= set(scalars), expected - set(scalars)
     assert [s for s, _ in scalars["charts/offline/avg_episodic_return"]] == [10, 20]
@@ -201,10 +253,22 @@ def test_three_phases_log_their_metrics(teacher, tmp_path):
     qd.ImpalaQNetwork(saved["num_actions"]).load_state_dict(saved["student"])
     # The saved student evaluates from the command line; another --env-id is one clear line.
     path = os.path.relpath(os.path.join(run_dir, "qdagger_dqn_atari_impalacnn.pt"), tmp_path)
-    result = run_script("qdagger_dqn_atari_impalacnn.py", "--eval-checkpoint", path, "--eval-episodes", "1", "--eval-max-steps", "30", "--no-cuda", cwd=tmp_path)
+    result = run_script(
+        "qdagger_dqn_atari_impalacnn.py",
+        "--eval-checkpoint",
+        path,
+        "--eval-episodes",
+        "1",
+        "--eval-max-steps",
+        "30",
+        "--no-cuda",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "Breakout-v5: greedy score over 1 games" in result.stdout
-    line = error_line(run_script("qdagger_dqn_atari_impalacnn.py", "--eval-checkpoint", path, "--env-id", "Pong-v5", cwd=tmp_path))
+    line = error_line(
+        run_script("qdagger_dqn_atari_impalacnn.py", "--eval-checkpoint", path, "--env-id", "Pong-v5", cwd=tmp_path)
+    )
     assert "was trained on Breakout-v5, not Pong-v5" in line
 
 
@@ -213,7 +277,12 @@ def test_sigint_in_the_online_phase_saves_the_student_and_exits_with_one_line(te
     flags = [*TINY, "--total-timesteps", "1000000", "--save-model"]
     script = os.path.join(ROOT, "qdagger_dqn_atari_impalacnn.py")
     process = subprocess.Popen(
-        [sys.executable, script, "--teacher-model-path", teacher, *flags], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, script, "--teacher-model-path", teacher, *flags],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     for line in process.stdout:  # phase 2 ends with its evaluation at offline step 20
         if line.startswith("phase 2: step 20:"):
@@ -222,7 +291,9 @@ def test_sigint_in_the_online_phase_saves_the_student_and_exits_with_one_line(te
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
-    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1 and "SIGINT: stopped in phase 3 at step" in stderr, stderr
+    assert (
+        "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1 and "SIGINT: stopped in phase 3 at step" in stderr
+    ), stderr
     saved = torch.load(os.path.join(only_run_dir(tmp_path), "qdagger_dqn_atari_impalacnn.pt"), weights_only=True)
     assert saved["format"] == qd.STUDENT_FORMAT
 
@@ -232,13 +303,19 @@ def test_bad_or_mismatched_teacher_gives_one_clear_line(teacher, tmp_path):
     assert "no teacher at missing.pt" in line and "python pqn_atari_envpool.py --env-id Breakout-v5 --save-model" in line
     line = error_line(run_script("qdagger_dqn_atari_impalacnn.py", *TINY, cwd=tmp_path))
     assert "--teacher-model-path is required" in line
-    line = error_line(run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", teacher, "--env-id", "Pong-v5", *TINY, cwd=tmp_path))
+    line = error_line(
+        run_script(
+            "qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", teacher, "--env-id", "Pong-v5", *TINY, cwd=tmp_path
+        )
+    )
     assert "was trained on Breakout-v5, this run is Pong-v5" in line and "--env-id Pong-v5 --save-model" in line
     torch.save({"q_network": {}}, tmp_path / "other.pt")
     line = error_line(run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", "other.pt", *TINY, cwd=tmp_path))
     assert "other.pt is not a pqn_atari_envpool.py checkpoint" in line
     torch.save({"format": qd.TEACHER_FORMAT}, tmp_path / "only_format.pt")
-    line = error_line(run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", "only_format.pt", *TINY, cwd=tmp_path))
+    line = error_line(
+        run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", "only_format.pt", *TINY, cwd=tmp_path)
+    )
     assert "only_format.pt is not a pqn_atari_envpool.py checkpoint" in line
     checkpoint = torch.load(teacher, weights_only=True)
     checkpoint["q_network"] = {k: v[..., :1] if v.ndim else v for k, v in checkpoint["q_network"].items()}
@@ -257,12 +334,18 @@ def test_bad_or_mismatched_teacher_gives_one_clear_line(teacher, tmp_path):
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
-    line = error_line(run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", "teacher.pt", *TINY, *flags, cwd=tmp_path))
+    line = error_line(
+        run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", "teacher.pt", *TINY, *flags, cwd=tmp_path)
+    )
     assert line.startswith("error: ") and message in line
 
 
 def test_a_diverging_student_stops_at_the_first_non_finite_loss(teacher, tmp_path):
-    line = error_line(run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", teacher, *TINY, "--learning-rate", "1e30", cwd=tmp_path))
+    line = error_line(
+        run_script(
+            "qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", teacher, *TINY, "--learning-rate", "1e30", cwd=tmp_path
+        )
+    )
     assert "a loss or mean Q is not finite at offline gradient step" in line
 
 
@@ -283,7 +366,9 @@ def test_the_online_phase_continues_the_offline_phase_schedules():
 
 def test_the_script_logs_the_continued_schedule(teacher, tmp_path):
     # epsilon decays over all 120 steps: at step 118 it is 0.0265 on a clock from 0, 0.01 on one from 20.
-    result = run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", teacher, *TINY, "--exploration-fraction", "1.0", cwd=tmp_path)
+    result = run_script(
+        "qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", teacher, *TINY, "--exploration-fraction", "1.0", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     args = qd.Args(offline_steps=20, total_timesteps=120, learning_starts=40, exploration_fraction=1.0)
     step, epsilon = read_scalars(only_run_dir(tmp_path))["charts/epsilon"][-1]
@@ -293,7 +378,15 @@ def test_the_script_logs_the_continued_schedule(teacher, tmp_path):
 def trained_student(teacher, tmp_path, *flags):
     tmp_path.mkdir()
     result = run_script(
-        "qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", teacher, *TINY, "--total-timesteps", "0", "--save-model", *flags, cwd=tmp_path
+        "qdagger_dqn_atari_impalacnn.py",
+        "--teacher-model-path",
+        teacher,
+        *TINY,
+        "--total-timesteps",
+        "0",
+        "--save-model",
+        *flags,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert "phase 2: step 20: student greedy score" in result.stdout
@@ -306,7 +399,9 @@ def test_without_distillation_the_distillation_term_is_zero(teacher, tmp_path):
     runs = {}
     for distill in ["--distillation", "--no-distillation"]:
         for temperature in ["1.0", "0.1"]:
-            runs[distill, temperature] = trained_student(teacher, tmp_path / f"{distill}{temperature}", distill, "--temperature", temperature)
+            runs[distill, temperature] = trained_student(
+                teacher, tmp_path / f"{distill}{temperature}", distill, "--temperature", temperature
+            )
     for name, value in runs["--no-distillation", "1.0"].items():
         torch.testing.assert_close(runs["--no-distillation", "0.1"][name], value)
     assert any(not torch.allclose(runs["--distillation", "0.1"][k], v) for k, v in runs["--distillation", "1.0"].items())
@@ -317,7 +412,13 @@ def test_the_replay_buffer_survives_a_checkpoint(tmp_path):
     rb = qd.FrameReplayBuffer(40, 2)
     rb.observe(rng.integers(0, 255, (2, 4, 84, 84), dtype=np.uint8))
     for _ in range(30):
-        rb.add(rng.integers(0, 4, 2), rng.normal(size=2), rng.random(2) < 0.1, rng.integers(0, 255, (2, 4, 84, 84), dtype=np.uint8), rng.random(2) < 0.9)
+        rb.add(
+            rng.integers(0, 4, 2),
+            rng.normal(size=2),
+            rng.random(2) < 0.1,
+            rng.integers(0, 255, (2, 4, 84, 84), dtype=np.uint8),
+            rng.random(2) < 0.9,
+        )
     torch.save(rb.state_dict(), tmp_path / "rb.pt")
     restored = qd.FrameReplayBuffer(40, 2)
     restored.load_state_dict(torch.load(tmp_path / "rb.pt", weights_only=True))
@@ -333,7 +434,12 @@ def run_until(teacher, cwd, flags, line_start, delay=0.0, signum=signal.SIGKILL)
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     script = os.path.join(ROOT, "qdagger_dqn_atari_impalacnn.py")
     process = subprocess.Popen(
-        [sys.executable, script, "--teacher-model-path", teacher, *flags], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, script, "--teacher-model-path", teacher, *flags],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     for line in process.stdout:
         if line.startswith(line_start):
@@ -378,7 +484,10 @@ def test_an_interrupt_in_phase_3_saves_the_buffer_and_the_run_resumes_from_it(te
     run_dir = only_run_dir(tmp_path)
     saved = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     assert saved["phase"] == 3 and 0 < saved["phase_step"] < 300
-    assert saved["buffer"] is not None and int((saved["buffer"]["head"] - saved["buffer"]["tail"]).sum()) == saved["buffer_len"] > 0
+    assert (
+        saved["buffer"] is not None
+        and int((saved["buffer"]["head"] - saved["buffer"]["tail"]).sum()) == saved["buffer_len"] > 0
+    )
     result = run_script("qdagger_dqn_atari_impalacnn.py", "--resume", os.path.relpath(run_dir, tmp_path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     steps = steps_of(read_scalars(run_dir), "charts/SPS")

@@ -1,9 +1,10 @@
-"""The README's Quickstart is what CI runs, and the pinned requirements agree with pyproject.toml
-and with what the scripts import."""
+"""The README's Quickstart is what CI runs, the pinned requirements agree with pyproject.toml and
+with what the scripts import, and the code is formatted and linted as pyproject.toml configures."""
 
 import ast
 import os
 import re
+import subprocess
 import sys
 import tomllib
 
@@ -66,3 +67,11 @@ def test_quickstart_requirements_cover_what_pqn_py_imports():
     third_party = imported - set(sys.stdlib_module_names)
     assert {"torch", "gymnasium", "envpool"} <= third_party
     assert third_party <= pinned("requirements/base.txt")
+
+
+def test_code_is_formatted_and_linted():
+    for command in (["format", "--check"], ["check"]):
+        result = subprocess.run([sys.executable, "-m", "ruff", *command, "."], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, (
+            f"ruff {' '.join(command)}: run `ruff format . && ruff check --fix .`\n{result.stdout}{result.stderr}"
+        )

@@ -4,9 +4,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from helpers import assert_greedy
 
 import pqn
-from helpers import assert_greedy
 
 
 class ScriptedEnvs(gym.vector.VectorEnv):
@@ -101,8 +101,8 @@ def test_reset_steps_are_marked_and_masked_across_rollouts():
     # ...and its transition (reward 0, into the first observation of the next episode) is not real.
     assert b1["rewards"][3, 0] == 0 and b1["terminations"][3, 0] == 0 and b1["truncations"][3, 0] == 0
     # Episodes are logged once each, with their real length (the reset step does not count).
-    assert [(s, env, l) for s, env, _, l in eps1] == [(2, 0, 3), (4, 1, 5)]
-    assert [(s, env, l) for s, env, _, l in eps2] == [(2, 0, 4)]
+    assert [(s, env, length) for s, env, _, length in eps1] == [(2, 0, 3), (4, 1, 5)]
+    assert [(s, env, length) for s, env, _, length in eps2] == [(2, 0, 4)]
     assert eps1[0][2] == pytest.approx(1.1 + 1.2 + 1.3)
 
 
@@ -132,6 +132,7 @@ def test_truncation_bootstraps_from_the_final_observation_and_termination_does_n
     gamma = 0.9
     returns = pqn.q_lambda_returns(b["rewards"], b["terminations"], b["truncations"], b["next_q"], gamma, 0.65)
     with torch.no_grad():
+
         def max_q(*o):
             return q_network(torch.tensor([o], dtype=torch.float32)).max().item()
 

@@ -2,12 +2,12 @@
 
 import numpy as np
 import pytest
+from helpers import error_line, run_script
 
 import pdqn_minatar as pdqn
 import pqn
 import pqn_atari_envpool as atari
 import qdagger_dqn_atari_impalacnn as qd
-from helpers import error_line, run_script
 
 
 def test_env_seeds_of_runs_1_to_64_are_all_distinct():
@@ -45,7 +45,9 @@ def test_an_env_plays_the_stream_of_its_seed():
     np.testing.assert_array_equal(together, alone)
     envs = pdqn.make_envs(pdqn.finalize_args(pdqn.Args(total_timesteps=4096)), 3)
     together = envs.reset(seed=seeds)[0]
-    alone = np.concatenate([pdqn.make_envs(pdqn.finalize_args(pdqn.Args(total_timesteps=4096)), 1).reset(seed=[s])[0] for s in seeds])
+    alone = np.concatenate(
+        [pdqn.make_envs(pdqn.finalize_args(pdqn.Args(total_timesteps=4096)), 1).reset(seed=[s])[0] for s in seeds]
+    )
     np.testing.assert_array_equal(together, alone)
 
 
