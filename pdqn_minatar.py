@@ -33,7 +33,8 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """make torch use deterministic algorithms"""
+    """make cuDNN use deterministic convolution algorithms (torch.backends.cudnn.deterministic); other GPU
+    kernels may still vary"""
     cuda: bool = True
     """use CUDA when it is available"""
     track: bool = False
@@ -46,6 +47,9 @@ class Args:
     """save the Q-network, the world model and these Args to runs/{run_name}/{exp_name}.pt at the end"""
     eval_checkpoint: str | None = None
     """evaluate this saved model's Q-network greedily for `eval_episodes` episodes and exit, without training"""
+    capture_video: bool = False
+    """record env 0's greedy evaluation episode at each evaluation as an MP4 in runs/{run_name}/videos/ (with
+    --eval-checkpoint: in videos/ beside the checkpoint); needs pip install -r requirements/video.txt"""
     checkpoint_frequency: int | None = None
     """write the whole training state to runs/{run_name}/checkpoint.pt every this many env steps (default: every tenth of
     the run), at an interrupt and at the end"""
@@ -130,6 +134,8 @@ def finalize_args(args: Args) -> Args:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check_finite(args)
+    if args.capture_video:
+        check_video_support()
     if args.seed < 0:
         raise UsageError(f"--seed must not be negative, got {args.seed}")
     for name in ["learning_rate", "max_grad_norm"]:
@@ -177,8 +183,9 @@ def env_seeds(seed: int, stream: str, num_envs: int, step: int = 0) -> list[int]
 # --- end shared: env_seeds ---
 
 
-def make_envs(args: Args, num_envs: int) -> gym.vector.VectorEnv:
-    """MinAtar envs (next-step auto-reset); observations become float [C, 10, 10]."""
+def make_envs(args: Args, num_envs: int, render: bool = False) -> gym.vector.VectorEnv:
+    """MinAtar envs (next-step auto-reset); observations become float [C, 10, 10]. With `render`,
+    `video_frame(envs)` is env 0's frame, for --capture-video."""
     if not any(k.startswith("MinAtar/") for k in gym.registry):
         minatar.gym.register_envs()
     if not args.env_id.startswith("MinAtar/") or args.env_id not in gym.registry:
@@ -190,6 +197,7 @@ def make_envs(args: Args, num_envs: int) -> gym.vector.VectorEnv:
         vectorization_mode=args.vectorization,
         max_episode_steps=args.max_episode_steps,
         sticky_action_prob=args.sticky_action_prob,
+        render_mode="rgb_array" if render else None,
     )
     height, width, channels = envs.single_observation_space.shape
     space = gym.spaces.Box(0.0, 1.0, (channels, height, width), np.float32)
@@ -197,6 +205,12 @@ def make_envs(args: Args, num_envs: int) -> gym.vector.VectorEnv:
         envs, lambda obs: obs.transpose(0, 3, 1, 2).astype(np.float32), single_observation_space=space
     )
     return envs
+
+
+def video_frame(envs) -> np.ndarray:
+    """Env 0's frame: MinAtar's 10x10 colour image (floats in [0, 1]), each cell drawn as 16x16 pixels."""
+    frame = envs.unwrapped.call("render")[0]
+    return (np.kron(frame, np.ones((16, 16, 1))) * 255).astype(np.uint8)
 
 
 class CellLayerNorm(nn.LayerNorm):
@@ -553,17 +567,22 @@ def update(train_step, b, returns, update_epochs, minibatch_size):
 
 
 # --- shared: gym_evaluate ---
-def evaluate(q_network, envs, seeds: list[int] | None) -> np.ndarray:
+def evaluate(q_network, envs, seeds: list[int] | None, record=None) -> np.ndarray:
     """Returns of one greedy episode per env (one each, so short episodes are not over-counted).
-    `seeds` seed the reset, one per env; None where the envs were seeded when made (envpool ignores them)."""
+    `seeds` seed the reset, one per env; None where the envs were seeded when made (envpool ignores them).
+    `record()`, if given, is called at every frame of env 0's episode (after the reset and each step)."""
     device = next(q_network.parameters()).device
     obs, _ = envs.reset(seed=seeds)
     returns = np.zeros(envs.num_envs)
     finished = np.zeros(envs.num_envs, dtype=bool)
+    if record:
+        record()
     while not finished.all():
         with torch.no_grad():
             actions = q_network(torch.as_tensor(obs, dtype=torch.float32, device=device)).argmax(dim=1)
         obs, reward, terminated, truncated, _ = envs.step(actions.cpu().numpy())
+        if record and not finished[0]:
+            record()
         returns += np.where(finished, 0.0, reward)
         finished |= terminated | truncated
     return returns
@@ -573,14 +592,14 @@ def evaluate(q_network, envs, seeds: list[int] | None) -> np.ndarray:
 
 
 # --- shared: accelerate ---
-def accelerate(fn, compile: bool, cudagraphs: bool):
+# Lets backward() into a compiled graph, so that forward, backward and the optimizer fuse into one.
+torch._dynamo.config.trace_autograd_ops = True
+
+
+def accelerate(fn, *, compile: bool, cudagraphs: bool):
     """The fast path. --compile: torch.compile turns `fn` into fused Inductor kernels; --cudagraphs:
     its kernels are recorded once as CUDA graphs and replayed, without a launch per kernel; both:
     Inductor kernels inside CUDA graphs. Neither changes what `fn` computes."""
-    # Lets backward() into the compiled graph, so forward, backward and the optimizer fuse into one,
-    # and lets Dynamo trace through nn.LSTM, where it would otherwise break the graph.
-    torch._dynamo.config.trace_autograd_ops = True
-    torch._dynamo.config.allow_rnn = True
     if not cudagraphs:
         return torch.compile(fn) if compile else fn
     graphed = torch.compile(fn, mode="reduce-overhead") if compile else torch.compile(fn, backend="cudagraphs")
@@ -593,6 +612,44 @@ def accelerate(fn, compile: bool, cudagraphs: bool):
 
 
 # --- end shared: accelerate ---
+
+
+# --- shared: video ---
+def check_video_support():
+    """--capture-video needs imageio and its ffmpeg plugin: their absence is one line before training."""
+    try:
+        import imageio.v2  # noqa: F401
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            "--capture-video needs imageio and its ffmpeg plugin: pip install -r requirements/video.txt"
+        ) from None
+
+
+class VideoRecorder:
+    """Called at each frame of an evaluation episode, keeps what `render()` returns (env 0's frame,
+    [H, W, 3] uint8); `save` writes the frames as an H.264 MP4 with imageio's ffmpeg plugin."""
+
+    def __init__(self, render, fps: int):
+        self.render, self.fps, self.frames = render, fps, []
+
+    def __call__(self):
+        self.frames.append(self.render())
+
+    def save(self, path: str):
+        import imageio.v2 as imageio
+
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with imageio.get_writer(path, fps=self.fps, macro_block_size=1) as writer:
+                for frame in self.frames:
+                    writer.append_data(frame)
+        except OSError as e:
+            raise RunFault(f"cannot write {path}: {e}") from None
+        self.frames = []
+
+
+# --- end shared: video ---
 
 
 # --- shared: progress ---
@@ -706,6 +763,7 @@ class Interrupts:
 # Flags a resumed run may change: where and how fast it runs, and where it logs; not what it computes.
 RESUME_MAY_CHANGE = {
     "resume",
+    "capture_video",
     "checkpoint_frequency",
     "checkpoint_buffers",
     "save_model",
@@ -758,6 +816,7 @@ def set_rng_state(state: dict):
 
 MODEL_FORMAT = "pdqn_minatar/model/v2"
 CHECKPOINT_FORMAT = "pdqn_minatar/training_state/v2"
+VIDEO_FPS = 10
 
 
 def load_model(path: str, device: torch.device) -> dict:
@@ -809,7 +868,7 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
             f"{args.eval_checkpoint} was trained on {checkpoint['env_id']}, not {args.env_id}; leave --env-id out"
         )
     args.env_id = checkpoint["env_id"]
-    envs = make_envs(args, args.eval_episodes)
+    envs = make_envs(args, args.eval_episodes, render=args.capture_video)
     q_network, _ = make_networks(envs.single_observation_space.shape[0], int(envs.single_action_space.n))
     try:
         q_network.to(device).load_state_dict(checkpoint["q_network"])
@@ -817,7 +876,14 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
         raise UsageError(
             f"{args.eval_checkpoint} does not fit the Q-network for {args.env_id}: {str(e).splitlines()[0]}"
         ) from None
-    returns = evaluate(q_network, envs, env_seeds(args.seed, "evaluation", args.eval_episodes))
+    video = VideoRecorder(lambda: video_frame(envs), VIDEO_FPS) if args.capture_video else None
+    returns = evaluate(q_network, envs, env_seeds(args.seed, "evaluation", args.eval_episodes), record=video)
+    if video:
+        path = os.path.join(
+            os.path.dirname(args.eval_checkpoint), "videos", os.path.basename(args.eval_checkpoint)[:-3] + ".mp4"
+        )
+        video.save(path)
+        print(f"video of the first episode: {path}")
     envs.close()
     print(f"{args.env_id}: greedy return over {len(returns)} episodes {returns.mean():.2f} ± {returns.std():.2f}")
 
@@ -849,7 +915,8 @@ def main(args: Args, given: set[str]):
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     envs = make_envs(args, args.num_envs)
-    eval_envs = make_envs(args, args.eval_episodes)
+    eval_envs = make_envs(args, args.eval_episodes, render=args.capture_video)
+    video = VideoRecorder(lambda: video_frame(eval_envs), VIDEO_FPS) if args.capture_video else None
     interrupts = Interrupts()
     check_writable(run_dir)
 
@@ -888,16 +955,24 @@ def main(args: Args, given: set[str]):
         recent_returns.extend(state["recent_returns"])
         start_iteration, global_step = state["iteration"], state["global_step"]
         set_rng_state(state["rng"])  # last: making the networks drew from torch's generator
-    policy = accelerate(lambda obs, epsilon: act(q_network, obs, epsilon), args.compile, args.cudagraphs)
+    policy = accelerate(lambda obs, epsilon: act(q_network, obs, epsilon), compile=args.compile, cudagraphs=args.cudagraphs)
     # Inductor would compile the loop over the rollout's steps for a long time, to save little; a
     # CUDA graph of it (no Inductor) saves a kernel launch per step on the GPU.
-    targets = accelerate(lambda *rollout: q_lambda_returns(*rollout, args.gamma, args.q_lambda), False, args.cudagraphs)
+    targets = accelerate(
+        lambda *rollout: q_lambda_returns(*rollout, args.gamma, args.q_lambda), compile=False, cudagraphs=args.cudagraphs
+    )
     train_step = accelerate(
-        lambda *minibatch: grad_step(q_network, optimizer, *minibatch, args.max_grad_norm), args.compile, args.cudagraphs
+        lambda *minibatch: grad_step(q_network, optimizer, *minibatch, args.max_grad_norm),
+        compile=args.compile,
+        cudagraphs=args.cudagraphs,
     )
 
     def run_evaluation(global_step):
-        returns = evaluate(q_network, eval_envs, env_seeds(args.seed, "evaluation", args.eval_episodes, resume_step))
+        returns = evaluate(
+            q_network, eval_envs, env_seeds(args.seed, "evaluation", args.eval_episodes, resume_step), record=video
+        )
+        if video:
+            video.save(os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"))
         writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
         print(
             f"eval at step {global_step}: greedy return {returns.mean():.2f} ± {returns.std():.2f} ({len(returns)} episodes)",

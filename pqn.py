@@ -34,8 +34,6 @@ class Args:
     num_seeds: int = 1
     """the number of agents trained at once, with seeds seed, seed + 1, ...: each is a PQN agent of its own (its own
     initialisation, envs, exploration, minibatches, gradient clipping and optimizer state) with its own run directory"""
-    torch_deterministic: bool = True
-    """make torch use deterministic algorithms"""
     cuda: bool = True
     """use CUDA when it is available"""
     track: bool = False
@@ -49,6 +47,9 @@ class Args:
     eval_checkpoint: str | None = None
     """evaluate this saved model (or every agent of this checkpoint.pt) greedily for `eval_episodes` episodes and exit,
     without training"""
+    capture_video: bool = False
+    """record env 0's greedy evaluation episode at each evaluation as an MP4 in runs/{run_name}/videos/ (with
+    --eval-checkpoint: in videos/ beside the checkpoint); needs pip install -r requirements/video.txt"""
     checkpoint_frequency: int | None = None
     """write the whole training state of all agents to checkpoint.pt in the first agent's run directory every this many env
     steps of each agent (default: every tenth of the run), at an interrupt and at the end"""
@@ -111,6 +112,8 @@ def finalize_args(args: Args) -> Args:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check_finite(args)
+    if args.capture_video:
+        check_video_support()
     if args.seed < 0:
         raise UsageError(f"--seed must not be negative, got {args.seed}")
     for name in ["learning_rate", "max_grad_norm"]:
@@ -164,20 +167,20 @@ def env_seeds(seed: int, stream: str, num_envs: int, step: int = 0) -> list[int]
 # --- end shared: env_seeds ---
 
 
-def make_envs(env_id: str, seeds: list[int]) -> gym.vector.VectorEnv:
+def make_envs(env_id: str, seeds: list[int], render: bool = False) -> gym.vector.VectorEnv:
     """envpool's vector env of `env_id`, one env per seed, checked for PQN's spaces.
     Its dynamics, spaces and time limits are gymnasium's, and like gymnasium's it auto-resets on
-    the next step. envpool steps its envs in C++: gymnasium steps Acrobot and MountainCar one env
-    at a time in Python (32 Acrobot envs: 2.9 ms per step there, 0.2 ms in envpool); CartPole,
-    which gymnasium vectorises, trained as fast on either. One difference: an episode that
+    the next step. envpool steps its envs in C++, where gymnasium steps Acrobot and MountainCar one
+    env at a time in Python (the README's speed page measures both). One difference: an episode that
     terminates on its last allowed step comes back truncated and not terminated, so PQN bootstraps there."""
     if env_id not in envpool.list_all_envs():
         raise UsageError(
             f"cannot make env {env_id!r}: envpool has no such env (classic control: CartPole-v1, Acrobot-v1, MountainCar-v0)"
         )
     # One thread: a classic-control step takes microseconds, and threads of envpool's own would
-    # compete with the learner for the cores (Acrobot pinned to one core: 5.4k SPS, 4.1k with envpool's default).
-    envs = envpool.make_gymnasium(env_id, num_envs=len(seeds), seed=seeds, num_threads=1)
+    # compete with the learner for the cores.
+    render_mode = "rgb_array" if render else None  # env 0's frames, for --capture-video
+    envs = envpool.make_gymnasium(env_id, num_envs=len(seeds), seed=seeds, num_threads=1, render_mode=render_mode)
     if not isinstance(envs.single_action_space, gym.spaces.Discrete):
         envs.close()
         raise UsageError(f"{env_id} has action space {envs.single_action_space}; PQN needs a Discrete one")
@@ -485,17 +488,22 @@ def update(train_step, b, returns, num_agents, update_epochs, minibatch_size):
 
 
 # --- shared: gym_evaluate ---
-def evaluate(q_network, envs, seeds: list[int] | None) -> np.ndarray:
+def evaluate(q_network, envs, seeds: list[int] | None, record=None) -> np.ndarray:
     """Returns of one greedy episode per env (one each, so short episodes are not over-counted).
-    `seeds` seed the reset, one per env; None where the envs were seeded when made (envpool ignores them)."""
+    `seeds` seed the reset, one per env; None where the envs were seeded when made (envpool ignores them).
+    `record()`, if given, is called at every frame of env 0's episode (after the reset and each step)."""
     device = next(q_network.parameters()).device
     obs, _ = envs.reset(seed=seeds)
     returns = np.zeros(envs.num_envs)
     finished = np.zeros(envs.num_envs, dtype=bool)
+    if record:
+        record()
     while not finished.all():
         with torch.no_grad():
             actions = q_network(torch.as_tensor(obs, dtype=torch.float32, device=device)).argmax(dim=1)
         obs, reward, terminated, truncated, _ = envs.step(actions.cpu().numpy())
+        if record and not finished[0]:
+            record()
         returns += np.where(finished, 0.0, reward)
         finished |= terminated | truncated
     return returns
@@ -505,14 +513,14 @@ def evaluate(q_network, envs, seeds: list[int] | None) -> np.ndarray:
 
 
 # --- shared: accelerate ---
-def accelerate(fn, compile: bool, cudagraphs: bool):
+# Lets backward() into a compiled graph, so that forward, backward and the optimizer fuse into one.
+torch._dynamo.config.trace_autograd_ops = True
+
+
+def accelerate(fn, *, compile: bool, cudagraphs: bool):
     """The fast path. --compile: torch.compile turns `fn` into fused Inductor kernels; --cudagraphs:
     its kernels are recorded once as CUDA graphs and replayed, without a launch per kernel; both:
     Inductor kernels inside CUDA graphs. Neither changes what `fn` computes."""
-    # Lets backward() into the compiled graph, so forward, backward and the optimizer fuse into one,
-    # and lets Dynamo trace through nn.LSTM, where it would otherwise break the graph.
-    torch._dynamo.config.trace_autograd_ops = True
-    torch._dynamo.config.allow_rnn = True
     if not cudagraphs:
         return torch.compile(fn) if compile else fn
     graphed = torch.compile(fn, mode="reduce-overhead") if compile else torch.compile(fn, backend="cudagraphs")
@@ -525,6 +533,44 @@ def accelerate(fn, compile: bool, cudagraphs: bool):
 
 
 # --- end shared: accelerate ---
+
+
+# --- shared: video ---
+def check_video_support():
+    """--capture-video needs imageio and its ffmpeg plugin: their absence is one line before training."""
+    try:
+        import imageio.v2  # noqa: F401
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            "--capture-video needs imageio and its ffmpeg plugin: pip install -r requirements/video.txt"
+        ) from None
+
+
+class VideoRecorder:
+    """Called at each frame of an evaluation episode, keeps what `render()` returns (env 0's frame,
+    [H, W, 3] uint8); `save` writes the frames as an H.264 MP4 with imageio's ffmpeg plugin."""
+
+    def __init__(self, render, fps: int):
+        self.render, self.fps, self.frames = render, fps, []
+
+    def __call__(self):
+        self.frames.append(self.render())
+
+    def save(self, path: str):
+        import imageio.v2 as imageio
+
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with imageio.get_writer(path, fps=self.fps, macro_block_size=1) as writer:
+                for frame in self.frames:
+                    writer.append_data(frame)
+        except OSError as e:
+            raise RunFault(f"cannot write {path}: {e}") from None
+        self.frames = []
+
+
+# --- end shared: video ---
 
 
 # --- shared: progress ---
@@ -638,6 +684,7 @@ class Interrupts:
 # Flags a resumed run may change: where and how fast it runs, and where it logs; not what it computes.
 RESUME_MAY_CHANGE = {
     "resume",
+    "capture_video",
     "checkpoint_frequency",
     "checkpoint_buffers",
     "save_model",
@@ -689,6 +736,7 @@ def set_rng_state(state: dict):
 
 
 CHECKPOINT_FORMAT = "pqn/training_state/v2"
+VIDEO_FPS = 50  # classic control's render rate
 
 
 def agents_env_seeds(seeds: list[int], stream: str, num_envs: int, step: int = 0) -> list[int]:
@@ -753,13 +801,20 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
     first_weight = checkpoint["q_network"].get("network.0.weight")
     num_agents = first_weight.shape[0] if isinstance(first_weight, torch.Tensor) and first_weight.dim() == 3 else 1
     seeds = [args.seed + k for k in range(num_agents)]
-    envs = make_envs(env_id, agents_env_seeds(seeds, "evaluation", args.eval_episodes))
+    envs = make_envs(env_id, agents_env_seeds(seeds, "evaluation", args.eval_episodes), render=args.capture_video)
     q_network = QNetwork(envs.single_observation_space, envs.single_action_space.n, seeds).to(device)
     try:
         q_network.load_state_dict(checkpoint["q_network"])
     except RuntimeError as e:
         raise UsageError(f"{args.eval_checkpoint} does not fit the Q-network for {env_id}: {str(e).splitlines()[0]}") from None
-    returns = evaluate(q_network, envs, seeds=None).reshape(num_agents, -1)  # [agent, episode]; seeded when made
+    video = VideoRecorder(lambda: envs.render()[0], VIDEO_FPS) if args.capture_video else None
+    returns = evaluate(q_network, envs, seeds=None, record=video).reshape(num_agents, -1)  # [agent, episode]; seeded when made
+    if video:
+        path = os.path.join(
+            os.path.dirname(args.eval_checkpoint), "videos", os.path.basename(args.eval_checkpoint)[:-3] + ".mp4"
+        )
+        video.save(path)
+        print(f"video of the first agent's first episode: {path}")
     for k, agent_returns in enumerate(returns):
         agent = f" (agent {k} of {num_agents})" if num_agents > 1 else ""
         print(
@@ -773,7 +828,6 @@ def main(args: Args, given: set[str]):
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
     # Adam's first moment of a weight that gets no gradient (a dead ReLU unit) decays by 0.9 a step and
     # turns denormal after ~800 steps, and x86 CPUs compute on denormals many times slower. Flushed
     # to zero, nothing of size changes.
@@ -805,7 +859,10 @@ def main(args: Args, given: set[str]):
     # first episodes again.
     resume_step = state["global_step"] if state else 0
     envs = make_envs(args.env_id, agents_env_seeds(seeds, "training", args.num_envs, resume_step))
-    eval_envs = make_envs(args.env_id, agents_env_seeds(seeds, "evaluation", args.eval_episodes, resume_step))
+    eval_envs = make_envs(
+        args.env_id, agents_env_seeds(seeds, "evaluation", args.eval_episodes, resume_step), render=args.capture_video
+    )
+    video = VideoRecorder(lambda: eval_envs.render()[0], VIDEO_FPS) if args.capture_video else None
     for run_dir in run_dirs:
         check_writable(run_dir)
     if args.track:
@@ -841,16 +898,22 @@ def main(args: Args, given: set[str]):
             recent.extend(saved)
         start_iteration, global_step = state["iteration"], state["global_step"]
         set_rng_state(state["rng"])
-    policy = accelerate(lambda obs, epsilon: act(q_network, obs, epsilon), args.compile, args.cudagraphs)
+    policy = accelerate(lambda obs, epsilon: act(q_network, obs, epsilon), compile=args.compile, cudagraphs=args.cudagraphs)
     # Inductor would compile the loop over the rollout's steps for a long time, to save little; a
     # CUDA graph of it (no Inductor) saves a kernel launch per step on the GPU.
-    targets = accelerate(lambda *rollout: q_lambda_returns(*rollout, args.gamma, args.q_lambda), False, args.cudagraphs)
+    targets = accelerate(
+        lambda *rollout: q_lambda_returns(*rollout, args.gamma, args.q_lambda), compile=False, cudagraphs=args.cudagraphs
+    )
     train_step = accelerate(
-        lambda *minibatch: grad_step(q_network, optimizer, *minibatch, args.max_grad_norm), args.compile, args.cudagraphs
+        lambda *minibatch: grad_step(q_network, optimizer, *minibatch, args.max_grad_norm),
+        compile=args.compile,
+        cudagraphs=args.cudagraphs,
     )
 
     def run_evaluation(global_step):
-        returns = evaluate(q_network, eval_envs, seeds=None).reshape(args.num_seeds, -1)  # [agent, episode]; seeded when made
+        returns = evaluate(q_network, eval_envs, seeds=None, record=video).reshape(args.num_seeds, -1)  # [agent, episode]
+        if video:  # env 0 is the first agent's
+            video.save(os.path.join(run_dirs[0], "videos", f"eval_{global_step}.mp4"))
         for writer, agent_returns in zip(writers, returns):
             writer.add_scalar("eval/episodic_return", agent_returns.mean(), global_step)
         if args.num_seeds == 1:

@@ -29,7 +29,8 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """make torch use deterministic algorithms"""
+    """make cuDNN use deterministic convolution algorithms (torch.backends.cudnn.deterministic); other GPU
+    kernels may still vary"""
     cuda: bool = True
     """use CUDA when it is available"""
     track: bool = False
@@ -43,6 +44,9 @@ class Args:
     eval_checkpoint: str | None = None
     """evaluate this saved model greedily for `eval_episodes` games (with the episodic-life setting it was trained with)
     and exit, without training"""
+    capture_video: bool = False
+    """record env 0's greedy evaluation game at each evaluation as an MP4 in runs/{run_name}/videos/ (with
+    --eval-checkpoint: in videos/ beside the checkpoint); needs pip install -r requirements/video.txt"""
     checkpoint_frequency: int | None = None
     """write the whole training state to runs/{run_name}/checkpoint.pt every this many env steps (default: every tenth of
     the run), at an interrupt and at the end"""
@@ -126,6 +130,8 @@ def finalize_args(args: Args) -> Args:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check_finite(args)
+    if args.capture_video:
+        check_video_support()
     if args.seed < 0:
         raise UsageError(f"--seed must not be negative, got {args.seed}")
     for name in ["learning_rate", "max_grad_norm"]:
@@ -198,6 +204,7 @@ def make_atari_envs(env_id, seeds, stack_num, args, evaluation=False):
         max_episode_steps=args.eval_max_steps if evaluation else args.max_episode_steps,
         episodic_life=args.episodic_life,
         reward_clip=args.reward_clip and not evaluation,
+        render_mode="rgb_array" if evaluation and args.capture_video else None,  # full-colour frames for --capture-video
     )
 
 
@@ -481,21 +488,26 @@ def update(train_step, b, returns, update_epochs, minibatch_size):
 
 
 # --- shared: atari_evaluate ---
-def evaluate(q_network, envs) -> np.ndarray:
+def evaluate(q_network, envs, record=None) -> np.ndarray:
     """Scores of one greedy game per eval env: the sum of its unclipped rewards over all its lives.
 
     A game is over at game over (`info["terminated"]`) or at the time limit. A lost life alone only
     ends an episode: the env resets on the next step (serving the ball, as in training) and the
     game goes on. Envs whose game is over keep stepping until all are over; nothing more is counted.
+    `record()`, if given, is called at every frame of env 0's game (after the reset and each step).
     """
     device = next(q_network.parameters()).device
     obs, _ = envs.reset()
     scores = np.zeros(envs.config["num_envs"])
     finished = np.zeros_like(scores, dtype=bool)
+    if record:
+        record()
     while not finished.all():
         with torch.no_grad():
             actions = q_network(torch.as_tensor(obs, device=device)).argmax(dim=1)
         obs, _, _, truncated, info = envs.step(actions.cpu().numpy())
+        if record and not finished[0]:
+            record()
         scores += np.where(finished, 0.0, info["reward"])
         finished |= (info["terminated"] == 1) | truncated
     return scores
@@ -505,14 +517,14 @@ def evaluate(q_network, envs) -> np.ndarray:
 
 
 # --- shared: accelerate ---
-def accelerate(fn, compile: bool, cudagraphs: bool):
+# Lets backward() into a compiled graph, so that forward, backward and the optimizer fuse into one.
+torch._dynamo.config.trace_autograd_ops = True
+
+
+def accelerate(fn, *, compile: bool, cudagraphs: bool):
     """The fast path. --compile: torch.compile turns `fn` into fused Inductor kernels; --cudagraphs:
     its kernels are recorded once as CUDA graphs and replayed, without a launch per kernel; both:
     Inductor kernels inside CUDA graphs. Neither changes what `fn` computes."""
-    # Lets backward() into the compiled graph, so forward, backward and the optimizer fuse into one,
-    # and lets Dynamo trace through nn.LSTM, where it would otherwise break the graph.
-    torch._dynamo.config.trace_autograd_ops = True
-    torch._dynamo.config.allow_rnn = True
     if not cudagraphs:
         return torch.compile(fn) if compile else fn
     graphed = torch.compile(fn, mode="reduce-overhead") if compile else torch.compile(fn, backend="cudagraphs")
@@ -525,6 +537,44 @@ def accelerate(fn, compile: bool, cudagraphs: bool):
 
 
 # --- end shared: accelerate ---
+
+
+# --- shared: video ---
+def check_video_support():
+    """--capture-video needs imageio and its ffmpeg plugin: their absence is one line before training."""
+    try:
+        import imageio.v2  # noqa: F401
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            "--capture-video needs imageio and its ffmpeg plugin: pip install -r requirements/video.txt"
+        ) from None
+
+
+class VideoRecorder:
+    """Called at each frame of an evaluation episode, keeps what `render()` returns (env 0's frame,
+    [H, W, 3] uint8); `save` writes the frames as an H.264 MP4 with imageio's ffmpeg plugin."""
+
+    def __init__(self, render, fps: int):
+        self.render, self.fps, self.frames = render, fps, []
+
+    def __call__(self):
+        self.frames.append(self.render())
+
+    def save(self, path: str):
+        import imageio.v2 as imageio
+
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with imageio.get_writer(path, fps=self.fps, macro_block_size=1) as writer:
+                for frame in self.frames:
+                    writer.append_data(frame)
+        except OSError as e:
+            raise RunFault(f"cannot write {path}: {e}") from None
+        self.frames = []
+
+
+# --- end shared: video ---
 
 
 # --- shared: progress ---
@@ -638,6 +688,7 @@ class Interrupts:
 # Flags a resumed run may change: where and how fast it runs, and where it logs; not what it computes.
 RESUME_MAY_CHANGE = {
     "resume",
+    "capture_video",
     "checkpoint_frequency",
     "checkpoint_buffers",
     "save_model",
@@ -690,6 +741,7 @@ def set_rng_state(state: dict):
 
 MODEL_FORMAT = "pqn_atari_envpool/q_network/v1"
 CHECKPOINT_FORMAT = "pqn_atari_envpool/training_state/v1"
+VIDEO_FPS = 15  # the agent acts every 4th of the emulator's 60 frames per second
 
 
 def save_model(path: str, q_network: QNetwork, args: Args, num_actions: int):
@@ -749,6 +801,7 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
         raise UsageError(f"{args.eval_checkpoint} was trained on {env_id}, not {args.env_id}; leave --env-id out")
     args.episodic_life = checkpoint["episodic_life"]  # evaluation plays as training played
     envs = make_atari_envs(env_id, env_seeds(args.seed, "evaluation", args.eval_episodes), 4, args, evaluation=True)
+    video = VideoRecorder(lambda: envs.render()[0], VIDEO_FPS) if args.capture_video else None
     if envs.action_space.n != checkpoint["num_actions"]:
         raise UsageError(f"{args.eval_checkpoint} has {checkpoint['num_actions']} actions, {env_id} has {envs.action_space.n}")
     q_network = QNetwork(4, checkpoint["num_actions"]).to(device)
@@ -756,7 +809,13 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
         q_network.load_state_dict(checkpoint["q_network"])
     except RuntimeError as e:
         raise UsageError(f"{args.eval_checkpoint} does not fit the Q-network: {str(e).splitlines()[0]}") from None
-    scores = evaluate(q_network, envs)
+    scores = evaluate(q_network, envs, record=video)
+    if video:
+        path = os.path.join(
+            os.path.dirname(args.eval_checkpoint), "videos", os.path.basename(args.eval_checkpoint)[:-3] + ".mp4"
+        )
+        video.save(path)
+        print(f"video of the first game: {path}")
     print(f"{env_id}: greedy score over {len(scores)} games {scores.mean():.2f} ± {scores.std():.2f}")
 
 
@@ -825,16 +884,24 @@ def main(args: Args, given: set[str]):
         recent_scores.extend(state["recent_scores"])
         start_iteration, global_step = state["iteration"], state["global_step"]
         set_rng_state(state["rng"])  # last: making the networks drew from torch's generator
-    policy = accelerate(lambda obs, epsilon: act(q_network, obs, epsilon), args.compile, args.cudagraphs)
+    policy = accelerate(lambda obs, epsilon: act(q_network, obs, epsilon), compile=args.compile, cudagraphs=args.cudagraphs)
     # Inductor would compile the loop over the rollout's steps for a long time, to save little; a
     # CUDA graph of it (no Inductor) saves a kernel launch per step on the GPU.
-    targets = accelerate(lambda *rollout: q_lambda_returns(*rollout, args.gamma, args.q_lambda), False, args.cudagraphs)
+    targets = accelerate(
+        lambda *rollout: q_lambda_returns(*rollout, args.gamma, args.q_lambda), compile=False, cudagraphs=args.cudagraphs
+    )
     train_step = accelerate(
-        lambda *minibatch: grad_step(q_network, optimizer, *minibatch, args.max_grad_norm), args.compile, args.cudagraphs
+        lambda *minibatch: grad_step(q_network, optimizer, *minibatch, args.max_grad_norm),
+        compile=args.compile,
+        cudagraphs=args.cudagraphs,
     )
 
+    video = VideoRecorder(lambda: eval_envs.render()[0], VIDEO_FPS) if args.capture_video else None
+
     def run_evaluation(global_step):
-        scores = evaluate(q_network, eval_envs)
+        scores = evaluate(q_network, eval_envs, record=video)
+        if video:
+            video.save(os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"))
         writer.add_scalar("eval/episodic_return", scores.mean(), global_step)
         print(
             f"eval at step {global_step}: greedy score {scores.mean():.2f} ± {scores.std():.2f} ({len(scores)} games)",

@@ -32,7 +32,8 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """make torch use deterministic algorithms"""
+    """make cuDNN use deterministic convolution algorithms (torch.backends.cudnn.deterministic); other GPU
+    kernels may still vary"""
     cuda: bool = True
     """use CUDA when it is available"""
     track: bool = False
@@ -46,6 +47,9 @@ class Args:
     eval_checkpoint: str | None = None
     """evaluate this saved student greedily for `eval_episodes` games (with the episodic-life setting it was trained with)
     and exit"""
+    capture_video: bool = False
+    """record env 0's greedy evaluation game at each evaluation as an MP4 in runs/{run_name}/videos/ (with
+    --eval-checkpoint: in videos/ beside the checkpoint); needs pip install -r requirements/video.txt"""
     checkpoint_frequency: int | None = None
     """write the training state to runs/{run_name}/checkpoint.pt every this many steps of the current phase (teacher env
     steps, offline gradient steps, student env steps; default: every tenth of each phase), at an interrupt and at the
@@ -141,6 +145,8 @@ def finalize_args(args: Args) -> Args:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check_finite(args)
+    if args.capture_video:
+        check_video_support()
     if args.seed < 0:
         raise UsageError(f"--seed must not be negative, got {args.seed}")
     for name in ["learning_rate", "temperature"]:
@@ -216,6 +222,7 @@ def make_atari_envs(env_id, seeds, stack_num, args, evaluation=False):
         max_episode_steps=args.eval_max_steps if evaluation else args.max_episode_steps,
         episodic_life=args.episodic_life,
         reward_clip=args.reward_clip and not evaluation,
+        render_mode="rgb_array" if evaluation and args.capture_video else None,  # full-colour frames for --capture-video
     )
 
 
@@ -516,27 +523,70 @@ def play_step(envs, q_network, rb, obs, is_reset, epsilon, game_stats, device):
 
 
 # --- shared: atari_evaluate ---
-def evaluate(q_network, envs) -> np.ndarray:
+def evaluate(q_network, envs, record=None) -> np.ndarray:
     """Scores of one greedy game per eval env: the sum of its unclipped rewards over all its lives.
 
     A game is over at game over (`info["terminated"]`) or at the time limit. A lost life alone only
     ends an episode: the env resets on the next step (serving the ball, as in training) and the
     game goes on. Envs whose game is over keep stepping until all are over; nothing more is counted.
+    `record()`, if given, is called at every frame of env 0's game (after the reset and each step).
     """
     device = next(q_network.parameters()).device
     obs, _ = envs.reset()
     scores = np.zeros(envs.config["num_envs"])
     finished = np.zeros_like(scores, dtype=bool)
+    if record:
+        record()
     while not finished.all():
         with torch.no_grad():
             actions = q_network(torch.as_tensor(obs, device=device)).argmax(dim=1)
         obs, _, _, truncated, info = envs.step(actions.cpu().numpy())
+        if record and not finished[0]:
+            record()
         scores += np.where(finished, 0.0, info["reward"])
         finished |= (info["terminated"] == 1) | truncated
     return scores
 
 
 # --- end shared: atari_evaluate ---
+
+
+# --- shared: video ---
+def check_video_support():
+    """--capture-video needs imageio and its ffmpeg plugin: their absence is one line before training."""
+    try:
+        import imageio.v2  # noqa: F401
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            "--capture-video needs imageio and its ffmpeg plugin: pip install -r requirements/video.txt"
+        ) from None
+
+
+class VideoRecorder:
+    """Called at each frame of an evaluation episode, keeps what `render()` returns (env 0's frame,
+    [H, W, 3] uint8); `save` writes the frames as an H.264 MP4 with imageio's ffmpeg plugin."""
+
+    def __init__(self, render, fps: int):
+        self.render, self.fps, self.frames = render, fps, []
+
+    def __call__(self):
+        self.frames.append(self.render())
+
+    def save(self, path: str):
+        import imageio.v2 as imageio
+
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with imageio.get_writer(path, fps=self.fps, macro_block_size=1) as writer:
+                for frame in self.frames:
+                    writer.append_data(frame)
+        except OSError as e:
+            raise RunFault(f"cannot write {path}: {e}") from None
+        self.frames = []
+
+
+# --- end shared: video ---
 
 
 # --- shared: progress ---
@@ -650,6 +700,7 @@ class Interrupts:
 # Flags a resumed run may change: where and how fast it runs, and where it logs; not what it computes.
 RESUME_MAY_CHANGE = {
     "resume",
+    "capture_video",
     "checkpoint_frequency",
     "checkpoint_buffers",
     "save_model",
@@ -759,12 +810,20 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
         raise UsageError(f"{path} was trained on {env_id}, not {args.env_id}; leave --env-id out")
     args.episodic_life = episodic_life  # evaluation plays as training played
     envs = make_atari_envs(env_id, env_seeds(args.seed, "evaluation", args.eval_episodes), 4, args, evaluation=True)
-    scores = evaluate(student, envs)
+    video = VideoRecorder(lambda: envs.render()[0], VIDEO_FPS) if args.capture_video else None
+    scores = evaluate(student, envs, record=video)
+    if video:
+        path = os.path.join(
+            os.path.dirname(args.eval_checkpoint), "videos", os.path.basename(args.eval_checkpoint)[:-3] + ".mp4"
+        )
+        video.save(path)
+        print(f"video of the first game: {path}")
     envs.close()
     print(f"{env_id}: greedy score over {len(scores)} games {scores.mean():.2f} ± {scores.std():.2f}")
 
 
 CHECKPOINT_FORMAT = "qdagger_dqn_atari_impalacnn/training_state/v1"
+VIDEO_FPS = 15  # the agent acts every 4th of the emulator's 60 frames per second
 PHASE_LOGS = {1: "teacher", 2: "offline"}  # the subdirectories phases 1 and 2 log to
 FINISHED = 4  # the phase of the checkpoint written at the end of a run
 
@@ -834,6 +893,7 @@ def main(args: Args, given: set[str]):
     eval_envs = make_atari_envs(
         args.env_id, env_seeds(args.seed, "evaluation" + resumed_in, args.eval_episodes, start_step), 4, args, evaluation=True
     )
+    video = VideoRecorder(lambda: eval_envs.render()[0], VIDEO_FPS) if args.capture_video else None
     num_actions = int(envs.action_space.n)
     teacher = load_teacher(args.teacher_model_path, args.env_id, num_actions, device)
     check_writable(run_dir)
@@ -876,6 +936,12 @@ def main(args: Args, given: set[str]):
         set_rng_state(state["rng"])  # last: making the networks drew from torch's generator
     student_scores = collections.deque(online.pop("student_scores"), maxlen=10)
     recent_scores = collections.deque(online.pop("recent_scores"), maxlen=20)
+
+    def evaluate_student(name):
+        scores = evaluate(student, eval_envs, record=video)
+        if video:
+            video.save(os.path.join(run_dir, "videos", f"{name}.mp4"))
+        return scores
 
     def save_checkpoint(phase, phase_step, rb=None):
         save_atomically(
@@ -1047,7 +1113,7 @@ def main(args: Args, given: set[str]):
                     writer.add_scalar("charts/offline/SPS", (offline_step - first) / (time.time() - start_time), offline_step)
                     losses = []
                 if offline_step % args.offline_eval_frequency == 0 or offline_step == args.offline_steps:
-                    scores = evaluate(student, eval_envs)
+                    scores = evaluate_student(f"offline_{offline_step}")
                     writer.add_scalar("charts/offline/avg_episodic_return", scores.mean(), offline_step)
                     print(
                         f"phase 2: step {offline_step:,}: student greedy score {scores.mean():.2f} ± {scores.std():.2f}",
@@ -1121,7 +1187,7 @@ def main(args: Args, given: set[str]):
                     args.eval_frequency
                     and global_step // args.eval_frequency > (global_step - args.num_envs) // args.eval_frequency
                 ):
-                    scores = evaluate(student, eval_envs)
+                    scores = evaluate_student(f"eval_{global_step}")
                     writer.add_scalar("eval/episodic_return", scores.mean(), global_step)
                     print(f"eval at step {global_step}: greedy score {scores.mean():.2f} ± {scores.std():.2f}", flush=True)
             if interrupts.signal:
@@ -1129,7 +1195,7 @@ def main(args: Args, given: set[str]):
             if checkpoint_due(global_step, args.total_timesteps, args.num_envs):
                 save_checkpoint(3, global_step, rb)
 
-        scores = evaluate(student, eval_envs)
+        scores = evaluate_student(f"eval_{num_vector_steps * args.num_envs}")
         writer.add_scalar("eval/episodic_return", scores.mean(), num_vector_steps * args.num_envs)
         print(f"student: greedy score {scores.mean():.2f} ± {scores.std():.2f} ({len(scores)} games)", flush=True)
         save_checkpoint(FINISHED, 0)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
@@ -270,6 +271,18 @@ def test_three_phases_log_their_metrics(teacher, tmp_path):
         run_script("qdagger_dqn_atari_impalacnn.py", "--eval-checkpoint", path, "--env-id", "Pong-v5", cwd=tmp_path)
     )
     assert "was trained on Breakout-v5, not Pong-v5" in line
+
+
+def test_capture_video_records_the_students_evaluations(teacher, tmp_path):
+    result = run_script(
+        "qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", teacher, *TINY, "--capture-video", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    videos = os.path.join(only_run_dir(tmp_path), "videos")
+    assert sorted(os.listdir(videos)) == ["eval_120.mp4", "offline_10.mp4", "offline_20.mp4"]
+    reader = imageio.get_reader(os.path.join(videos, "eval_120.mp4"))
+    assert reader.count_frames() > 1 and reader.get_data(0).shape == (210, 160, 3)
+    reader.close()
 
 
 def test_sigint_in_the_online_phase_saves_the_student_and_exits_with_one_line(teacher, tmp_path):
