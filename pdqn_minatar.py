@@ -1015,6 +1015,7 @@ def main(args: Args, given: set[str]):
     start_step, start_time = global_step, time.time()
     try:
         for iteration in range(start_iteration + 1, args.num_iterations + 1):
+            # Rollout: num_steps epsilon-greedy steps in every env.
             lr = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations) if args.anneal_lr else args.learning_rate
             optimizer.lr.fill_(lr)  # in place: a compiled step reads this very tensor
             model_optimizer.lr.fill_(lr)
@@ -1029,7 +1030,7 @@ def main(args: Args, given: set[str]):
                 recent_returns.append(episodic_return)
             global_step += args.batch_size
 
-            # 1. PQN on the real rollout.
+            # 1. PQN on the real rollout: Q(lambda) targets, then update_epochs passes of minibatch TD regression.
             returns = targets(b["rewards"], b["terminations"], b["truncations"], b["next_q"])
             td_loss_mean, q_values_mean = update(train_step, b, returns, args.update_epochs, args.minibatch_size)
             losses = {"td_loss": td_loss_mean, "q_values": q_values_mean}
@@ -1061,6 +1062,7 @@ def main(args: Args, given: set[str]):
 
             for name, value in losses.items():
                 writer.add_scalar(f"losses/{name}", value, global_step)
+            # Logging.
             sps = (global_step - start_step) / (time.time() - start_time)
             writer.add_scalar("charts/learning_rate", lr, global_step)
             writer.add_scalar("charts/epsilon", epsilon, global_step)

@@ -938,6 +938,7 @@ def main(args: Args, given: set[str]):
     start_step, start_time = global_step, time.time()
     try:
         for iteration in range(start_iteration + 1, args.num_iterations + 1):
+            # Rollout: num_steps epsilon-greedy steps in every env.
             lr = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations) if args.anneal_lr else args.learning_rate
             optimizer.lr.fill_(lr)  # in place: a compiled step reads this very tensor
             epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps, global_step)
@@ -950,6 +951,7 @@ def main(args: Args, given: set[str]):
                 recent_scores.append(score)
             global_step += args.batch_size
 
+            # Targets, then update_epochs passes of minibatch TD regression on them.
             returns = targets(b["rewards"], b["terminations"], b["truncations"], b["next_q"])
             td_loss_mean, q_values_mean = update(train_step, b, returns, args.update_epochs, args.minibatch_size)
             if not (math.isfinite(td_loss_mean) and math.isfinite(q_values_mean)):
@@ -962,6 +964,7 @@ def main(args: Args, given: set[str]):
                     f"the TD loss ({td_loss_mean}) or mean Q ({q_values_mean}) is not finite at step {global_step:,}; {last}"
                 )
 
+            # Logging.
             sps = (global_step - start_step) / (time.time() - start_time)
             writer.add_scalar("losses/td_loss", td_loss_mean, global_step)
             writer.add_scalar("losses/q_values", q_values_mean, global_step)
