@@ -48,8 +48,9 @@ class Args:
     """evaluate this saved model (or every agent of this checkpoint.pt) greedily for `eval_episodes` episodes and exit,
     without training"""
     capture_video: bool = False
-    """record env 0's greedy evaluation episode at each evaluation as an MP4 in runs/{run_name}/videos/ (with
-    --eval-checkpoint: in videos/ beside the checkpoint); needs pip install -r requirements/video.txt"""
+    """record env 0's greedy evaluation episode (the first agent's) at each evaluation as an MP4 in
+    runs/{run_name}/videos/ (with --eval-checkpoint: in videos/ beside the checkpoint); needs pip install -r
+    requirements/video.txt"""
     checkpoint_frequency: int | None = None
     """write the whole training state of all agents to checkpoint.pt in the first agent's run directory every this many env
     steps of each agent (default: every tenth of the run), at an interrupt and at the end"""
@@ -84,11 +85,11 @@ class Args:
     exploration_fraction: float = 0.5
     """the fraction of `total_timesteps` over which epsilon decays linearly to `end_e`"""
     max_grad_norm: float = 10.0
-    """the maximum global norm of the gradients"""
+    """the maximum global norm of each agent's gradients (clipped to it before each RAdam step)"""
     eval_frequency: int = 0
     """evaluate the greedy policy every this many env steps (0: only at the end of training)"""
     eval_episodes: int = 10
-    """the number of greedy evaluation episodes"""
+    """the number of greedy evaluation episodes of each agent, one per env"""
     compile: bool = False
     """torch.compile the acting step and the gradient step, the latter as one graph with its backward pass and RAdam (costs
     start-up time)"""
