@@ -76,6 +76,6 @@ def mutated_inputs_cuda_graphs_would_skip(script, fn, *inputs):
 
     backend = aot_autograd(fw_compiler=inspect, inference_compiler=inspect, keep_inference_input_mutations=True)
     torch._dynamo.reset()
-    script.accelerate(lambda: None, False, False)  # sets the Dynamo options the scripts use
+    assert torch._dynamo.config.trace_autograd_ops  # set by the script at import, as --compile uses it
     torch.compile(fn, backend=backend, fullgraph=True)(*inputs)  # one graph: nothing runs uninspected
     return skipped

@@ -140,7 +140,9 @@ def test_compiled_gradient_steps_match_the_plain_ones(two_rollouts):
         torch.manual_seed(1)
         q_network = lstm.RecurrentQNetwork(4)
         optimizer = lstm.RAdam(q_network.parameters(), lr=1e-3)
-        step = lstm.accelerate(lambda *mb: lstm.grad_step(q_network, optimizer, *mb, max_grad_norm=10.0), compile, False)
+        step = lstm.accelerate(
+            lambda *mb: lstm.grad_step(q_network, optimizer, *mb, max_grad_norm=10.0), compile=compile, cudagraphs=False
+        )
         steps[compile] = [step(*minibatch) for _ in range(2)], list(q_network.parameters())
     (plain_out, plain_params), (fast_out, fast_params) = steps[False], steps[True]
     torch.testing.assert_close(fast_out, plain_out)
