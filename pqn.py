@@ -756,9 +756,11 @@ def iqm(values) -> float:
 def over_agents(values: np.ndarray) -> str:
     """One number per agent, said in a few characters: the number itself for one agent; else the IQM
     over the agents, with the range. Agents without a number yet (NaN) are left out."""
+    if len(values) == 1:
+        return f"{values[0]:8.2f}"
     values = values[np.isfinite(values)]
-    if len(values) <= 1:
-        return f"{values[0] if len(values) else math.nan:8.2f}"
+    if len(values) == 0:
+        return "     nan"
     return f"IQM {iqm(values):.2f} [{values.min():.2f}, {values.max():.2f}] of {len(values)} agents"
 
 

@@ -32,8 +32,7 @@ def run(command):
     )
     try:
         start = time.time()
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        result = subprocess.run(command, cwd=scratch, env=env, capture_output=True, text=True)
+        result = subprocess.run(command, cwd=scratch, capture_output=True, text=True)  # OMP_NUM_THREADS set by main
         wall = time.time() - start
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
