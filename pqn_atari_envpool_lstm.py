@@ -180,7 +180,7 @@ def env_seeds(seed: int, stream: str, num_envs: int, step: int = 0) -> list[int]
 
 
 # --- shared: envpool_atari ---
-def make_atari_envs(env_id, seeds, stack_num, args, evaluation=False):
+def make_atari_envs(env_id, seeds, stack_num, args, evaluation=False, render=False):
     """envpool Atari envs, one per seed: 84x84 grayscale, frame skip 4, `stack_num` stacked frames, uint8.
 
     Evaluation envs follow the training envs' episode rules (`episodic_life` too: after a lost life
@@ -188,6 +188,7 @@ def make_atari_envs(env_id, seeds, stack_num, args, evaluation=False):
     `eval_max_steps`. envpool resets an env on the step after its episode ended; `info["reward"]`
     is the unclipped reward and `info["terminated"]` marks game over (`terminated` alone may be a
     lost life). The time limit counts the agent steps of the whole game, over all its lives.
+    With `render`, `envs.render()` returns full-colour frames (for --capture-video).
     """
     if env_id not in envpool.list_all_envs():
         raise UsageError(f"unknown envpool env id {env_id!r} (Atari ids look like 'Breakout-v5')")
@@ -207,7 +208,7 @@ def make_atari_envs(env_id, seeds, stack_num, args, evaluation=False):
         max_episode_steps=args.eval_max_steps if evaluation else args.max_episode_steps,
         episodic_life=args.episodic_life,
         reward_clip=args.reward_clip and not evaluation,
-        render_mode="rgb_array" if evaluation and args.capture_video else None,  # full-colour frames for --capture-video
+        render_mode="rgb_array" if render else None,
     )
 
 
@@ -845,7 +846,9 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
     if "env_id" in given and args.env_id != env_id:
         raise UsageError(f"{args.eval_checkpoint} was trained on {env_id}, not {args.env_id}; leave --env-id out")
     args.episodic_life = checkpoint["episodic_life"]  # evaluation plays as training played
-    envs = make_atari_envs(env_id, env_seeds(args.seed, "evaluation", args.eval_episodes), 1, args, evaluation=True)
+    envs = make_atari_envs(
+        env_id, env_seeds(args.seed, "evaluation", args.eval_episodes), 1, args, evaluation=True, render=args.capture_video
+    )
     video = VideoRecorder(lambda: envs.render()[0], VIDEO_FPS) if args.capture_video else None
     if envs.action_space.n != checkpoint["num_actions"]:
         raise UsageError(f"{args.eval_checkpoint} has {checkpoint['num_actions']} actions, {env_id} has {envs.action_space.n}")
@@ -897,7 +900,12 @@ def main(args: Args, given: set[str]):
     first = args.num_envs // 2 if device.type == "cuda" else args.num_envs
     env_groups = [make_atari_envs(args.env_id, group, 1, args) for group in (seeds[:first], seeds[first:]) if group]
     eval_envs = make_atari_envs(
-        args.env_id, env_seeds(args.seed, "evaluation", args.eval_episodes, resume_step), 1, args, evaluation=True
+        args.env_id,
+        env_seeds(args.seed, "evaluation", args.eval_episodes, resume_step),
+        1,
+        args,
+        evaluation=True,
+        render=args.capture_video,
     )
     check_writable(run_dir)
     num_actions = int(env_groups[0].action_space.n)

@@ -195,7 +195,7 @@ def env_seeds(seed: int, stream: str, num_envs: int, step: int = 0) -> list[int]
 
 
 # --- shared: envpool_atari ---
-def make_atari_envs(env_id, seeds, stack_num, args, evaluation=False):
+def make_atari_envs(env_id, seeds, stack_num, args, evaluation=False, render=False):
     """envpool Atari envs, one per seed: 84x84 grayscale, frame skip 4, `stack_num` stacked frames, uint8.
 
     Evaluation envs follow the training envs' episode rules (`episodic_life` too: after a lost life
@@ -203,6 +203,7 @@ def make_atari_envs(env_id, seeds, stack_num, args, evaluation=False):
     `eval_max_steps`. envpool resets an env on the step after its episode ended; `info["reward"]`
     is the unclipped reward and `info["terminated"]` marks game over (`terminated` alone may be a
     lost life). The time limit counts the agent steps of the whole game, over all its lives.
+    With `render`, `envs.render()` returns full-colour frames (for --capture-video).
     """
     if env_id not in envpool.list_all_envs():
         raise UsageError(f"unknown envpool env id {env_id!r} (Atari ids look like 'Breakout-v5')")
@@ -222,7 +223,7 @@ def make_atari_envs(env_id, seeds, stack_num, args, evaluation=False):
         max_episode_steps=args.eval_max_steps if evaluation else args.max_episode_steps,
         episodic_life=args.episodic_life,
         reward_clip=args.reward_clip and not evaluation,
-        render_mode="rgb_array" if evaluation and args.capture_video else None,  # full-colour frames for --capture-video
+        render_mode="rgb_array" if render else None,
     )
 
 
@@ -809,7 +810,9 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
     if "env_id" in given and args.env_id != env_id:
         raise UsageError(f"{path} was trained on {env_id}, not {args.env_id}; leave --env-id out")
     args.episodic_life = episodic_life  # evaluation plays as training played
-    envs = make_atari_envs(env_id, env_seeds(args.seed, "evaluation", args.eval_episodes), 4, args, evaluation=True)
+    envs = make_atari_envs(
+        env_id, env_seeds(args.seed, "evaluation", args.eval_episodes), 4, args, evaluation=True, render=args.capture_video
+    )
     video = VideoRecorder(lambda: envs.render()[0], VIDEO_FPS) if args.capture_video else None
     scores = evaluate(student, envs, record=video)
     if video:
@@ -891,7 +894,12 @@ def main(args: Args, given: set[str]):
     resumed_in = f" (resumed in phase {start_phase})" if state else ""
     envs = make_atari_envs(args.env_id, env_seeds(args.seed, "training" + resumed_in, args.num_envs, start_step), 4, args)
     eval_envs = make_atari_envs(
-        args.env_id, env_seeds(args.seed, "evaluation" + resumed_in, args.eval_episodes, start_step), 4, args, evaluation=True
+        args.env_id,
+        env_seeds(args.seed, "evaluation" + resumed_in, args.eval_episodes, start_step),
+        4,
+        args,
+        evaluation=True,
+        render=args.capture_video,
     )
     video = VideoRecorder(lambda: eval_envs.render()[0], VIDEO_FPS) if args.capture_video else None
     num_actions = int(envs.action_space.n)

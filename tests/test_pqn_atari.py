@@ -231,6 +231,15 @@ def test_training_and_evaluation_envs_are_configured_as_documented(episodic_life
     assert not evaluation["reward_clip"] and evaluation["max_episode_steps"] == 77
 
 
+def test_only_envs_asked_to_render_keep_full_colour_frames():
+    # --capture-video renders the student's or agent's evaluation envs only, not every env the run makes.
+    args = tiny_args(capture_video=True)
+    assert atari.make_atari_envs(args.env_id, [0], 4, args, evaluation=True).render_mode is None
+    envs = atari.make_atari_envs(args.env_id, [0], 4, args, evaluation=True, render=True)
+    envs.reset()
+    assert envs.render_mode == "rgb_array" and envs.render().shape == (1, 210, 160, 3)
+
+
 class ConstantQ(torch.nn.Module):
     """Q-values that do not depend on the observation: the greedy action is always `action`."""
 
