@@ -467,9 +467,10 @@ class RAdam:
     """RAdam (Liu et al., "On the Variance of the Adaptive Learning Rate and Beyond", ICLR 2020),
     the same numbers as torch.optim.RAdam with its defaults. Written out because torch.optim's
     step() always breaks a compiled graph: with this one, --compile fuses the whole gradient step.
-    `lr` is a tensor, so that annealing it does not recompile the step."""
+    `lr` is a tensor, so that annealing it does not recompile the step. `static_state` is for
+    --cudagraphs (see below)."""
 
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps=1e-8):
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps=1e-8, static_state=False):
         self.params = list(params)
         device = self.params[0].device
         self.lr = torch.tensor(lr, device=device)
@@ -479,10 +480,11 @@ class RAdam:
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
         # The step updates this state in place (and lr is changed in place between steps). A CUDA
-        # graph (--compile --cudagraphs) is skipped when it mutates an input other than a parameter,
-        # unless the input is marked as keeping its address (as torch.optim marks its state when compiled).
-        for state in [self.lr, self.t, *self.exp_avg, *self.exp_avg_sq]:
-            torch._dynamo.mark_static_address(state)
+        # graph is skipped when it mutates an input other than a parameter, unless the input is marked
+        # as keeping its address (as torch.optim marks its state when compiled).
+        if static_state:
+            for state in [self.lr, self.t, *self.exp_avg, *self.exp_avg_sq]:
+                torch._dynamo.mark_static_address(state)
 
     def zero_grad(self):
         for p in self.params:
@@ -592,16 +594,16 @@ def evaluate(q_network, envs, seeds: list[int] | None, record=None) -> np.ndarra
 
 
 # --- shared: accelerate ---
-# Lets backward() into a compiled graph, so that forward, backward and the optimizer fuse into one.
-torch._dynamo.config.trace_autograd_ops = True
-
-
 def accelerate(fn, *, compile: bool, cudagraphs: bool):
     """The fast path. --compile: torch.compile turns `fn` into fused Inductor kernels; --cudagraphs:
     its kernels are recorded once as CUDA graphs and replayed, without a launch per kernel; both:
     Inductor kernels inside CUDA graphs. Neither changes what `fn` computes."""
+    if not (compile or cudagraphs):
+        return fn  # the plain path never imports Dynamo, which would add seconds to every start
+    # Lets backward() into a compiled graph, so that forward, backward and the optimizer fuse into one.
+    torch._dynamo.config.trace_autograd_ops = True
     if not cudagraphs:
-        return torch.compile(fn) if compile else fn
+        return torch.compile(fn)
     graphed = torch.compile(fn, mode="reduce-overhead") if compile else torch.compile(fn, backend="cudagraphs")
 
     def copies(x):
@@ -943,8 +945,8 @@ def main(args: Args, given: set[str]):
 
     channels, num_actions = envs.single_observation_space.shape[0], int(envs.single_action_space.n)
     q_network, world_model = (net.to(device) for net in make_networks(channels, num_actions))
-    optimizer = RAdam(q_network.parameters(), lr=args.learning_rate)
-    model_optimizer = RAdam(world_model.parameters(), lr=args.learning_rate)
+    optimizer = RAdam(q_network.parameters(), lr=args.learning_rate, static_state=args.cudagraphs)
+    model_optimizer = RAdam(world_model.parameters(), lr=args.learning_rate, static_state=args.cudagraphs)
     recent_returns = collections.deque(maxlen=20)
     start_iteration, global_step = 0, 0
     if state:

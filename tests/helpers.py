@@ -59,8 +59,8 @@ def assert_greedy(actions, q):
     torch.testing.assert_close(q.gather(1, actions[:, None]).squeeze(1), q.max(dim=1).values)
 
 
-def mutated_inputs_cuda_graphs_would_skip(script, fn, *inputs):
-    """Traces `fn` as `script`'s --compile does (AOTAutograd keeping input mutations in the graph)
+def mutated_inputs_cuda_graphs_would_skip(fn, *inputs):
+    """Traces `fn` as a script's --compile does (AOTAutograd keeping input mutations in the graph)
     and returns the indices of the inputs it mutates that are neither parameters nor marked static:
     with any such input, --compile --cudagraphs (mode="reduce-overhead") runs the graph without a
     CUDA graph. Runs on the CPU: the check looks only at the traced graph."""
@@ -76,6 +76,6 @@ def mutated_inputs_cuda_graphs_would_skip(script, fn, *inputs):
 
     backend = aot_autograd(fw_compiler=inspect, inference_compiler=inspect, keep_inference_input_mutations=True)
     torch._dynamo.reset()
-    assert torch._dynamo.config.trace_autograd_ops  # set by the script at import, as --compile uses it
+    torch._dynamo.config.trace_autograd_ops = True  # as the scripts' accelerate() sets it for --compile
     torch.compile(fn, backend=backend, fullgraph=True)(*inputs)  # one graph: nothing runs uninspected
     return skipped

@@ -1,12 +1,23 @@
 """The fast path (--compile, --cudagraphs) of the PQN-family scripts: same numbers as the plain path."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from helpers import assert_greedy, error_line, mutated_inputs_cuda_graphs_would_skip, only_run_dir, read_scalars, run_script
+from helpers import (
+    ROOT,
+    assert_greedy,
+    error_line,
+    mutated_inputs_cuda_graphs_would_skip,
+    only_run_dir,
+    read_scalars,
+    run_script,
+)
 
 import pqn
 
@@ -18,6 +29,23 @@ def test_cudagraphs_without_a_gpu_is_one_clear_error(script, tmp_path):
     result = run_script(script, "--cudagraphs", "--total-timesteps", "100000", cwd=tmp_path)
     assert "--cudagraphs needs a CUDA GPU" in error_line(result)
     assert result.returncode == 2
+
+
+def test_the_plain_path_never_imports_dynamo(tmp_path):
+    # Importing torch._dynamo adds seconds to every start; only --compile and --cudagraphs need it.
+    flags = ["--total-timesteps", "2048", "--num-envs", "8", "--num-steps", "32", "--eval-episodes", "2"]
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", os.path.join(ROOT, "pqn.py"), *flags],
+        cwd=tmp_path,
+        env=dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
+    assert "tyro" in imported and "envpool" in imported  # what -X importtime lists
+    assert not [name for name in imported if name.startswith("torch._dynamo")]
 
 
 def random_rollout(T=16, N=6, seed=0):
@@ -109,22 +137,16 @@ def test_cudagraph_outputs_are_handed_out_as_copies():
 
 def test_compiled_steps_only_mutate_what_cuda_graphs_keep_in_place():
     q_network = pqn.QNetwork(gym.spaces.Box(-np.inf, np.inf, (4,)), 3, seeds=[0, 1])
-    optimizer = pqn.RAdam(q_network.parameters(), lr=1e-2)
+    optimizer = pqn.RAdam(q_network.parameters(), lr=1e-2, static_state=True)  # as with --cudagraphs
     obs = torch.randn(16, 4)
     minibatch = (obs.view(2, 8, 4), torch.randint(3, (2, 8)), torch.randn(2, 8), torch.ones(2, 8))
     # The gradient step updates the parameters and RAdam's state (moments, step count) in place.
-    assert (
-        mutated_inputs_cuda_graphs_would_skip(pqn, lambda *mb: pqn.grad_step(q_network, optimizer, *mb, 1.0), *minibatch) == []
-    )
-    assert mutated_inputs_cuda_graphs_would_skip(pqn, lambda o, e: pqn.act(q_network, o, e), obs, torch.tensor(0.1)) == []
+    assert mutated_inputs_cuda_graphs_would_skip(lambda *mb: pqn.grad_step(q_network, optimizer, *mb, 1.0), *minibatch) == []
+    assert mutated_inputs_cuda_graphs_would_skip(lambda o, e: pqn.act(q_network, o, e), obs, torch.tensor(0.1)) == []
     # Without the marks, the step count and the 20 moment tensors would keep the step out of CUDA graphs.
     unmarked = pqn.RAdam(q_network.parameters(), lr=1e-2)
-    unmarked.t = torch.zeros((), dtype=torch.float64)
-    unmarked.exp_avg = [torch.zeros_like(p) for p in unmarked.params]
-    unmarked.exp_avg_sq = [torch.zeros_like(p) for p in unmarked.params]
     assert (
-        len(mutated_inputs_cuda_graphs_would_skip(pqn, lambda *mb: pqn.grad_step(q_network, unmarked, *mb, 1.0), *minibatch))
-        == 21
+        len(mutated_inputs_cuda_graphs_would_skip(lambda *mb: pqn.grad_step(q_network, unmarked, *mb, 1.0), *minibatch)) == 21
     )
 
 

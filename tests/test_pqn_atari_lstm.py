@@ -119,7 +119,14 @@ def test_update_leaves_reset_steps_out_of_the_loss(two_rollouts):
     assert not torch.allclose(updated(changed), reference)
 
 
-def test_compiled_gradient_steps_match_the_plain_ones(two_rollouts):
+@pytest.fixture
+def allow_rnn():
+    """Dynamo traces through nn.LSTM, as the script's main lets it with --compile."""
+    with torch._dynamo.config.patch(allow_rnn=True):
+        yield
+
+
+def test_compiled_gradient_steps_match_the_plain_ones(two_rollouts, allow_rnn):
     # --compile traces through the LSTM (its backward included) into one graph; 6 steps and 2 envs
     # of the rollout keep the compilation short.
     _, b, _ = two_rollouts
@@ -150,20 +157,20 @@ def test_compiled_gradient_steps_match_the_plain_ones(two_rollouts):
         torch.testing.assert_close(p_fast, p_plain, rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_steps_only_mutate_what_cuda_graphs_keep_in_place():
+def test_compiled_steps_only_mutate_what_cuda_graphs_keep_in_place(allow_rnn):
     # The LSTM's steps, traced through nn.LSTM, change nothing in place but the parameters and
     # RAdam's state, which CUDA graphs keep at their addresses (see test_fast_path.py for pqn.py).
     q_network = lstm.RecurrentQNetwork(4)
-    optimizer = lstm.RAdam(q_network.parameters(), lr=1e-3)
+    optimizer = lstm.RAdam(q_network.parameters(), lr=1e-3, static_state=True)  # as with --cudagraphs
     T, B = 3, 2
     frames = torch.randint(0, 256, (T, B, 1, 84, 84), dtype=torch.uint8)
     h0, c0 = torch.zeros(1, B, 128), torch.zeros(1, B, 128)
     episode_start = torch.tensor([[True, False], [False, True], [False, False]])
     minibatch = (frames, torch.randint(4, (T, B)), torch.randn(T, B), torch.ones(T, B), episode_start, h0, c0)
     step = lambda *mb: lstm.grad_step(q_network, optimizer, *mb, max_grad_norm=10.0)  # noqa: E731
-    assert mutated_inputs_cuda_graphs_would_skip(lstm, step, *minibatch) == []
+    assert mutated_inputs_cuda_graphs_would_skip(step, *minibatch) == []
     policy = lambda *inputs: lstm.act(q_network, *inputs)  # noqa: E731
-    assert mutated_inputs_cuda_graphs_would_skip(lstm, policy, frames[0], (h0, c0), episode_start[0], torch.tensor(0.1)) == []
+    assert mutated_inputs_cuda_graphs_would_skip(policy, frames[0], (h0, c0), episode_start[0], torch.tensor(0.1)) == []
 
 
 @pytest.fixture(scope="module")
