@@ -189,6 +189,8 @@ TINY = [
     "40",
     "--target-network-frequency",
     "16",
+    "--batch-size",
+    "8",
     "--no-cuda",
 ]
 
