@@ -21,36 +21,12 @@ import pqn_atari_envpool as atari
 import pqn_atari_envpool_lstm as lstm
 
 # 256 env steps per iteration, 40 iterations; a checkpoint every 4 iterations.
-FLAGS = [
-    "--num-envs",
-    "8",
-    "--num-steps",
-    "32",
-    "--num-minibatches",
-    "4",
-    "--update-epochs",
-    "2",
-    "--eval-episodes",
-    "2",
-    "--no-cuda",
-]
+FLAGS = "--num-envs 8 --num-steps 32 --num-minibatches 4 --update-epochs 2 --eval-episodes 2 --no-cuda".split()
 TOTAL, BATCH, EVERY = 10_240, 256, 1_024
 # Atari: 64 env steps per iteration, 24 iterations; a checkpoint every 4 iterations.
-ATARI_FLAGS = [
-    "--num-envs",
-    "4",
-    "--num-steps",
-    "16",
-    "--num-minibatches",
-    "2",
-    "--update-epochs",
-    "2",
-    "--eval-episodes",
-    "2",
-    "--eval-max-steps",
-    "200",
-    "--no-cuda",
-]
+ATARI_FLAGS = (
+    "--num-envs 4 --num-steps 16 --num-minibatches 2 --update-epochs 2 --eval-episodes 2 --eval-max-steps 200 --no-cuda"
+).split()
 ATARI_TOTAL, ATARI_BATCH, ATARI_EVERY = 1_536, 64, 256
 # script: (module, flags, total steps, steps per iteration, checkpoint frequency, RAdam steps after n iterations)
 SCRIPTS = {

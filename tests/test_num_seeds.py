@@ -17,19 +17,7 @@ import pqn
 
 SPACE = gym.spaces.Box(-np.inf, np.inf, (4,))
 # 8 envs x 32 steps per agent and iteration, 8 iterations.
-TINY = [
-    "--num-envs",
-    "8",
-    "--num-steps",
-    "32",
-    "--num-minibatches",
-    "4",
-    "--update-epochs",
-    "2",
-    "--eval-episodes",
-    "2",
-    "--no-cuda",
-]
+TINY = "--num-envs 8 --num-steps 32 --num-minibatches 4 --update-epochs 2 --eval-episodes 2 --no-cuda".split()
 
 
 def agent_parameters(q_network, k):

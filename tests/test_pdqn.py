@@ -17,19 +17,7 @@ MODEL_SCALARS = {
     "losses/model_termination_loss",
     "losses/model_obs_accuracy",
 }
-TINY = [
-    "--num-envs",
-    "8",
-    "--num-steps",
-    "16",
-    "--num-minibatches",
-    "4",
-    "--eval-episodes",
-    "2",
-    "--max-episode-steps",
-    "100",
-    "--no-cuda",
-]
+TINY = "--num-envs 8 --num-steps 16 --num-minibatches 4 --eval-episodes 2 --max-episode-steps 100 --no-cuda".split()
 
 
 def random_batch(B=6, C=4, A=3, seed=0):

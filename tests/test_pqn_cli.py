@@ -9,19 +9,7 @@ from helpers import error_line, only_run_dir, read_scalars, read_text, run_scrip
 
 import pqn
 
-TINY = [
-    "--num-envs",
-    "8",
-    "--num-steps",
-    "32",
-    "--num-minibatches",
-    "4",
-    "--update-epochs",
-    "2",
-    "--eval-episodes",
-    "3",
-    "--no-cuda",
-]
+TINY = "--num-envs 8 --num-steps 32 --num-minibatches 4 --update-epochs 2 --eval-episodes 3 --no-cuda".split()
 
 CONVENTION_SCALARS = {
     "charts/episodic_return",

@@ -164,58 +164,19 @@ def test_impala_student_shapes():
     assert q.shape == (2, 6)
 
 
-TINY = [
-    "--teacher-steps",
-    "64",
-    "--offline-steps",
-    "20",
-    "--offline-eval-frequency",
-    "10",
-    "--total-timesteps",
-    "120",
-    "--learning-starts",
-    "40",
-    "--buffer-size",
-    "200",
-    "--num-envs",
-    "2",
-    "--eval-episodes",
-    "1",
-    "--eval-max-steps",
-    "30",
-    "--teacher-eval-episodes",
-    "1",
-    "--max-episode-steps",
-    "40",
-    "--target-network-frequency",
-    "16",
-    "--batch-size",
-    "8",
-    "--no-cuda",
-]
+TINY = (
+    "--teacher-steps 64 --offline-steps 20 --offline-eval-frequency 10 --total-timesteps 120 "
+    "--learning-starts 40 --buffer-size 200 --num-envs 2 --eval-episodes 1 --eval-max-steps 30 "
+    "--teacher-eval-episodes 1 --max-episode-steps 40 --target-network-frequency 16 "
+    "--batch-size 8 --no-cuda"
+).split()
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("teacher")
-    result = run_script(
-        "pqn_atari_envpool.py",
-        "--num-envs",
-        "4",
-        "--num-steps",
-        "16",
-        "--num-minibatches",
-        "2",
-        "--total-timesteps",
-        "64",
-        "--eval-episodes",
-        "1",
-        "--eval-max-steps",
-        "30",
-        "--save-model",
-        "--no-cuda",
-        cwd=cwd,
-    )
+    flags = "--num-envs 4 --num-steps 16 --num-minibatches 2 --total-timesteps 64 --eval-episodes 1 --eval-max-steps 30"
+    result = run_script("pqn_atari_envpool.py", *flags.split(), "--save-model", "--no-cuda", cwd=cwd)
     assert result.returncode == 0, result.stderr
     return os.path.join(only_run_dir(cwd), "pqn_atari_envpool.pt")
 

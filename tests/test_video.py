@@ -36,16 +36,7 @@ def test_evaluate_records_every_frame_of_env_0s_episode_and_no_more():
 
 
 def test_pqn_writes_a_video_at_each_evaluation_and_for_a_saved_model(tmp_path):
-    flags = [
-        *TINY_PQN,
-        "--total-timesteps",
-        "2048",
-        "--eval-frequency",
-        "1024",
-        "--save-model",
-        "--capture-video",
-        "--no-cuda",
-    ]
+    flags = [*TINY_PQN, *"--total-timesteps 2048 --eval-frequency 1024 --save-model --capture-video --no-cuda".split()]
     result = run_script("pqn.py", *flags, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
