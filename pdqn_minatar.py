@@ -723,6 +723,27 @@ def check_writable(directory: str):
         raise UsageError(f"cannot write to {directory}: {e.strerror}") from None
 
 
+def new_run_dirs(names: list[str]) -> list[str]:
+    """Creates runs/{name}__{unix time} for each name, all with the same time stamp. A folder that
+    exists already is another run's, of the same name and started in the same second (two scripts
+    run side by side with the same --exp-name): then the next second is tried, so that no two runs
+    write their logs and checkpoints into one folder."""
+    while True:
+        stamp = int(time.time())
+        run_dirs, made = [f"runs/{name}__{stamp}" for name in names], []
+        try:
+            for run_dir in run_dirs:
+                os.makedirs(run_dir)
+                made.append(run_dir)
+            return run_dirs
+        except FileExistsError:
+            for run_dir in made:
+                os.rmdir(run_dir)
+            time.sleep(1.0 - time.time() % 1.0)
+        except OSError as e:
+            raise UsageError(f"cannot write to {run_dir}: {e.strerror}") from None
+
+
 def save_atomically(obj, path: str):
     """torch.save to a temporary file, then rename: a kill during the write leaves the previous file whole."""
     try:
@@ -908,8 +929,6 @@ def main(args: Args, given: set[str]):
     if state and state["global_step"] >= total_steps:
         print(f"{args.resume} is finished (step {state['global_step']:,} of {total_steps:,}): nothing to resume")
         return
-    run_dir = args.resume or f"runs/{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     checkpoint_frequency = args.checkpoint_frequency or max(args.total_timesteps // 10, 1)
     # Async env workers are made with SIGINT and SIGTERM ignored (they inherit that): Ctrl-C and
     # Slurm's SIGTERM reach every process of the job, and only this one should answer, by stopping
@@ -920,7 +939,9 @@ def main(args: Args, given: set[str]):
     eval_envs = make_envs(args, args.eval_episodes, render=args.capture_video)
     video = VideoRecorder(lambda: video_frame(eval_envs), VIDEO_FPS) if args.capture_video else None
     interrupts = Interrupts()
+    run_dir = args.resume or new_run_dirs([f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}"])[0]
     check_writable(run_dir)
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
     # Envs cannot be saved: a resumed run makes them afresh, seeded from the run's seed and the step
     # it resumes from, so that it does not play the run's first episodes again.

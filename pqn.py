@@ -645,6 +645,27 @@ def check_writable(directory: str):
         raise UsageError(f"cannot write to {directory}: {e.strerror}") from None
 
 
+def new_run_dirs(names: list[str]) -> list[str]:
+    """Creates runs/{name}__{unix time} for each name, all with the same time stamp. A folder that
+    exists already is another run's, of the same name and started in the same second (two scripts
+    run side by side with the same --exp-name): then the next second is tried, so that no two runs
+    write their logs and checkpoints into one folder."""
+    while True:
+        stamp = int(time.time())
+        run_dirs, made = [f"runs/{name}__{stamp}" for name in names], []
+        try:
+            for run_dir in run_dirs:
+                os.makedirs(run_dir)
+                made.append(run_dir)
+            return run_dirs
+        except FileExistsError:
+            for run_dir in made:
+                os.rmdir(run_dir)
+            time.sleep(1.0 - time.time() % 1.0)
+        except OSError as e:
+            raise UsageError(f"cannot write to {run_dir}: {e.strerror}") from None
+
+
 def save_atomically(obj, path: str):
     """torch.save to a temporary file, then rename: a kill during the write leaves the previous file whole."""
     try:
@@ -845,15 +866,7 @@ def main(args: Args, given: set[str]):
     if state and state["global_step"] >= total_steps:
         print(f"{args.resume} is finished (step {state['global_step']:,} of {total_steps:,}): nothing to resume")
         return
-    # Agent k has seed `seed + k` and a run directory of its own, named as a lone run with that seed
-    # names its directory; the checkpoint of all agents goes into the first agent's.
     seeds = [args.seed + k for k in range(args.num_seeds)]
-    if state:
-        run_dirs = [os.path.join(os.path.dirname(os.path.normpath(args.resume)), name) for name in state["run_names"]]
-    else:
-        stamp = int(time.time())
-        run_dirs = [f"runs/{args.env_id}__{args.exp_name}__{seed}__{stamp}" for seed in seeds]
-    checkpoint_path = os.path.join(run_dirs[0], "checkpoint.pt")
     checkpoint_frequency = args.checkpoint_frequency or max(args.total_timesteps // 10, 1)
     interrupts = Interrupts()
 
@@ -868,8 +881,15 @@ def main(args: Args, given: set[str]):
         args.env_id, agents_env_seeds(seeds, "evaluation", args.eval_episodes, resume_step), render=args.capture_video
     )
     video = VideoRecorder(lambda: eval_envs.render()[0], VIDEO_FPS) if args.capture_video else None
+    # Agent k has seed `seed + k` and a run directory of its own, named as a lone run with that seed
+    # names its directory; the checkpoint of all agents goes into the first agent's.
+    if state:
+        run_dirs = [os.path.join(os.path.dirname(os.path.normpath(args.resume)), name) for name in state["run_names"]]
+    else:
+        run_dirs = new_run_dirs([f"{args.env_id}__{args.exp_name}__{seed}" for seed in seeds])
     for run_dir in run_dirs:
         check_writable(run_dir)
+    checkpoint_path = os.path.join(run_dirs[0], "checkpoint.pt")
     if args.track:
         try:
             import wandb

@@ -649,6 +649,27 @@ def check_writable(directory: str):
         raise UsageError(f"cannot write to {directory}: {e.strerror}") from None
 
 
+def new_run_dirs(names: list[str]) -> list[str]:
+    """Creates runs/{name}__{unix time} for each name, all with the same time stamp. A folder that
+    exists already is another run's, of the same name and started in the same second (two scripts
+    run side by side with the same --exp-name): then the next second is tried, so that no two runs
+    write their logs and checkpoints into one folder."""
+    while True:
+        stamp = int(time.time())
+        run_dirs, made = [f"runs/{name}__{stamp}" for name in names], []
+        try:
+            for run_dir in run_dirs:
+                os.makedirs(run_dir)
+                made.append(run_dir)
+            return run_dirs
+        except FileExistsError:
+            for run_dir in made:
+                os.rmdir(run_dir)
+            time.sleep(1.0 - time.time() % 1.0)
+        except OSError as e:
+            raise UsageError(f"cannot write to {run_dir}: {e.strerror}") from None
+
+
 def save_atomically(obj, path: str):
     """torch.save to a temporary file, then rename: a kill during the write leaves the previous file whole."""
     try:
@@ -842,8 +863,6 @@ def main(args: Args, given: set[str]):
     if state and state["global_step"] >= total_steps:
         print(f"{args.resume} is finished (step {state['global_step']:,} of {total_steps:,}): nothing to resume")
         return
-    run_dir = args.resume or f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     checkpoint_frequency = args.checkpoint_frequency or max(args.total_timesteps // 10, 1)
     interrupts = Interrupts()
 
@@ -864,7 +883,9 @@ def main(args: Args, given: set[str]):
         evaluation=True,
         render=args.capture_video,
     )
+    run_dir = args.resume or new_run_dirs([f"{args.env_id}__{args.exp_name}__{args.seed}"])[0]
     check_writable(run_dir)
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     num_actions = int(env_groups[0].action_space.n)
     if args.track:
         try:

@@ -275,6 +275,22 @@ def test_an_unwritable_output_folder_is_one_line_before_training(tmp_path):
     assert line.startswith("error: cannot write to runs/CartPole-v1__pqn__1__")
 
 
+def test_runs_of_the_same_name_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = pqn.new_run_dirs(["CartPole-v1__pqn__1", "CartPole-v1__pqn__2"])
+    second = pqn.new_run_dirs(["CartPole-v1__pqn__1", "CartPole-v1__pqn__2"])  # as a run beside it would
+    assert len(set(first + second)) == 4 and all(os.path.isdir(run_dir) for run_dir in first + second)
+    stamps = [int(run_dir.rsplit("__", 1)[1]) for run_dir in first + second]
+    assert stamps[0] == stamps[1] and stamps[2] == stamps[3] and stamps[2] > stamps[0]
+    # Where only the second name is taken, the first name's new folder is removed again.
+    now = int(time.time())
+    for stamp in (now, now + 1):
+        os.makedirs(f"runs/b__{stamp}")
+    a, b = pqn.new_run_dirs(["a", "b"])
+    assert a == f"runs/a__{now + 2}" and b == f"runs/b__{now + 2}"
+    assert not os.path.exists(f"runs/a__{now}") and not os.path.exists(f"runs/a__{now + 1}")
+
+
 def test_broken_checkpoints_and_conflicting_env_ids_are_one_line(tmp_path):
     torch.save({"format": pqn.CHECKPOINT_FORMAT}, tmp_path / "only_format.pt")
     line = error_line(run_script("pqn.py", "--eval-checkpoint", "only_format.pt", "--no-cuda", cwd=tmp_path))
