@@ -564,7 +564,7 @@ def accelerate(fn, *, compile: bool, cudagraphs: bool):
     its kernels are recorded once as CUDA graphs and replayed, without a launch per kernel; both:
     Inductor kernels inside CUDA graphs. Neither changes what `fn` computes."""
     if not (compile or cudagraphs):
-        return fn  # the plain path never imports Dynamo, which would add seconds to every start
+        return fn  # the plain path does not import Dynamo, whose import slows down every start
     # Lets backward() into a compiled graph, so that forward, backward and the optimizer fuse into one.
     torch._dynamo.config.trace_autograd_ops = True
     if not cudagraphs:
