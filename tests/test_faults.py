@@ -1,5 +1,5 @@
-"""Long runs survive faults: checkpoints and --resume, interrupts, non-finite losses, bad input
-(every PQN-family script; QDagger's are not done yet)."""
+"""Long runs survive faults: checkpoints and --resume, interrupts, non-finite losses, bad input, runs
+beside each other (the PQN-family scripts; QDagger's resume and interrupts are in test_qdagger.py)."""
 
 import os
 import random
@@ -13,12 +13,14 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+import tyro
 from helpers import ROOT, error_line, only_run_dir, read_scalars, run_script
 
 import pdqn_minatar as pdqn
 import pqn
 import pqn_atari_envpool as atari
 import pqn_atari_envpool_lstm as lstm
+import qdagger_dqn_atari_impalacnn as qd
 
 # 256 env steps per iteration, 40 iterations; a checkpoint every 4 iterations.
 FLAGS = "--num-envs 8 --num-steps 32 --num-minibatches 4 --update-epochs 2 --eval-episodes 2 --no-cuda".split()
@@ -289,6 +291,59 @@ def test_runs_of_the_same_name_started_in_the_same_second_get_folders_of_their_o
     a, b = pqn.new_run_dirs(["a", "b"])
     assert a == f"runs/a__{now + 2}" and b == f"runs/b__{now + 2}"
     assert not os.path.exists(f"runs/a__{now}") and not os.path.exists(f"runs/a__{now + 1}")
+
+
+class FolderChecked(Exception):
+    """Stops main where it checks that it can write to its run folder."""
+
+
+@pytest.mark.parametrize(
+    "module, flags",
+    [
+        (pqn, "--num-seeds 2 --num-envs 4 --eval-episodes 1"),
+        (atari, "--num-envs 4 --num-minibatches 2 --eval-episodes 1"),
+        (lstm, "--num-envs 4 --num-minibatches 2 --eval-episodes 1"),
+        (pdqn, "--env-id MinAtar/Breakout-v1 --num-envs 4 --eval-episodes 1"),
+        (qd, "--teacher-model-path teacher.pt --num-envs 1 --eval-episodes 1 --buffer-size 1000"),
+    ],
+    ids=lambda p: p.__name__ if hasattr(p, "__name__") else p,
+)
+def test_a_run_never_writes_into_the_folder_a_run_beside_it_made(module, flags, tmp_path, monkeypatch):
+    # Another run of the same name makes the very folder this run is about to make (both started in
+    # the same second): this run must take a folder of its own.
+    monkeypatch.chdir(tmp_path)
+    torch.save(
+        {
+            "format": qd.TEACHER_FORMAT,
+            "env_id": "Breakout-v5",
+            "num_actions": 4,
+            "observation_shape": [4, 84, 84],
+            "q_network": qd.QNetwork(4, 4).state_dict(),
+        },
+        "teacher.pt",
+    )
+    made_beside, makedirs = [], os.makedirs
+
+    def makedirs_after_the_run_beside(path, *args, **kwargs):
+        if not made_beside and str(path).startswith("runs/"):
+            makedirs(path)
+            made_beside.append(str(path))
+        return makedirs(path, *args, **kwargs)
+
+    def stop(run_dir):
+        raise FolderChecked(run_dir)
+
+    monkeypatch.setattr(os, "makedirs", makedirs_after_the_run_beside)
+    monkeypatch.setattr(module, "check_writable", stop)
+    monkeypatch.setattr(signal, "signal", lambda *_: None)  # pytest keeps its own Ctrl-C handler
+    monkeypatch.setattr(torch, "set_flush_denormal", lambda _: True)  # nor does this process's arithmetic change
+    args = module.finalize_args(tyro.cli(module.Args, args=[*flags.split(), "--no-cuda"]))
+    with pytest.raises(FolderChecked) as checked:
+        module.main(args, set())
+    (beside,) = made_beside
+    run_dir = checked.value.args[0]
+    assert run_dir != beside and run_dir.rsplit("__", 1)[0] == beside.rsplit("__", 1)[0]
+    assert os.path.isdir(run_dir) and os.listdir(beside) == []
 
 
 def test_broken_checkpoints_and_conflicting_env_ids_are_one_line(tmp_path):

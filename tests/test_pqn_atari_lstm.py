@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import tyro
 from helpers import error_line, mutated_inputs_cuda_graphs_would_skip, only_run_dir, read_scalars, run_script
 from test_pqn_cli import CONVENTION_SCALARS
 
@@ -297,3 +298,27 @@ def test_noop_model_evaluation_from_the_command_line_ends_at_game_over(tmp_path)
     result = run_script("pqn_atari_envpool_lstm.py", *flags, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "Breakout-v5: greedy score over 2 games 0.00 ± 0.00" in result.stdout
+
+
+def test_compile_traces_the_lstm_without_a_graph_break(tmp_path, monkeypatch):
+    # Dynamo breaks the graph at nn.LSTM unless allowed, and then --compile fuses nothing across it; the
+    # script's main allows it. Dynamo traces alike for every backend: "eager" spares Inductor's compile
+    # time, and fullgraph=True turns a graph break into an error.
+    compiled, compile = [], torch.compile
+
+    def traced_whole(fn, **_):
+        compiled.append(fn)
+        return compile(fn, backend="eager", fullgraph=True)
+
+    monkeypatch.setattr(torch, "compile", traced_whole)
+    monkeypatch.setattr(lstm.signal, "signal", lambda *_: None)  # pytest keeps its own Ctrl-C handler
+    monkeypatch.setattr(torch, "set_flush_denormal", lambda _: True)  # nor does this process's arithmetic change
+    monkeypatch.chdir(tmp_path)
+    args = lstm.finalize_args(
+        tyro.cli(lstm.Args, args=[*TINY, *"--total-timesteps 128 --eval-max-steps 30 --compile".split()])
+    )
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(allow_rnn=False, trace_autograd_ops=False):  # as in a fresh process
+        assert lstm.main(args, set()) is None
+    assert len(compiled) == 2  # the policy and the gradient step
+    assert [s for s, _ in read_scalars(only_run_dir(tmp_path))["losses/td_loss"]] == [64, 128]
