@@ -6,6 +6,7 @@ on, `imagine` + `planning_update` (Q learns from imagined steps). `--planning-st
 """
 
 import collections
+import hashlib
 import math
 import os
 import random
@@ -92,8 +93,9 @@ class Args:
     max_grad_norm: float = 10.0
     """the maximum global norm of the gradients"""
     planning_steps: int = 20
-    """imagined steps per update, from the last real observations, each followed by one gradient step of Q on it (0: plain
-    PQN, no world model)"""
+    """imagined steps per update: the world model is rolled this many steps from the last real observations, then Q takes
+    one gradient step per imagined step, in order (0: plain PQN; the world model is still made, so that the run draws the
+    random numbers a planning run draws, but never trained or used)"""
     planning_delay_updates: int = 500
     """planning starts at this update (the world model has then learned from this many rollouts)"""
     planning_epsilon: float | None = None
@@ -316,7 +318,8 @@ def imagine(model, q_network, obs, alive, planning_steps, epsilon):
 def planning_update(train_step, q_network, imagined, gamma):
     """One gradient step of Q per imagined step, in the order they were imagined, on all its envs'
     transitions, with one-step targets r + gamma (1 - d) max_a Q(s', a) from the Q-network as it
-    is at that step; `train_step` is `grad_step`, with the `alive` mask. Returns the mean loss."""
+    is at that step; `train_step` is `grad_step`, with the `alive` mask. Returns the mean loss, or None
+    when no imagined transition was alive (every env's last real step ended its episode)."""
     # Trajectories only end, so the steps with a live transition come first: one read of the device
     # finds them. A step with none is skipped (an optimizer step on zero gradients would still move Q).
     live_steps = int(imagined["alive"].any(dim=1).sum())
@@ -329,7 +332,7 @@ def planning_update(train_step, q_network, imagined, gamma):
             )
         loss, _ = train_step(imagined["obs"][k], imagined["actions"][k], targets, imagined["alive"][k])
         losses.append(loss)
-    return torch.stack(losses).mean().item() if losses else float("nan")
+    return torch.stack(losses).mean().item() if losses else None
 
 
 def model_update(model, optimizer, b, max_grad_norm):
@@ -838,7 +841,7 @@ def set_rng_state(state: dict):
 
 
 MODEL_FORMAT = "pdqn_minatar/model/v2"
-CHECKPOINT_FORMAT = "pdqn_minatar/training_state/v2"
+CHECKPOINT_FORMAT = "pdqn_minatar/training_state/v3"
 VIDEO_FPS = 10
 
 
@@ -855,29 +858,20 @@ def load_model(path: str, device: torch.device) -> dict:
         raise UsageError(f"{path} is not a pdqn_minatar.py model (format {MODEL_FORMAT})") from None
 
 
-def load_training_state(run_dir: str, device: torch.device) -> dict:
-    """A run's checkpoint.pt, checked for every key that resuming reads."""
+def load_training_state(run_dir: str) -> dict:
+    """A run's checkpoint.pt, checked for every key that resuming reads. Loaded on the CPU whatever the
+    device: resuming copies it into the run's own tensors, and random states must be CPU tensors."""
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isfile(path):
         raise UsageError(
             f"no checkpoint at {path}: --resume takes the run directory (runs/<run_name>) of a run that wrote one"
         )
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         if state["format"] != CHECKPOINT_FORMAT:
             raise ValueError
-        keys = [
-            "args",
-            "q_network",
-            "world_model",
-            "optimizer",
-            "model_optimizer",
-            "iteration",
-            "global_step",
-            "recent_returns",
-            "rng",
-        ]
-        for key in keys:
+        keys = "args q_network world_model optimizer model_optimizer iteration global_step recent_returns rng finished"
+        for key in keys.split():
             state[key]
         return state
     except Exception:
@@ -902,9 +896,8 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
     video = VideoRecorder(lambda: video_frame(envs), VIDEO_FPS) if args.capture_video else None
     returns = evaluate(q_network, envs, env_seeds(args.seed, "evaluation", args.eval_episodes), record=video)
     if video:
-        path = os.path.join(
-            os.path.dirname(args.eval_checkpoint), "videos", os.path.basename(args.eval_checkpoint)[:-3] + ".mp4"
-        )
+        name = os.path.splitext(os.path.basename(args.eval_checkpoint))[0]
+        path = os.path.join(os.path.dirname(args.eval_checkpoint), "videos", f"{name}.mp4")
         video.save(path)
         print(f"video of the first episode: {path}")
     envs.close()
@@ -925,8 +918,8 @@ def main(args: Args, given: set[str]):
         return eval_checkpoint(args, given, device)
 
     total_steps = args.num_iterations * args.batch_size
-    state = load_training_state(args.resume, device) if args.resume else None
-    if state and state["global_step"] >= total_steps:
+    state = load_training_state(args.resume) if args.resume else None
+    if state and state["finished"]:
         print(f"{args.resume} is finished (step {state['global_step']:,} of {total_steps:,}): nothing to resume")
         return
     checkpoint_frequency = args.checkpoint_frequency or max(args.total_timesteps // 10, 1)
@@ -951,12 +944,16 @@ def main(args: Args, given: set[str]):
             import wandb
         except ImportError:
             raise UsageError("--track needs wandb: pip install -r requirements/wandb.txt") from None
+        run_name = os.path.basename(os.path.normpath(run_dir))
         wandb.init(
             project=args.wandb_project_name,
             entity=args.wandb_entity,
             sync_tensorboard=True,
             config=asdict(args),
-            name=os.path.basename(run_dir),
+            name=run_name,
+            # An id from the run's folder name: --resume continues the same wandb run.
+            id=hashlib.sha1(run_name.encode()).hexdigest(),
+            resume="allow",
             save_code=True,
         )
     # A resumed run writes on from its checkpoint's step: what the interrupted run logged after it is purged.
@@ -1002,7 +999,7 @@ def main(args: Args, given: set[str]):
             flush=True,
         )
 
-    def save_checkpoint(iteration):
+    def save_checkpoint(iteration, finished=False):
         save_atomically(
             {
                 "format": CHECKPOINT_FORMAT,
@@ -1015,6 +1012,8 @@ def main(args: Args, given: set[str]):
                 "global_step": global_step,
                 "recent_returns": [float(r) for r in recent_returns],
                 "rng": rng_state(),
+                # Only after the final evaluation: a run stopped in its last iteration still owes it.
+                "finished": finished,
             },
             checkpoint_path,
         )
@@ -1073,7 +1072,9 @@ def main(args: Args, given: set[str]):
                     planning_epsilon = epsilon if args.planning_epsilon is None else args.planning_epsilon
                     alive = torch.as_tensor(~is_reset, device=device)
                     imagined = imagine(world_model, q_network, obs, alive, args.planning_steps, planning_epsilon)
-                    losses["planning_loss"] = planning_update(train_step, q_network, imagined, args.gamma)
+                    planning_loss = planning_update(train_step, q_network, imagined, args.gamma)
+                    if planning_loss is not None:
+                        losses["planning_loss"] = planning_loss
             not_finite = [name for name, value in losses.items() if not math.isfinite(value)]
             if not_finite:
                 last = (
@@ -1115,7 +1116,7 @@ def main(args: Args, given: set[str]):
         run_evaluation(global_step)
         if args.save_model:
             save_model()
-        save_checkpoint(args.num_iterations)
+        save_checkpoint(args.num_iterations, finished=True)
     finally:
         envs.close()
         eval_envs.close()
@@ -1127,7 +1128,7 @@ if __name__ == "__main__":
         args = tyro.cli(Args)
         given = flags_given(sys.argv[1:])
         if args.resume:
-            saved = load_training_state(args.resume, torch.device("cpu"))["args"]
+            saved = load_training_state(args.resume)["args"]
             try:
                 args = resumed_args(args, given, saved)
             except (KeyError, TypeError):

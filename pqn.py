@@ -6,6 +6,7 @@ with `QNetwork` (LayerNorm instead of a target network), `q_lambda_returns`, `ro
 """
 
 import collections
+import hashlib
 import math
 import os
 import random
@@ -759,7 +760,7 @@ def set_rng_state(state: dict):
 # --- end shared: resume ---
 
 
-CHECKPOINT_FORMAT = "pqn/training_state/v2"
+CHECKPOINT_FORMAT = "pqn/training_state/v3"
 VIDEO_FPS = 50  # classic control's render rate
 
 
@@ -800,18 +801,19 @@ def load_model(path: str, device: torch.device) -> dict:
         ) from None
 
 
-def load_training_state(run_dir: str, device: torch.device) -> dict:
-    """A run's checkpoint.pt, checked for every key that resuming reads."""
+def load_training_state(run_dir: str) -> dict:
+    """A run's checkpoint.pt, checked for every key that resuming reads. Loaded on the CPU whatever the
+    device: resuming copies it into the run's own tensors, and random states must be CPU tensors."""
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isfile(path):
         raise UsageError(
             f"no checkpoint at {path}: --resume takes the run directory (runs/<run_name>) of a run that wrote one"
         )
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         if state["format"] != CHECKPOINT_FORMAT:
             raise ValueError
-        for key in ["args", "run_names", "q_network", "optimizer", "iteration", "global_step", "recent_returns", "rng"]:
+        for key in "args run_names q_network optimizer iteration global_step recent_returns rng finished".split():
             state[key]
         return state
     except Exception:
@@ -836,9 +838,8 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
     video = VideoRecorder(lambda: envs.render()[0], VIDEO_FPS) if args.capture_video else None
     returns = evaluate(q_network, envs, seeds=None, record=video).reshape(num_agents, -1)  # [agent, episode]; seeded when made
     if video:
-        path = os.path.join(
-            os.path.dirname(args.eval_checkpoint), "videos", os.path.basename(args.eval_checkpoint)[:-3] + ".mp4"
-        )
+        name = os.path.splitext(os.path.basename(args.eval_checkpoint))[0]
+        path = os.path.join(os.path.dirname(args.eval_checkpoint), "videos", f"{name}.mp4")
         video.save(path)
         print(f"video of the first agent's first episode: {path}")
     for k, agent_returns in enumerate(returns):
@@ -862,8 +863,8 @@ def main(args: Args, given: set[str]):
         return eval_checkpoint(args, given, device)
 
     total_steps = args.num_iterations * args.batch_size  # of each agent
-    state = load_training_state(args.resume, device) if args.resume else None
-    if state and state["global_step"] >= total_steps:
+    state = load_training_state(args.resume) if args.resume else None
+    if state and state["finished"]:
         print(f"{args.resume} is finished (step {state['global_step']:,} of {total_steps:,}): nothing to resume")
         return
     seeds = [args.seed + k for k in range(args.num_seeds)]
@@ -895,12 +896,16 @@ def main(args: Args, given: set[str]):
             import wandb
         except ImportError:
             raise UsageError("--track needs wandb: pip install -r requirements/wandb.txt") from None
+        run_name = os.path.basename(os.path.normpath(run_dirs[0]))
         wandb.init(
             project=args.wandb_project_name,
             entity=args.wandb_entity,
             sync_tensorboard=True,
             config=asdict(args),
-            name=os.path.basename(run_dirs[0]),
+            name=run_name,
+            # An id from the run's folder name: --resume continues the same wandb run.
+            id=hashlib.sha1(run_name.encode()).hexdigest(),
+            resume="allow",
             save_code=True,
         )
     # A resumed run writes on from its checkpoint's step: what the interrupted run logged after it is purged.
@@ -954,7 +959,7 @@ def main(args: Args, given: set[str]):
                 flush=True,
             )
 
-    def save_checkpoint(iteration):
+    def save_checkpoint(iteration, finished=False):
         save_atomically(
             {
                 "format": CHECKPOINT_FORMAT,
@@ -966,6 +971,8 @@ def main(args: Args, given: set[str]):
                 "global_step": global_step,
                 "recent_returns": [[float(r) for r in recent] for recent in recent_returns],
                 "rng": rng_state(),
+                # Only after the final evaluation: a run stopped in its last iteration still owes it.
+                "finished": finished,
             },
             checkpoint_path,
         )
@@ -1052,7 +1059,7 @@ def main(args: Args, given: set[str]):
         run_evaluation(global_step)
         if args.save_model:
             save_models()
-        save_checkpoint(args.num_iterations)
+        save_checkpoint(args.num_iterations, finished=True)
     finally:
         envs.close()
         eval_envs.close()
@@ -1065,7 +1072,7 @@ if __name__ == "__main__":
         args = tyro.cli(Args)
         given = flags_given(sys.argv[1:])
         if args.resume:
-            saved = load_training_state(args.resume, torch.device("cpu"))["args"]
+            saved = load_training_state(args.resume)["args"]
             try:
                 args = resumed_args(args, given, saved)
             except (KeyError, TypeError):

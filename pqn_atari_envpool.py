@@ -5,6 +5,7 @@ with `QNetwork` (Nature CNN with LayerNorm, no target network), `q_lambda_return
 """
 
 import collections
+import hashlib
 import math
 import os
 import random
@@ -210,7 +211,8 @@ def make_atari_envs(env_id, seeds, stack_num, args, evaluation=False, render=Fal
 
 
 class GameStats:
-    """Score (sum of unclipped rewards) and length in agent steps of the game each env plays.
+    """Score (sum of unclipped rewards) and length of the game each env plays. The length is envpool's
+    `elapsed_step`: the agent steps of the game, without the reset step that follows each lost life.
 
     With episodic_life a game spans several training episodes; it is over when the last life is
     lost (`info["terminated"]`) or the time limit truncates it.
@@ -329,11 +331,11 @@ def rollout(env_groups, policy, obs, is_reset, epsilon, num_steps, game_stats, s
     group, so the env threads and the device work at the same time. `policy(obs, epsilon)`
     returns the actions and max_a Q(obs, a) (`act`). `obs` (uint8 frames) is what the first step
     acts on and `is_reset` (bool array) marks the envs where it is the final observation of an
-    ended episode (a lost life or a game over), so that step is a reset step: envpool ignores its
-    action and its transition is not real. `game_stats` has one GameStats per group; `staging` is
-    a host buffer of one observation, in pinned memory when training on a GPU. Returns the
-    rollout as [T, N] tensors, `next_q` for the Q(lambda) targets, the observation and reset flags
-    the next rollout starts from, and the games that ended, as (step index, score, length).
+    ended episode (a lost life, a game over or a truncated game), so that step is a reset step:
+    envpool ignores its action and its transition is not real. `game_stats` has one GameStats per
+    group; `staging` is a host buffer of one observation, in pinned memory when training on a GPU.
+    Returns the rollout as [T, N] tensors, `next_q` for the Q(lambda) targets, the observation and
+    reset flags the next rollout starts from, and the games that ended, as (step index, score, length).
     """
     device = obs.device
     num_envs = obs.shape[0]
@@ -764,7 +766,7 @@ def set_rng_state(state: dict):
 
 
 MODEL_FORMAT = "pqn_atari_envpool/q_network/v1"
-CHECKPOINT_FORMAT = "pqn_atari_envpool/training_state/v1"
+CHECKPOINT_FORMAT = "pqn_atari_envpool/training_state/v2"
 VIDEO_FPS = 15  # the agent acts every 4th of the emulator's 60 frames per second
 
 
@@ -783,6 +785,10 @@ def save_model(path: str, q_network: QNetwork, args: Args, num_actions: int):
     )
 
 
+# The env settings of a training run that its saved model is evaluated with, unless given again.
+ENV_SETTINGS = ["repeat_action_probability", "noop_max", "episodic_life"]
+
+
 def load_model(path: str, device: torch.device) -> dict:
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}; write one with `python pqn_atari_envpool.py --save-model`")
@@ -794,24 +800,25 @@ def load_model(path: str, device: torch.device) -> dict:
         if checkpoint["format"] != MODEL_FORMAT:
             raise ValueError
         return {key: checkpoint[key] for key in ["env_id", "num_actions", "q_network"]} | {
-            "episodic_life": checkpoint["args"]["episodic_life"]
+            "env_settings": {name: checkpoint["args"][name] for name in ENV_SETTINGS}
         }
     except Exception:
         raise UsageError(f"{path} is not a pqn_atari_envpool.py model (format {MODEL_FORMAT})") from None
 
 
-def load_training_state(run_dir: str, device: torch.device) -> dict:
-    """A run's checkpoint.pt, checked for every key that resuming reads."""
+def load_training_state(run_dir: str) -> dict:
+    """A run's checkpoint.pt, checked for every key that resuming reads. Loaded on the CPU whatever the
+    device: resuming copies it into the run's own tensors, and random states must be CPU tensors."""
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isfile(path):
         raise UsageError(
             f"no checkpoint at {path}: --resume takes the run directory (runs/<run_name>) of a run that wrote one"
         )
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         if state["format"] != CHECKPOINT_FORMAT:
             raise ValueError
-        for key in ["args", "q_network", "optimizer", "iteration", "global_step", "recent_scores", "rng"]:
+        for key in "args q_network optimizer iteration global_step recent_scores rng finished".split():
             state[key]
         return state
     except Exception:
@@ -823,7 +830,9 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
     env_id = checkpoint["env_id"]
     if "env_id" in given and args.env_id != env_id:
         raise UsageError(f"{args.eval_checkpoint} was trained on {env_id}, not {args.env_id}; leave --env-id out")
-    args.episodic_life = checkpoint["episodic_life"]  # evaluation plays as training played
+    for name, value in checkpoint["env_settings"].items():  # evaluation plays as training played
+        if name not in given:
+            setattr(args, name, value)
     envs = make_atari_envs(
         env_id, env_seeds(args.seed, "evaluation", args.eval_episodes), 4, args, evaluation=True, render=args.capture_video
     )
@@ -837,9 +846,8 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
         raise UsageError(f"{args.eval_checkpoint} does not fit the Q-network: {str(e).splitlines()[0]}") from None
     scores = evaluate(q_network, envs, record=video)
     if video:
-        path = os.path.join(
-            os.path.dirname(args.eval_checkpoint), "videos", os.path.basename(args.eval_checkpoint)[:-3] + ".mp4"
-        )
+        name = os.path.splitext(os.path.basename(args.eval_checkpoint))[0]
+        path = os.path.join(os.path.dirname(args.eval_checkpoint), "videos", f"{name}.mp4")
         video.save(path)
         print(f"video of the first game: {path}")
     print(f"{env_id}: greedy score over {len(scores)} games {scores.mean():.2f} ± {scores.std():.2f}")
@@ -859,8 +867,8 @@ def main(args: Args, given: set[str]):
         return eval_checkpoint(args, given, device)
 
     total_steps = args.num_iterations * args.batch_size
-    state = load_training_state(args.resume, device) if args.resume else None
-    if state and state["global_step"] >= total_steps:
+    state = load_training_state(args.resume) if args.resume else None
+    if state and state["finished"]:
         print(f"{args.resume} is finished (step {state['global_step']:,} of {total_steps:,}): nothing to resume")
         return
     checkpoint_frequency = args.checkpoint_frequency or max(args.total_timesteps // 10, 1)
@@ -892,12 +900,16 @@ def main(args: Args, given: set[str]):
             import wandb
         except ImportError:
             raise UsageError("--track needs wandb: pip install -r requirements/wandb.txt") from None
+        run_name = os.path.basename(os.path.normpath(run_dir))
         wandb.init(
             project=args.wandb_project_name,
             entity=args.wandb_entity,
             sync_tensorboard=True,
             config=asdict(args),
-            name=os.path.basename(run_dir),
+            name=run_name,
+            # An id from the run's folder name: --resume continues the same wandb run.
+            id=hashlib.sha1(run_name.encode()).hexdigest(),
+            resume="allow",
             save_code=True,
         )
     # A resumed run writes on from its checkpoint's step: what the interrupted run logged after it is purged.
@@ -939,7 +951,7 @@ def main(args: Args, given: set[str]):
             flush=True,
         )
 
-    def save_checkpoint(iteration):
+    def save_checkpoint(iteration, finished=False):
         save_atomically(
             {
                 "format": CHECKPOINT_FORMAT,
@@ -950,6 +962,8 @@ def main(args: Args, given: set[str]):
                 "global_step": global_step,
                 "recent_scores": [float(score) for score in recent_scores],
                 "rng": rng_state(),
+                # Only after the final evaluation: a run stopped in its last iteration still owes it.
+                "finished": finished,
             },
             checkpoint_path,
         )
@@ -1027,7 +1041,7 @@ def main(args: Args, given: set[str]):
         run_evaluation(global_step)
         if args.save_model:
             save_trained_model()
-        save_checkpoint(args.num_iterations)
+        save_checkpoint(args.num_iterations, finished=True)
     finally:
         for envs in env_groups:
             envs.close()
@@ -1040,7 +1054,7 @@ if __name__ == "__main__":
         args = tyro.cli(Args)
         given = flags_given(sys.argv[1:])
         if args.resume:
-            saved = load_training_state(args.resume, torch.device("cpu"))["args"]
+            saved = load_training_state(args.resume)["args"]
             try:
                 args = resumed_args(args, given, saved)
             except (KeyError, TypeError):

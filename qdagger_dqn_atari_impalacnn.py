@@ -7,6 +7,7 @@ distillation fades (`distill_coefficient`). `FrameReplayBuffer` stores each fram
 """
 
 import collections
+import hashlib
 import math
 import os
 import random
@@ -100,7 +101,7 @@ class Args:
     gamma: float = 0.99
     """the discount factor"""
     target_network_frequency: int = 1000
-    """copy the student into the target network every this many env steps"""
+    """copy the student into the target network every this many env steps (in the offline phase: gradient steps)"""
     batch_size: int = 32
     """the number of transitions per gradient step"""
     start_e: float = 1.0
@@ -228,7 +229,8 @@ def make_atari_envs(env_id, seeds, stack_num, args, evaluation=False, render=Fal
 
 
 class GameStats:
-    """Score (sum of unclipped rewards) and length in agent steps of the game each env plays.
+    """Score (sum of unclipped rewards) and length of the game each env plays. The length is envpool's
+    `elapsed_step`: the agent steps of the game, without the reset step that follows each lost life.
 
     With episodic_life a game spans several training episodes; it is over when the last life is
     lost (`info["terminated"]`) or the time limit truncates it.
@@ -810,6 +812,10 @@ def load_teacher(path: str, env_id: str, num_actions: int, device: torch.device)
 STUDENT_FORMAT = "qdagger_dqn_atari_impalacnn/student/v1"
 
 
+# The env settings of a training run that its saved student is evaluated with, unless given again.
+ENV_SETTINGS = ["repeat_action_probability", "noop_max", "episodic_life"]
+
+
 def eval_checkpoint(args: Args, given: set[str], device: torch.device):
     """Evaluates a student saved with --save-model."""
     path = args.eval_checkpoint
@@ -819,27 +825,25 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
         checkpoint = torch.load(path, map_location=device, weights_only=True)
         if checkpoint["format"] != STUDENT_FORMAT:
             raise ValueError
-        env_id, num_actions, episodic_life = (
-            checkpoint["env_id"],
-            checkpoint["num_actions"],
-            checkpoint["args"]["episodic_life"],
-        )
+        env_id, num_actions = checkpoint["env_id"], checkpoint["num_actions"]
+        env_settings = {name: checkpoint["args"][name] for name in ENV_SETTINGS}
         student = ImpalaQNetwork(num_actions).to(device)
         student.load_state_dict(checkpoint["student"])
     except Exception:
         raise UsageError(f"{path} is not a qdagger_dqn_atari_impalacnn.py student (format {STUDENT_FORMAT})") from None
     if "env_id" in given and args.env_id != env_id:
         raise UsageError(f"{path} was trained on {env_id}, not {args.env_id}; leave --env-id out")
-    args.episodic_life = episodic_life  # evaluation plays as training played
+    for name, value in env_settings.items():  # evaluation plays as training played
+        if name not in given:
+            setattr(args, name, value)
     envs = make_atari_envs(
         env_id, env_seeds(args.seed, "evaluation", args.eval_episodes), 4, args, evaluation=True, render=args.capture_video
     )
     video = VideoRecorder(lambda: envs.render()[0], VIDEO_FPS) if args.capture_video else None
     scores = evaluate(student, envs, record=video)
     if video:
-        path = os.path.join(
-            os.path.dirname(args.eval_checkpoint), "videos", os.path.basename(args.eval_checkpoint)[:-3] + ".mp4"
-        )
+        name = os.path.splitext(os.path.basename(args.eval_checkpoint))[0]
+        path = os.path.join(os.path.dirname(args.eval_checkpoint), "videos", f"{name}.mp4")
         video.save(path)
         print(f"video of the first game: {path}")
     envs.close()
@@ -852,15 +856,18 @@ PHASE_LOGS = {1: "teacher", 2: "offline"}  # the subdirectories phases 1 and 2 l
 FINISHED = 4  # the phase of the checkpoint written at the end of a run
 
 
-def load_training_state(run_dir: str, device: torch.device) -> dict:
-    """A run's checkpoint.pt, checked for every key that resuming reads."""
+def load_training_state(run_dir: str) -> dict:
+    """A run's checkpoint.pt, checked for every key that resuming reads. Loaded on the CPU whatever the
+    device: resuming copies it into the run's own tensors, and random states must be CPU tensors.
+    Memory-mapped: a saved replay buffer (7.5 GB for 1M transitions) is read from the file as it is
+    copied into the run's buffer, not held in memory twice."""
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isfile(path):
         raise UsageError(
             f"no checkpoint at {path}: --resume takes the run directory (runs/<run_name>) of a run that wrote one"
         )
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if state["format"] != CHECKPOINT_FORMAT:
             raise ValueError
         for key in [
@@ -898,7 +905,7 @@ def main(args: Args, given: set[str]):
     if args.eval_checkpoint:
         return eval_checkpoint(args, given, device)
 
-    state = load_training_state(args.resume, device) if args.resume else None
+    state = load_training_state(args.resume) if args.resume else None
     if state and state["phase"] == FINISHED:
         print(f"{args.resume} is finished: nothing to resume")
         return
@@ -907,7 +914,7 @@ def main(args: Args, given: set[str]):
     start_phase, start_step = (state["phase"], state["phase_step"]) if state else (1, 0)
     if state and start_phase == 1 and state["buffer"] is None:
         start_step = 0
-    saved_buffer = state["buffer"] if state else None
+    saved_buffer = state.pop("buffer") if state else None
     rng = np.random.default_rng(args.seed)  # replay sampling
     # Envs cannot be saved: a resumed run makes them afresh, seeded from the run's seed and where it resumes.
     resumed_in = f" (resumed in phase {start_phase})" if state else ""
@@ -932,21 +939,30 @@ def main(args: Args, given: set[str]):
             import wandb
         except ImportError:
             raise UsageError("--track needs wandb: pip install -r requirements/wandb.txt") from None
+        run_name = os.path.basename(os.path.normpath(run_dir))
         wandb.init(
             project=args.wandb_project_name,
             entity=args.wandb_entity,
             sync_tensorboard=True,
             config=asdict(args),
-            name=os.path.basename(run_dir),
+            name=run_name,
+            # An id from the run's folder name: --resume continues the same wandb run.
+            id=hashlib.sha1(run_name.encode()).hexdigest(),
+            resume="allow",
             save_code=True,
         )
+
+    writers = []  # all closed however the run ends: a writer not closed loses the events it has not yet written
 
     def phase_writer(phase):
         """Each phase logs on its own step axis, so each has its own event file: phases 1 and 2 in
         runs/{run_name}/teacher and /offline, phase 3 in runs/{run_name} as every script logs. The
         phase a run resumes in purges what it logged after its checkpoint; a later phase, all but step 0."""
         purge_step = None if not state else start_step + 1 if phase == start_phase else 1
-        return SummaryWriter(run_dir if phase == 3 else os.path.join(run_dir, PHASE_LOGS[phase]), purge_step=purge_step)
+        writers.append(
+            SummaryWriter(run_dir if phase == 3 else os.path.join(run_dir, PHASE_LOGS[phase]), purge_step=purge_step)
+        )
+        return writers[-1]
 
     student = ImpalaQNetwork(num_actions).to(device)
     target_network = ImpalaQNetwork(num_actions).to(device)
@@ -1050,13 +1066,19 @@ def main(args: Args, given: set[str]):
         writer.add_scalar(f"losses/{prefix}distill_loss", distill, step)
         writer.add_scalar(f"losses/{prefix}q_values", q, step)
 
+    def load_saved_buffer(rb):
+        """Copies the checkpoint's replay buffer into `rb`, and lets go of the checkpoint's."""
+        nonlocal saved_buffer
+        rb.load_state_dict(saved_buffer)
+        saved_buffer = None
+
     def fill_teacher_buffer(writer, first_step):
         """Phase 1: the teacher plays epsilon-greedily into the teacher buffer, from `first_step` on.
         Returns the buffer, or the exit status of an interrupt. Without a writer (a resumed phase 2
         refilling its buffer), nothing is logged or checkpointed."""
         rb = FrameReplayBuffer(args.teacher_steps, args.num_envs)
         if first_step:
-            rb.load_state_dict(saved_buffer)
+            load_saved_buffer(rb)
         obs, _ = envs.reset()
         rb.observe(obs)
         is_reset = np.zeros(args.num_envs, dtype=bool)
@@ -1068,6 +1090,8 @@ def main(args: Args, given: set[str]):
                 envs, teacher, rb, obs, is_reset, teacher_epsilon(args, step * args.num_envs), game_stats, device
             )
             if writer is None:
+                if interrupts.signal:  # the run stays where it resumed: phase 2, its buffer not yet refilled
+                    return stop(2, start_step, None)
                 continue
             for score, _ in games:
                 writer.add_scalar("charts/teacher/episodic_return", score, teacher_step)
@@ -1123,10 +1147,12 @@ def main(args: Args, given: set[str]):
                 return teacher_rb  # interrupted
         elif start_phase == 2 and saved_buffer is not None:
             teacher_rb = FrameReplayBuffer(args.teacher_steps, args.num_envs)
-            teacher_rb.load_state_dict(saved_buffer)
+            load_saved_buffer(teacher_rb)
         elif start_phase == 2:
             # Resumed in phase 2 without the saved buffer: the teacher plays phase 1 again, unlogged.
             teacher_rb = fill_teacher_buffer(None, 0)
+            if isinstance(teacher_rb, int):
+                return teacher_rb  # interrupted
 
         if start_phase <= 2:
             # Phase 2: offline, the student learns from the teacher's buffer (TD + distillation).
@@ -1149,7 +1175,8 @@ def main(args: Args, given: set[str]):
                         flush=True,
                     )
                 if interrupts.signal:
-                    return stop(2, offline_step, teacher_rb)
+                    # After the last offline step the run resumes in phase 3, with no teacher buffer to refill.
+                    return stop(2, offline_step, teacher_rb) if offline_step < args.offline_steps else stop(3, 0, None)
                 if checkpoint_due(offline_step, args.offline_steps):
                     save_checkpoint(2, offline_step, teacher_rb)
             writer.close()
@@ -1167,7 +1194,7 @@ def main(args: Args, given: set[str]):
         first = start_step if start_phase == 3 else 0
         refill = 0
         if start_phase == 3 and saved_buffer is not None:
-            rb.load_state_dict(saved_buffer)
+            load_saved_buffer(rb)
         elif start_phase == 3:
             # Without its saved buffer, the student plays on (and its clock runs) but learns again
             # only once the new buffer holds as many transitions as the old one did, up to learning_starts.
@@ -1233,7 +1260,8 @@ def main(args: Args, given: set[str]):
     finally:
         envs.close()
         eval_envs.close()
-        online_writer.close()
+        for writer in writers:
+            writer.close()
 
 
 if __name__ == "__main__":
@@ -1241,7 +1269,7 @@ if __name__ == "__main__":
         args = tyro.cli(Args)
         given = flags_given(sys.argv[1:])
         if args.resume:
-            saved = load_training_state(args.resume, torch.device("cpu"))["args"]
+            saved = load_training_state(args.resume)["args"]
             try:
                 args = resumed_args(args, given, saved)
             except (KeyError, TypeError):

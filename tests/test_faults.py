@@ -1,6 +1,7 @@
 """Long runs survive faults: checkpoints and --resume, interrupts, non-finite losses, bad input, runs
 beside each other (the PQN-family scripts; QDagger's resume and interrupts are in test_qdagger.py)."""
 
+import json
 import os
 import random
 import shutil
@@ -151,6 +152,84 @@ def test_a_finished_run_says_so(killed_and_resumed):
     total = SCRIPTS[script][2]
     result = run_script(script, "--resume", run_dir, "--no-cuda", cwd=os.path.dirname(os.path.dirname(run_dir)))
     assert result.returncode == 0 and f"is finished (step {total:,} of {total:,}): nothing to resume" in result.stdout
+
+
+# One iteration, long enough that a signal sent once the run has begun lands inside it.
+ATARI_ONE_ITERATION = "--num-envs 4 --num-steps 256 --num-minibatches 2 --total-timesteps 1024 --eval-max-steps 200"
+ONE_ITERATION = {
+    "pqn.py": "--num-envs 8 --num-steps 2048 --num-minibatches 4 --total-timesteps 16384",
+    "pqn_atari_envpool.py": ATARI_ONE_ITERATION,
+    "pqn_atari_envpool_lstm.py": ATARI_ONE_ITERATION,
+    "pdqn_minatar.py": "--num-envs 8 --num-steps 256 --num-minibatches 4 --total-timesteps 2048",
+}
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("script", list(ONE_ITERATION))
+def test_a_run_stopped_in_its_last_iteration_resumes_to_its_final_evaluation(tmp_path, script, device):
+    flags = [*ONE_ITERATION[script].split(), "--update-epochs", "1", "--eval-episodes", "2"]
+    total = int(flags[flags.index("--total-timesteps") + 1])
+    # On the GPU, the resumed run loads its checkpoint and random states where it runs.
+    env = dict(os.environ, OMP_NUM_THREADS="1") | ({"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {})
+    device_flags = ["--no-cuda"] if device == "cpu" else []
+    command = [sys.executable, os.path.join(ROOT, script)]
+    process = subprocess.Popen(
+        [*command, *flags, *device_flags], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    runs, deadline = tmp_path / "runs", time.time() + 120
+    while not (runs.is_dir() and any(f.startswith("events") for d in runs.iterdir() for f in os.listdir(d))):
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    run_dir = only_run_dir(tmp_path)
+    stopped = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert stopped["global_step"] == total and not stopped["finished"]
+    assert "eval/episodic_return" not in read_scalars(run_dir)
+    # The run still owes its final evaluation: --resume gives it, and only then is the run finished.
+    resumed = subprocess.run(
+        [*command, "--resume", os.path.relpath(run_dir, tmp_path), *device_flags],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert [s for s, _ in read_scalars(run_dir)["eval/episodic_return"]] == [total]
+    assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["finished"]
+
+
+def test_a_tracked_run_resumes_its_own_wandb_run(tmp_path):
+    # A stand-in for wandb that records how each run opens its wandb run.
+    (tmp_path / "stub").mkdir()
+    (tmp_path / "stub" / "wandb.py").write_text(
+        "import json, os\n"
+        "def init(**kwargs):\n"
+        "    with open(os.environ['WANDB_INITS'], 'a') as f:\n"
+        "        f.write(json.dumps([kwargs['name'], kwargs['id'], kwargs['resume']]) + '\\n')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "stub"), WANDB_INITS=str(tmp_path / "inits.jsonl"))
+    env |= {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+
+    def run(*flags, cwd=tmp_path):
+        result = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "pqn.py"), *flags, "--track", "--no-cuda"], cwd=cwd, env=env
+        )
+        assert result.returncode == 0
+
+    run(*FLAGS, "--total-timesteps", "512")
+    run_dir = only_run_dir(tmp_path)
+    checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    torch.save({**checkpoint, "finished": False}, os.path.join(run_dir, "checkpoint.pt"))  # as if stopped before the end
+    run("--resume", os.path.relpath(run_dir, tmp_path) + "/")
+    (tmp_path / "other").mkdir()
+    run(*FLAGS, "--total-timesteps", "512", cwd=tmp_path / "other")
+    first, resumed, other = [json.loads(line) for line in (tmp_path / "inits.jsonl").read_text().splitlines()]
+    assert first == resumed and first[0] == os.path.basename(run_dir) and first[2] == "allow"
+    assert other[1] != first[1]  # another run, another wandb run
 
 
 def test_resume_rejects_a_flag_that_contradicts_the_run(killed_and_resumed):

@@ -157,6 +157,20 @@ def test_planning_stops_when_every_imagined_trajectory_has_ended():
     assert len(calls) == 2  # env 0's imagined episode terminates at its second step
 
 
+def test_planning_from_no_live_observation_makes_no_step_and_reports_no_loss():
+    # Every env's last real step ended its episode (likely with few envs): nothing is imagined from
+    # them, and no loss is reported (a NaN one would stop the run as diverged).
+    torch.manual_seed(0)
+    q_network, model = pdqn.make_networks(4, 3)
+    obs = (torch.rand(3, 4, 10, 10) < 0.2).float()
+    imagined = pdqn.imagine(model, q_network, obs, torch.zeros(3, dtype=torch.bool), 4, 0.1)
+    calls = []
+    loss = pdqn.planning_update(
+        lambda *mb: calls.append(mb) or (torch.tensor(0.0), torch.tensor(0.0)), q_network, imagined, 0.99
+    )
+    assert loss is None and calls == []
+
+
 def test_env_observations_are_float_channels_first():
     args = pdqn.finalize_args(pdqn.Args(num_envs=2, num_steps=4, num_minibatches=1, total_timesteps=8))
     envs = pdqn.make_envs(args, 2)

@@ -217,6 +217,32 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
     assert line.startswith("error: ") and message in line
 
 
+class EnvsMade(Exception):
+    """Stops an evaluation where it makes its envs."""
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        (set(), {"repeat_action_probability": 0.25, "noop_max": 5, "episodic_life": False}),
+        ({"noop_max", "episodic_life"}, {"repeat_action_probability": 0.25, "noop_max": 7, "episodic_life": True}),
+    ],
+)
+def test_a_saved_model_is_evaluated_with_the_env_settings_it_was_trained_with(tmp_path, monkeypatch, given, expected):
+    trained = tiny_args(repeat_action_probability=0.25, noop_max=5, episodic_life=False)
+    atari.save_model(str(tmp_path / "model.pt"), atari.QNetwork(4, 4), trained, 4)
+
+    def make_atari_envs(env_id, seeds, stack_num, args, **_):
+        raise EnvsMade({name: getattr(args, name) for name in expected})
+
+    monkeypatch.setattr(atari, "make_atari_envs", make_atari_envs)
+    # What is given on the command line is used instead (here --noop-max 7 --episodic-life).
+    args = tiny_args(eval_checkpoint=str(tmp_path / "model.pt"), noop_max=7, episodic_life=True)
+    with pytest.raises(EnvsMade) as made:
+        atari.eval_checkpoint(args, given, torch.device("cpu"))
+    assert made.value.args[0] == expected
+
+
 @pytest.mark.parametrize("episodic_life", [True, False])
 def test_training_and_evaluation_envs_are_configured_as_documented(episodic_life):
     args = tiny_args(eval_max_steps=77, repeat_action_probability=0.25, noop_max=5, episodic_life=episodic_life)

@@ -452,6 +452,25 @@ def test_a_run_killed_in_phase_2_resumes_with_a_refilled_teacher_buffer(teacher,
     assert again.returncode == 0 and "is finished: nothing to resume" in again.stdout
 
 
+def test_an_interrupt_in_phase_2_and_another_while_its_buffer_is_refilled_leave_the_run_where_it_was(teacher, tmp_path):
+    # 2,000 teacher steps: the refill lasts long enough for the second signal to land in it.
+    flags = [*TINY, "--teacher-steps", "2000", "--offline-steps", "2000", "--offline-eval-frequency", "100"]
+    returncode, stderr = run_until(teacher, tmp_path, flags, "phase 2: step 100:", signum=signal.SIGINT)
+    assert returncode == 130 and "SIGINT: stopped in phase 2 at step" in stderr, stderr
+    run_dir = only_run_dir(tmp_path)
+    saved = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert saved["phase"] == 2 and saved["phase_step"] >= 100 and saved["buffer"] is None
+    # Everything phase 2 logged up to its checkpoint is in its event file.
+    offline = read_scalars(os.path.join(run_dir, "offline"))
+    assert steps_of(offline, "losses/offline/td_loss") == list(range(100, saved["phase_step"] + 1, 100))
+    resume = ["--resume", os.path.relpath(run_dir, tmp_path)]
+    returncode, stderr = run_until(teacher, tmp_path, [*flags, *resume], "replay buffers:", signum=signal.SIGINT)
+    assert returncode == 130 and f"SIGINT: stopped in phase 2 at step {saved['phase_step']:,}" in stderr, stderr
+    stopped = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert (stopped["phase"], stopped["phase_step"], stopped["buffer"]) == (2, saved["phase_step"], None)
+    torch.testing.assert_close(stopped["student"], saved["student"])
+
+
 def test_an_interrupt_in_phase_3_saves_the_buffer_and_the_run_resumes_from_it(teacher, tmp_path):
     flags = [*TINY, "--total-timesteps", "300", "--train-frequency", "8", "--checkpoint-buffers"]
     returncode, stderr = run_until(teacher, tmp_path, flags, "phase 2: step 20:", delay=3.0, signum=signal.SIGINT)
