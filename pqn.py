@@ -128,6 +128,8 @@ def finalize_args(args: Args) -> Args:
     for name in ["gamma", "q_lambda", "start_e", "end_e", "exploration_fraction"]:
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if args.end_e > args.start_e:
+        raise UsageError(f"--end-e {args.end_e} is above --start-e {args.start_e}: epsilon decays from --start-e to --end-e")
     if args.track and args.num_seeds > 1:
         raise UsageError(
             "--track logs one run per process; with --num-seeds, upload the agents' run directories afterwards with "

@@ -159,6 +159,8 @@ def finalize_args(args: Args) -> Args:
     for name in ["gamma", "start_e", "end_e", "exploration_fraction", "repeat_action_probability"]:
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if args.end_e > args.start_e:
+        raise UsageError(f"--end-e {args.end_e} is above --start-e {args.start_e}: epsilon decays from --start-e to --end-e")
     if args.buffer_size < args.num_envs or args.teacher_steps < args.num_envs:
         raise UsageError("--buffer-size and --teacher-steps must hold at least one step of every env")
     if args.batch_size > min(args.buffer_size, args.teacher_steps):

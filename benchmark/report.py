@@ -36,7 +36,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 TAIL = 0.1  # the behaviour return of a run: its episodes in this last fraction of its env steps
 BINS = 50  # the learning curves: equal-width bins of env steps
 BOOTSTRAP_REPS = 2000  # resamples of the stratified bootstrap
-# Published per-game random and human scores (Mnih et al., 2015), for human-normalised Atari scores.
+# Per-game random and human scores of the Atari-57 table (as used by DQN Zoo and rliable), for human-normalised scores.
 ATARI_RANDOM_HUMAN = {
     "Asterix": (210.0, 8503.3),
     "BeamRider": (363.9, 16926.5),

@@ -18,10 +18,13 @@ Files, under --root:
 (a `/` in an env id becomes `-`). With --num-seeds N (pqn.py's --num-seeds: N agents in one process,
 with seeds S ... S + N - 1), each seed of --seeds starts a command with `--seed S --num-seeds N`, and
 each of its agents gets a .done marker (and a .log naming the command) as if it had run alone; the
-command's output is in the log of its first seed. A command whose .done markers all exist is skipped, so running the same
-command again after an interruption (Ctrl-C: exit status 130) runs only what is missing. A .done made
-by another command (other flags) is an error: give such a benchmark another --benchmark name. Failed
-runs do not stop the others; they are listed at the end and the exit status is 1.
+command's output is in the log of its first seed. A command whose .done markers all exist is
+skipped, so running the same command again after an interruption (Ctrl-C: exit status 130) runs
+only what is missing; a run stopped by a signal after writing its checkpoint (Ctrl-C, SIGTERM, a
+kill) continues from it with --resume (its directory is in <exp>__<env>__<seed>.resume; its output
+goes on in the same .log). A .done made by another command (other flags) is an error: give such a
+benchmark another --benchmark name. Failed runs do not stop the others; they are listed at the end
+and the exit status is 1.
 
 --slurm writes one job file per command to benchmark/logs/<benchmark>/slurm/ from
 benchmark/slurm_template.sbatch and submits it with `sbatch`; the job writes the same log and .done
@@ -43,6 +46,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -94,6 +98,8 @@ class Job:
         self.stem = stem(args.exp_name, env_id, seed)
         directory = logs_dir(args.root, args.benchmark)
         self.log, self.done = (os.path.join(directory, self.stem + ext) for ext in (".log", ".done"))
+        # The run directory of a run stopped with a checkpoint, which the next attempt continues with --resume.
+        self.resume = os.path.join(directory, self.stem + ".resume")
         self.job_file = os.path.join(directory, "slurm", self.stem + ".sbatch")
         self.job_id_file = os.path.join(directory, "slurm", self.stem + ".jobid")
         # `runs/<this prefix><unix time>` is the directory the script makes (the README's Logged metrics).
@@ -212,42 +218,53 @@ def find_run_dir(root, run_prefix, start, before, pid=None):
 
 
 def run_local(job, root):
-    """Runs one command; returns (ok, message). Writes its log, and the .done marker when it exits 0."""
-    try:
-        argv = job.resolved_argv()
-    except RuntimeError as e:
-        with open(job.log, "w", encoding="utf-8") as f:
-            f.write(f"# command: {job.command()}\nerror: {e}\n")
-        return False, str(e)
+    """Runs one command; returns (ok, message). Writes its log, and the .done marker when it exits 0.
+    A run stopped by a signal after writing its checkpoint (Ctrl-C, SIGTERM, a kill) leaves a .resume
+    marker, and the next attempt continues that run with --resume instead of starting it again."""
+    resume_dir = read_marker(job.resume) if os.path.exists(job.resume) else None
+    if resume_dir:
+        argv = [*job.argv[:2], "--resume", resume_dir]  # the run's flags are in its checkpoint
+    else:
+        try:
+            argv = job.resolved_argv()
+        except RuntimeError as e:
+            with open(job.log, "w", encoding="utf-8") as f:
+                f.write(f"# command: {job.command()}\nerror: {e}\n")
+            return False, str(e)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("OMP_NUM_THREADS", "1")
     before = set(glob.glob(os.path.join(root, "runs", glob.escape(job.run_prefix) + "*")))
     start = time.time()
-    with open(job.log, "w", encoding="utf-8") as log:
-        log.write(f"# command: {job.command()}\n")
+    # A resumed run's output goes on in the log of the attempt it continues.
+    with open(job.log, "a" if resume_dir else "w", encoding="utf-8") as log:
+        if not resume_dir:
+            log.write(f"# command: {job.command()}\n")
         if argv != job.argv:
             log.write(f"# resolved: {shlex.join(argv)}\n")
         log.write(f"# started: {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         log.flush()
         # "python" in the shown command is the interpreter that runs this file.
         process = subprocess.Popen([sys.executable] + argv[1:], cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            status = process.wait()
-        except KeyboardInterrupt:  # Ctrl-C reached the run too: let it write its checkpoint
-            process.wait()
-            raise
+        status = process.wait()
         elapsed = time.time() - start
         log.write(f"# exit status {status} after {format_duration(elapsed)}\n")
+    run_dir = resume_dir or find_run_dir(root, job.run_prefix, start, before, process.pid)
     if status != 0:
         how = f"killed by signal {-status}" if status < 0 else f"exit {status}"
+        stopped = status < 0 or status in (128 + signal.SIGINT, 128 + signal.SIGTERM)
+        if stopped and run_dir and os.path.isfile(os.path.join(root, run_dir, "checkpoint.pt")):
+            with open(job.resume, "w", encoding="utf-8") as f:
+                f.write(run_dir + "\n")
+            return False, f"{how} after {format_duration(elapsed)}; the next attempt resumes {run_dir}"
         return False, f"{how} after {format_duration(elapsed)}"
-    run_dir = find_run_dir(root, job.run_prefix, start, before, process.pid)
     if run_dir is None:
         return False, f"exit 0 but it made no runs/{job.run_prefix}<unix time> directory"
     with open(job.done + ".tmp", "w", encoding="utf-8") as f:
         f.write(run_dir + "\n")
     os.replace(job.done + ".tmp", job.done)
     job.mark_other_agents(run_dir)
+    if resume_dir:
+        os.remove(job.resume)
     return True, f"finished in {format_duration(elapsed)}: {run_dir}"
 
 
@@ -288,7 +305,7 @@ def write_job_file(job, args):
         "run_prefix": shlex.quote(job.run_prefix),
         "done": shlex.quote(job.done),
         # Where a job stopped by SIGTERM leaves the run directory its requeued job continues.
-        "resume": shlex.quote(job.done[: -len(".done")] + ".resume"),
+        "resume": shlex.quote(job.resume),
         "resume_command": shlex.join([*job.argv[:2], "--resume"]),
         # The agents after the first of a --num-seeds command: their directories carry the first one's unix time.
         "other_agents": "\n".join(

@@ -16,10 +16,11 @@ from torch.utils.tensorboard import SummaryWriter
 RUN = os.path.join(ROOT, "benchmark", "run.py")
 REPORT = os.path.join(ROOT, "benchmark", "report.py")
 
-# Stands in for a training script: makes runs/<env>__<exp>__<seed>__<time>/ as the real ones do,
-# prints what it got, and fails for the env named in $FAKE_FAIL_ENV.
+# Stands in for a training script: makes runs/<env>__<exp>__<seed>__<time>/ with a TensorBoard file
+# named as the real ones name theirs, prints what it got, fails for the env named in $FAKE_FAIL_ENV,
+# and with $FAKE_INTERRUPT stops as an interrupted run does: a checkpoint, then exit 130.
 FAKE_SCRIPT = """\
-import argparse, os, signal, sys, time
+import argparse, os, signal, socket, sys, time
 parser = argparse.ArgumentParser()
 for flag in ("--env-id", "--seed", "--exp-name", "--teacher", "--tag", "--resume"):
     parser.add_argument(flag)
@@ -32,7 +33,12 @@ if args.env_id == os.environ.get("FAKE_FAIL_ENV"):
     sys.exit("fake failure")
 stamp = int(time.time())
 for seed in range(int(args.seed), int(args.seed) + args.num_seeds):  # one run directory per agent, as pqn.py --num-seeds
-    os.makedirs(f"runs/{args.env_id.replace('/', '-')}__{args.exp_name}__{seed}__{stamp}")
+    run_dir = f"runs/{args.env_id.replace('/', '-')}__{args.exp_name}__{seed}__{stamp}"
+    os.makedirs(run_dir)
+    open(f"{run_dir}/events.out.tfevents.{stamp}.{socket.gethostname()}.{os.getpid()}.0", "w").close()
+if os.environ.get("FAKE_INTERRUPT"):
+    open(f"{run_dir}/checkpoint.pt", "w").close()
+    sys.exit(130)
 if os.environ.get("FAKE_WAIT_FOR_SIGTERM"):  # as the real scripts: a checkpoint, then exit 128 + 15
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print("waiting", flush=True)
@@ -239,6 +245,33 @@ def test_a_slurm_job_stopped_by_sigterm_requeues_itself_and_resumes_its_run(root
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"argv ['--resume', '{run_dir}']" in again.stdout
     assert (logs(root) / "e__A__1.done").read_text().strip() == run_dir and not (logs(root) / "e__A__1.resume").exists()
+
+
+def test_a_run_stopped_with_a_checkpoint_is_resumed_by_the_next_attempt(root):
+    first = runner(root, envs=["A"], seeds=["1"], env={"FAKE_INTERRUPT": "1"})
+    assert first.returncode == 1 and "exit 130" in first.stdout
+    run_dir = (logs(root) / "e__A__1.resume").read_text().strip()
+    assert run_dir.startswith("runs/A__e__1__") and (root / run_dir / "checkpoint.pt").is_file()
+    again = runner(root, envs=["A"], seeds=["1"])
+    assert again.returncode == 0, again.stdout + again.stderr
+    log = (logs(root) / "e__A__1.log").read_text()
+    assert log.startswith("# command: python fake.py --env-id A --seed 1 --exp-name e\n")  # one log, both attempts
+    assert f"argv ['--resume', '{run_dir}']" in log and log.count("# exit status") == 2
+    assert (logs(root) / "e__A__1.done").read_text().strip() == run_dir and not (logs(root) / "e__A__1.resume").exists()
+    assert os.listdir(root / "runs") == [os.path.basename(run_dir)]
+
+
+def test_a_slurm_job_takes_the_run_directory_its_own_process_wrote(root, tmp_path):
+    env, _ = fake_sbatch(tmp_path)
+    assert runner(root, "--slurm", exp="e", envs=["A"], seeds=["1"], env=env).returncode == 0
+    # Another job (another script with the same exp name, env and seed) started a run a minute later.
+    other = root / "runs" / "A__e__1__99999999999"
+    other.mkdir(parents=True)
+    (other / "events.out.tfevents.99999999999.host.1.0").write_text("")
+    job = subprocess.run(["bash", str(logs(root) / "slurm" / "e__A__1.sbatch")], capture_output=True, text=True)
+    assert job.returncode == 0, job.stdout + job.stderr
+    done = (logs(root) / "e__A__1.done").read_text().strip()
+    assert done.startswith("runs/A__e__1__") and done != "runs/A__e__1__99999999999"
 
 
 @pytest.mark.parametrize(

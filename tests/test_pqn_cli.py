@@ -92,6 +92,7 @@ def test_same_seed_gives_the_same_losses(tmp_path):
         (["--num-minibatches", "3"], "not divisible by --num-minibatches 3"),
         (["--total-timesteps", "100"], "smaller than one batch"),
         (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
+        (["--start-e", "0.1", "--end-e", "0.5"], "--end-e 0.5 is above --start-e 0.1: epsilon decays"),
         (["--q-lambda", "-0.1"], "--q-lambda must be in [0, 1]"),
         (["--num-envs", "0"], "--num-envs must be positive"),
         (["--num-steps", "-4"], "--num-steps must be positive"),
