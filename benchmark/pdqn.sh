@@ -4,7 +4,7 @@
 # (plain PQN) on MinAtar/{Breakout,Asterix,Freeway,SpaceInvaders,Seaquest}-v1, seeds 1 2 3,
 # 10M steps (the script's default), greedy evaluation every 1M steps and at the end; then
 # benchmark/report.py writes benchmark/results/pdqn_minatar.md and .png. benchmark/run.py runs the
-# commands and skips runs that finished, so the script resumes when it is run again.
+# commands: run again, it skips the runs that finished and continues those stopped with a checkpoint.
 #
 # How long: measured on the 2-core x86-64 CPU without GPU, at 5M steps (the GAMES/SEEDS/SUFFIX
 # example below): PDQN 26 min 30 s and 27 min 16 s per run, planning 0 19 min 22 s and 19 min 28 s,

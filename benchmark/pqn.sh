@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# PQN benchmarks. Each block runs its commands with benchmark/run.py (resumable: runs that
-# finished are skipped when the script is run again) and then writes
+# PQN benchmarks. Each block runs its commands with benchmark/run.py (resumable: run again, it skips
+# the runs that finished and continues those stopped with a checkpoint) and then writes
 # benchmark/results/<benchmark>.md and .png with benchmark/report.py.
 #
 #   classic  pqn_classic_control: pqn.py on CartPole-v1 and Acrobot-v1 (default flags) and on
