@@ -5,7 +5,8 @@
 # (--teacher-model-path {run_dir:pqn_teacher}/pqn_teacher.pt; defaults: 500k teacher steps, 500k
 # offline gradient steps, 10M online steps). Envs Breakout-v5, Pong-v5, BeamRider-v5, seeds 1 2 3.
 # Then benchmark/report.py writes benchmark/results/qdagger_atari.md and .png (teacher and student
-# side by side). benchmark/run.py skips runs that finished, so the script resumes when run again.
+# side by side). benchmark/run.py, run again, skips the runs that finished and continues those
+# stopped with a checkpoint.
 #
 # How long: it needs a GPU and has not been timed on one. On a 2-core CPU without GPU the student
 # learns at 12.3 env steps/s (README).
