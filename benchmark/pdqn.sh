@@ -7,9 +7,11 @@
 # commands: run again, it skips the runs that finished and continues those stopped with a checkpoint.
 #
 # How long: measured on the 2-core x86-64 CPU without GPU, at 5M steps (the GAMES/SEEDS/SUFFIX
-# example below): PDQN 26 min 30 s and 27 min 16 s per run, planning 0 19 min 22 s and 19 min 28 s,
-# two runs at a time (with other runs sharing the cores part of the time); see
-# benchmark/results/pdqn_minatar_5m.md. The 10M-step runs have not been timed.
+# example below): seed 1, PDQN 26 min 30 s and 27 min 16 s per run, planning 0 19 min 22 s and
+# 19 min 28 s, two runs at a time (with other runs sharing the cores part of the time); seed 2, the
+# PDQN and planning-0 runs of a game side by side and nothing else running: PDQN 13 min 22 s and
+# 13 min 50 s, planning 0 8 min 14 s and 9 min 29 s; see benchmark/results/pdqn_minatar_5m.md. The
+# 10M-step runs have not been timed.
 #
 # Usage (from anywhere):  bash benchmark/pdqn.sh
 # Environment variables:
@@ -22,8 +24,8 @@
 #                 slurm jobs (see python benchmark/run.py --help); the report is then skipped
 #   MACHINE       the machine line of the report (default: this machine's cores, CPU and GPU)
 #   PYTHON        the Python to run (default: python)
-# A smaller version (2 games, seed 1, 5M steps; planning starts at update 500, about 2M steps):
-#   GAMES="Breakout Asterix" SEEDS="1" EXTRA_FLAGS="--total-timesteps 5000000" SUFFIX=_5m bash benchmark/pdqn.sh
+# A smaller version (2 games, seeds 1 and 2, 5M steps; planning starts at update 500, about 2M steps):
+#   GAMES="Breakout Asterix" SEEDS="1 2" EXTRA_FLAGS="--total-timesteps 5000000" SUFFIX=_5m bash benchmark/pdqn.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
