@@ -453,8 +453,8 @@ def test_a_run_killed_in_phase_2_resumes_with_a_refilled_teacher_buffer(teacher,
 
 
 def test_an_interrupt_in_phase_2_and_another_while_its_buffer_is_refilled_leave_the_run_where_it_was(teacher, tmp_path):
-    # 2,000 teacher steps: the refill lasts long enough for the second signal to land in it.
-    flags = [*TINY, "--teacher-steps", "2000", "--offline-steps", "2000", "--offline-eval-frequency", "100"]
+    # 1,000 teacher steps: the refill lasts long enough for the second signal to land in it.
+    flags = [*TINY, "--teacher-steps", "1000", "--offline-steps", "2000", "--offline-eval-frequency", "100"]
     returncode, stderr = run_until(teacher, tmp_path, flags, "phase 2: step 100:", signum=signal.SIGINT)
     assert returncode == 130 and "SIGINT: stopped in phase 2 at step" in stderr, stderr
     run_dir = only_run_dir(tmp_path)
