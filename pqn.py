@@ -110,17 +110,25 @@ class UsageError(Exception):
 
 def finalize_args(args: Args) -> Args:
     """Checks the flags and fills in the derived sizes."""
-    for name in ["num_seeds", "total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes"]:
+    check_finite(args)  # first: NaN passes every comparison below
+    positive = [
+        "num_seeds",
+        "total_timesteps",
+        "num_envs",
+        "num_steps",
+        "num_minibatches",
+        "update_epochs",
+        "eval_episodes",
+        "learning_rate",
+        "max_grad_norm",
+    ]
+    for name in positive:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    check_finite(args)
     if args.capture_video:
         check_video_support()
     if args.seed < 0:
         raise UsageError(f"--seed must not be negative, got {args.seed}")
-    for name in ["learning_rate", "max_grad_norm"]:
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.checkpoint_frequency is not None and args.checkpoint_frequency <= 0:
         raise UsageError(f"--checkpoint-frequency must be positive, got {args.checkpoint_frequency}")
     if args.eval_frequency < 0:
@@ -661,12 +669,12 @@ def new_run_dirs(names: list[str]) -> list[str]:
                 os.makedirs(run_dir)
                 made.append(run_dir)
             return run_dirs
-        except FileExistsError:
-            for run_dir in made:
-                os.rmdir(run_dir)
-            time.sleep(1.0 - time.time() % 1.0)
         except OSError as e:
-            raise UsageError(f"cannot write to {run_dir}: {e.strerror}") from None
+            for made_dir in made:
+                os.rmdir(made_dir)
+            if not isinstance(e, FileExistsError):
+                raise UsageError(f"cannot write to {run_dir}: {e.strerror}") from None
+            time.sleep(1.0 - time.time() % 1.0)
 
 
 def save_atomically(obj, path: str):
@@ -852,7 +860,8 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
         )
 
 
-def main(args: Args, given: set[str]):
+def main(args: Args, given: set[str], state: dict | None = None):
+    """Trains, or with --eval-checkpoint evaluates; `state` is the checkpoint of the run --resume continues."""
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -865,7 +874,6 @@ def main(args: Args, given: set[str]):
         return eval_checkpoint(args, given, device)
 
     total_steps = args.num_iterations * args.batch_size  # of each agent
-    state = load_training_state(args.resume) if args.resume else None
     if state and state["finished"]:
         print(f"{args.resume} is finished (step {state['global_step']:,} of {total_steps:,}): nothing to resume")
         return
@@ -1073,13 +1081,13 @@ if __name__ == "__main__":
     try:
         args = tyro.cli(Args)
         given = flags_given(sys.argv[1:])
-        if args.resume:
-            saved = load_training_state(args.resume)["args"]
+        state = load_training_state(args.resume) if args.resume else None
+        if state:
             try:
-                args = resumed_args(args, given, saved)
+                args = resumed_args(args, given, state["args"])
             except (KeyError, TypeError):
                 raise UsageError(f"{args.resume}/checkpoint.pt is not a pqn.py training checkpoint") from None
-        sys.exit(main(finalize_args(args), given))
+        sys.exit(main(finalize_args(args), given, state))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

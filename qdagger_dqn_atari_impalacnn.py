@@ -129,6 +129,7 @@ class UsageError(Exception):
 
 def finalize_args(args: Args) -> Args:
     """Checks the flags."""
+    check_finite(args)  # first: NaN passes every comparison below
     positive = [
         "teacher_eval_episodes",
         "teacher_steps",
@@ -141,18 +142,16 @@ def finalize_args(args: Args) -> Args:
         "eval_max_steps",
         "max_episode_steps",
         "offline_eval_frequency",
+        "learning_rate",
+        "temperature",
     ]
     for name in positive:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    check_finite(args)
     if args.capture_video:
         check_video_support()
     if args.seed < 0:
         raise UsageError(f"--seed must not be negative, got {args.seed}")
-    for name in ["learning_rate", "temperature"]:
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ["offline_steps", "total_timesteps", "learning_starts", "eval_frequency", "noop_max"]:
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
@@ -676,12 +675,12 @@ def new_run_dirs(names: list[str]) -> list[str]:
                 os.makedirs(run_dir)
                 made.append(run_dir)
             return run_dirs
-        except FileExistsError:
-            for run_dir in made:
-                os.rmdir(run_dir)
-            time.sleep(1.0 - time.time() % 1.0)
         except OSError as e:
-            raise UsageError(f"cannot write to {run_dir}: {e.strerror}") from None
+            for made_dir in made:
+                os.rmdir(made_dir)
+            if not isinstance(e, FileExistsError):
+                raise UsageError(f"cannot write to {run_dir}: {e.strerror}") from None
+            time.sleep(1.0 - time.time() % 1.0)
 
 
 def save_atomically(obj, path: str):
@@ -894,7 +893,8 @@ def load_training_state(run_dir: str) -> dict:
         ) from None
 
 
-def main(args: Args, given: set[str]):
+def main(args: Args, given: set[str], state: dict | None = None):
+    """Trains, or with --eval-checkpoint evaluates; `state` is the checkpoint of the run --resume continues."""
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -907,7 +907,6 @@ def main(args: Args, given: set[str]):
     if args.eval_checkpoint:
         return eval_checkpoint(args, given, device)
 
-    state = load_training_state(args.resume) if args.resume else None
     if state and state["phase"] == FINISHED:
         print(f"{args.resume} is finished: nothing to resume")
         return
@@ -1270,15 +1269,15 @@ if __name__ == "__main__":
     try:
         args = tyro.cli(Args)
         given = flags_given(sys.argv[1:])
-        if args.resume:
-            saved = load_training_state(args.resume)["args"]
+        state = load_training_state(args.resume) if args.resume else None
+        if state:
             try:
-                args = resumed_args(args, given, saved)
+                args = resumed_args(args, given, state["args"])
             except (KeyError, TypeError):
                 raise UsageError(
                     f"{args.resume}/checkpoint.pt is not a qdagger_dqn_atari_impalacnn.py training checkpoint"
                 ) from None
-        sys.exit(main(finalize_args(args), given))
+        sys.exit(main(finalize_args(args), given, state))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

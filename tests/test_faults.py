@@ -1,6 +1,7 @@
 """Long runs survive faults: checkpoints and --resume, interrupts, non-finite losses, bad input, runs
 beside each other (the PQN-family scripts; QDagger's resume and interrupts are in test_qdagger.py)."""
 
+import errno
 import json
 import os
 import random
@@ -370,6 +371,19 @@ def test_runs_of_the_same_name_started_in_the_same_second_get_folders_of_their_o
     a, b = pqn.new_run_dirs(["a", "b"])
     assert a == f"runs/a__{now + 2}" and b == f"runs/b__{now + 2}"
     assert not os.path.exists(f"runs/a__{now}") and not os.path.exists(f"runs/a__{now + 1}")
+    # Where a later name cannot be made for another reason, one error line, and no folder is left behind.
+    makedirs = os.makedirs
+
+    def disk_full_at_b(path, *args, **kwargs):
+        if path.startswith("runs/b__"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return makedirs(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "makedirs", disk_full_at_b)
+    before = set(os.listdir("runs"))
+    with pytest.raises(pqn.UsageError, match="cannot write to runs/b__"):
+        pqn.new_run_dirs(["a", "b"])
+    assert set(os.listdir("runs")) == before
 
 
 class FolderChecked(Exception):

@@ -10,6 +10,7 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
+import tyro
 from helpers import ROOT, error_line, only_run_dir, read_scalars, run_script
 
 import qdagger_dqn_atari_impalacnn as qd
@@ -488,6 +489,51 @@ def test_an_interrupt_in_phase_3_saves_the_buffer_and_the_run_resumes_from_it(te
     steps = steps_of(read_scalars(run_dir), "charts/SPS")
     assert steps == sorted(set(steps)) and steps[-1] == 300
     assert "phase 1:" not in result.stdout and "phase 2:" not in result.stdout  # straight back into phase 3
+
+
+def test_an_interrupt_at_the_last_offline_step_resumes_in_phase_3_and_closes_every_writer(
+    teacher, tmp_path, monkeypatch, capsys
+):
+    # In process, so that the signal lands at the last offline step exactly: the run is told to stop
+    # in the gradient step that makes it.
+    interrupts, writers, td_targets, td_target = [], [], [], qd.td_target
+
+    class RecordedInterrupts(qd.Interrupts):
+        def __init__(self):
+            self.signal = None  # no handlers: pytest keeps its own
+            interrupts.append(self)
+
+    class RecordedWriter(qd.SummaryWriter):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            writers.append(self)
+
+    def td_target_then_stop_at_the_last_offline_step(*args):
+        td_targets.append(None)
+        if len(td_targets) == 20:  # --offline-steps 20: phase 2's last gradient step
+            interrupts[0].signal = signal.SIGINT
+        return td_target(*args)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(qd, "Interrupts", RecordedInterrupts)
+    monkeypatch.setattr(qd, "SummaryWriter", RecordedWriter)
+    monkeypatch.setattr(qd, "td_target", td_target_then_stop_at_the_last_offline_step)
+    monkeypatch.setattr(torch, "set_flush_denormal", lambda _: True)  # this process's arithmetic stays as it is
+    args = qd.finalize_args(tyro.cli(qd.Args, args=["--teacher-model-path", teacher, *TINY]))
+    assert qd.main(args, set()) == 128 + signal.SIGINT
+    assert "SIGINT: stopped in phase 3 at step 0" in capsys.readouterr().err
+    assert len(writers) == 3 and all(w.all_writers is None for w in writers)  # phases 3, 1 and 2: all closed
+    run_dir = only_run_dir(tmp_path)
+    saved = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert (saved["phase"], saved["phase_step"], saved["buffer"], saved["buffer_len"]) == (3, 0, None, 0)
+    assert steps_of(read_scalars(os.path.join(run_dir, "offline")), "charts/offline/avg_episodic_return") == [10, 20]
+
+    result = run_script("qdagger_dqn_atari_impalacnn.py", "--resume", os.path.relpath(run_dir, tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "teacher transitions in" not in result.stdout and "phase 2:" not in result.stdout  # no refill, no replay
+    assert steps_of(read_scalars(os.path.join(run_dir, "offline")), "charts/offline/avg_episodic_return") == [10, 20]
+    assert steps_of(read_scalars(run_dir), "eval/episodic_return") == [120]
+    assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["phase"] == qd.FINISHED
 
 
 def test_resume_bad_input_is_one_line(teacher, tmp_path):
