@@ -280,25 +280,28 @@ def test_bad_or_mismatched_teacher_gives_one_clear_line(teacher, tmp_path):
     assert "no teacher at missing.pt" in line and "python pqn_atari_envpool.py --env-id Breakout-v5 --save-model" in line
     line = error_line(run_script("qdagger_dqn_atari_impalacnn.py", *TINY, cwd=tmp_path))
     assert "--teacher-model-path is required" in line
-    line = error_line(
-        run_script(
-            "qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", teacher, "--env-id", "Pong-v5", *TINY, cwd=tmp_path
-        )
-    )
-    assert "was trained on Breakout-v5, this run is Pong-v5" in line and "--env-id Pong-v5 --save-model" in line
+
+    # The other teachers in process: the script turns each UsageError into its one line, as above.
+    def refused(path, env_id="Breakout-v5"):
+        with pytest.raises(qd.UsageError) as error:
+            qd.load_teacher(str(path), env_id, 4, torch.device("cpu"))
+        return str(error.value)
+
+    message = refused(teacher, "Pong-v5")
+    assert "was trained on Breakout-v5, this run is Pong-v5" in message and "--env-id Pong-v5 --save-model" in message
     torch.save({"q_network": {}}, tmp_path / "other.pt")
-    line = error_line(run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", "other.pt", *TINY, cwd=tmp_path))
-    assert "other.pt is not a pqn_atari_envpool.py checkpoint" in line
+    assert "other.pt is not a pqn_atari_envpool.py checkpoint" in refused(tmp_path / "other.pt")
     torch.save({"format": qd.TEACHER_FORMAT}, tmp_path / "only_format.pt")
-    line = error_line(
-        run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", "only_format.pt", *TINY, cwd=tmp_path)
-    )
-    assert "only_format.pt is not a pqn_atari_envpool.py checkpoint" in line
+    assert "only_format.pt is not a pqn_atari_envpool.py checkpoint" in refused(tmp_path / "only_format.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    assert "garbage.pt is not a torch checkpoint" in refused(tmp_path / "garbage.pt")
     checkpoint = torch.load(teacher, weights_only=True)
     checkpoint["q_network"] = {k: v[..., :1] if v.ndim else v for k, v in checkpoint["q_network"].items()}
     torch.save(checkpoint, tmp_path / "broken.pt")
-    line = error_line(run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", "broken.pt", *TINY, cwd=tmp_path))
-    assert "does not fit the Q-network" in line
+    assert "does not fit the Q-network" in refused(tmp_path / "broken.pt")
+    checkpoint["num_actions"] = 6
+    torch.save(checkpoint, tmp_path / "six_actions.pt")
+    assert "has 6 actions and observations [4, 84, 84], Breakout-v5 has 4" in refused(tmp_path / "six_actions.pt")
 
 
 @pytest.mark.parametrize(
