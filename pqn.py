@@ -893,9 +893,11 @@ def main(args: Args, given: set[str], state: dict | None = None):
     )
     video = VideoRecorder(lambda: eval_envs.render()[0], VIDEO_FPS) if args.capture_video else None
     # Agent k has seed `seed + k` and a run directory of its own, named as a lone run with that seed
-    # names its directory; the checkpoint of all agents goes into the first agent's.
+    # names its directory; the checkpoint of all agents goes into the first agent's. A resumed run
+    # continues in the directory given (moved or renamed as it may be), the other agents' beside it.
     if state:
-        run_dirs = [os.path.join(os.path.dirname(os.path.normpath(args.resume)), name) for name in state["run_names"]]
+        first = os.path.normpath(args.resume)
+        run_dirs = [first] + [os.path.join(os.path.dirname(first), name) for name in state["run_names"][1:]]
     else:
         run_dirs = new_run_dirs([f"{args.env_id}__{args.exp_name}__{seed}" for seed in seeds])
     for run_dir in run_dirs:

@@ -9,12 +9,13 @@
 #   atari    pqn_atari: pqn_atari_envpool.py on Breakout-v5, Pong-v5, BeamRider-v5; 10M steps.
 #   lstm     pqn_atari_lstm: pqn_atari_envpool_lstm.py on Breakout-v5, BeamRider-v5; 10M steps.
 #            The Atari blocks need a GPU and have not been timed on one here (for scale only:
-#            cleanrl reports about 43 min per 10M-step run of its PQN on Atari with a GPU). On the
-#            2-core CPU above, PQN trained at 290–500 env steps/s over its first 49k steps (README).
+#            cleanrl reports about 43 min per 10M-step run of its PQN on Atari with a GPU). On a
+#            2-core CPU without GPU, PQN trained at 282–495 env steps/s over its first 49k steps
+#            (benchmark/results/speed.md).
 #   atari-cpu  pqn_atari_cpu: pqn_atari_envpool.py on Breakout-v5, 2M steps, seed 1, greedy evaluation
 #            every 500k steps and at the end (8 games): the Atari budget a CPU can run.
-#   lstm-cpu   pqn_atari_lstm_cpu: the same for pqn_atari_envpool_lstm.py. Measured on the 2-core CPU
-#            above, atari-cpu and lstm-cpu side by side (two shells): 1 h 22 min to 1 h 39 min per run.
+#   lstm-cpu   pqn_atari_lstm_cpu: the same for pqn_atari_envpool_lstm.py. Measured on that 2-core
+#            CPU, atari-cpu and lstm-cpu side by side (two shells): 1 h 22 min to 1 h 39 min per run.
 #
 # Usage (from anywhere):  bash benchmark/pqn.sh [classic] [atari] [lstm] [atari-cpu] [lstm-cpu]
 #                         (no argument: classic, atari and lstm)
@@ -30,7 +31,7 @@
 #                 them as slurm jobs (see python benchmark/run.py --help); the report is then skipped
 #   MACHINE       the machine line of the report (default: this machine's cores, CPU and GPU)
 #   PYTHON        the Python to run (default: python)
-# A smaller version (1 seed, 100k steps: 3 runs of 22–25 s each, 50 s in all on the CPU above):
+# A smaller version (1 seed, 100k steps: 3 runs of 22–25 s each, 50 s in all on a 2-core CPU without GPU):
 #   NUM_SEEDS=1 EXTRA_FLAGS="--total-timesteps 100000" SUFFIX=_short bash benchmark/pqn.sh classic
 set -euo pipefail
 cd "$(dirname "$0")/.."

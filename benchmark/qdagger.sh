@@ -9,7 +9,7 @@
 # stopped with a checkpoint.
 #
 # How long: it needs a GPU and has not been timed on one. On a 2-core CPU without GPU the student
-# learns at 12.3 env steps/s (README).
+# learns at 12.3 env steps/s (benchmark/results/speed.md).
 #
 # Usage (from anywhere):  bash benchmark/qdagger.sh
 # Environment variables:

@@ -285,6 +285,35 @@ def seed_ranges(seeds):
     return ", ".join(parts + [str(seed) for seed in seeds if not isinstance(seed, int)])
 
 
+def format_steps(step):
+    """500736 -> "0.50M", 49152 -> "49k": env steps, short."""
+    return f"{step / 1e6:.2f}M" if step >= 100_000 else f"{step / 1e3:.0f}k" if step >= 1000 else str(step)
+
+
+def run_lines(groups, envs, variants):
+    """Every run on its own: its greedy evaluations in order, behaviour return, wall time, SPS and folder."""
+    lines = [
+        "",
+        "<details><summary>Every run</summary>",
+        "",
+        "| env | variant | seed | greedy evaluations (env steps: return) | behaviour | wall time | SPS | run folder |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for env_id in envs:
+        for exp in variants:
+            for run in groups.get((env_id, exp), []):
+                steps, values = run["scalars"].get("eval/episodic_return", ((), ()))
+                evals = ", ".join(f"{format_steps(int(step))}: {value:.1f}" for step, value in zip(steps, values)) or "—"
+                wall = format_duration(run["wall_time"]) if not math.isnan(run["wall_time"]) else "—"
+                sps = f"{run['sps']:,.0f}" if not math.isnan(run["sps"]) else "—"
+                behaviour = f"{run['behaviour']:.1f}" if not math.isnan(run["behaviour"]) else "—"
+                lines.append(
+                    f"| {env_id} | {exp} | {run['seed']} | {evals} | {behaviour} | {wall} | {sps} "
+                    f"| `{os.path.basename(os.path.normpath(run['run_dir']))}` |"
+                )
+    return lines + ["", "</details>"]
+
+
 def markdown(benchmark, groups, envs, variants, machine, made_with, png):
     lines = [f"# Benchmark `{benchmark}`", ""]
     if made_with:
@@ -331,6 +360,7 @@ def markdown(benchmark, groups, envs, variants, machine, made_with, png):
             "and their SPS each agent's own rate (the process stepped the envs of all its agents: that SPS times the "
             "number of agents)."
         )
+    lines += run_lines(groups, envs, variants)
     lines += aggregate_lines(groups, envs, variants)
     if png:
         lines += [

@@ -326,9 +326,20 @@ def synthetic_run(root, env_id, exp, seed):
     return dict(behaviour=returns[STEPS >= 9_000].mean(), greedy=evals[-1][1], sps=sps, wall=wall)
 
 
+def cells_of_rows(lines):
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| env ")]
+    return [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+
+
 def table_rows(md):
-    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| env ")]
-    return {(cells[0], cells[1]): cells[2:] for cells in ([c.strip() for c in row.strip("|").split("|")] for row in rows)}
+    """The main table: {(env, variant): its other cells}."""
+    return {(cells[0], cells[1]): cells[2:] for cells in cells_of_rows(md.split("<details>")[0].splitlines())}
+
+
+def run_rows(md):
+    """The table of every run: {(env, variant, seed): its other cells}."""
+    section = md.split("<details>")[1].split("</details>")[0]
+    return {(cells[0], cells[1], int(cells[2])): cells[3:] for cells in cells_of_rows(section.splitlines())}
 
 
 def test_report_table_holds_means_and_stds_over_seeds_and_a_png(tmp_path):
@@ -363,6 +374,18 @@ def test_report_table_holds_means_and_stds_over_seeds_and_a_png(tmp_path):
             assert min(values) - 0.05 <= low <= iqm <= high <= max(values) + 0.05
         assert wall == "2 min 31 s"  # mean of 140, 151 and 162 s
         assert float(sps.replace(",", "")) == pytest.approx(np.mean([r["sps"] for r in runs]), abs=0.5)
+    runs = run_rows(md)
+    assert set(runs) == {(env_id, exp, seed) for env_id, exp in known for seed in SEEDS}
+    for (env_id, exp, seed), (evals, behaviour, wall, sps, folder) in runs.items():
+        run = known[env_id, exp][seed - 1]
+        if (env_id, exp) == ("CartPole-v1", "pqn_minatar"):
+            assert evals == "—"
+        else:
+            first, last = evals.split(", ")
+            assert first.startswith("5k: ") and last == f"10k: {run['greedy']:.1f}"
+        assert float(behaviour) == pytest.approx(run["behaviour"], abs=0.05)
+        assert wall == f"2 min {9 + 11 * seed} s" and float(sps.replace(",", "")) == pytest.approx(run["sps"], abs=0.5)
+        assert folder == f"`{env_id.replace('/', '-')}__{exp}__{seed}__{T0}`"
     assert "Machine: a test machine." in md and "Made with `bash x.sh`." in md
     assert "ddof = 0" in md
     assert "python x.py --env-id MinAtar/Breakout-v1 --seed S --exp-name pdqn --k 1    # S = 1–3" in md

@@ -141,6 +141,7 @@ def test_a_run_resumed_from_behind_what_it_logged_logs_each_step_once(killed_and
     shutil.copy(os.path.join(os.path.dirname(os.path.dirname(run_dir)), "killed_checkpoint.pt"), copy / "checkpoint.pt")
     result = run_script(script, "--resume", "run", "--no-cuda", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert os.listdir(tmp_path) == ["run"]  # the run continued in the folder given, under its new name
     scalars = read_scalars(str(copy))
     assert [s for s, _ in scalars["losses/td_loss"]] == list(range(batch, total + 1, batch))
     assert [s for s, _ in scalars["eval/episodic_return"]] == [total]
