@@ -972,6 +972,9 @@ def main(args: Args, given: set[str], state: dict | None = None):
             )
 
     def save_checkpoint(iteration, finished=False):
+        # What was logged up to the checkpoint reaches the disk first: a run killed after it resumes from it.
+        for writer in writers:
+            writer.flush()
         save_atomically(
             {
                 "format": CHECKPOINT_FORMAT,

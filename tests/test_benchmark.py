@@ -165,9 +165,11 @@ def test_run_dir_placeholder_gives_the_run_directory_of_another_exp(root):
 
 
 def fake_sbatch(tmp_path):
-    """An `sbatch` that records its arguments and answers job ids 101, 102, ... as `sbatch --parsable` does."""
+    """An `sbatch` that records its arguments and answers job ids 101, 102, ... as `sbatch --parsable` does;
+    and `python`, which the job files call, as this interpreter (a machine may have only `python3`)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
     sbatch = bin_dir / "sbatch"
     calls = tmp_path / "sbatch_calls"
     sbatch.write_text(f'#!/bin/bash\necho "$@" >> {calls}\necho "$((100 + $(wc -l < {calls})));cluster"\n')
@@ -207,10 +209,11 @@ def test_slurm_writes_job_files_submits_them_and_the_jobs_work(root, tmp_path):
     assert "# skipped, submitted before as job 101" in again.stdout and len(calls.read_text().splitlines()) == 2
 
     # The job files do what slurm would run: the teacher marks itself done, the student gets its directory.
-    student = subprocess.run(["bash", str(student_file)], capture_output=True, text=True)
+    job_env = dict(os.environ, **env)
+    student = subprocess.run(["bash", str(student_file)], env=job_env, capture_output=True, text=True)
     assert student.returncode == 1 and "the run of --exp-name teacher for this env and seed has not finished" in student.stdout
     for path in (job_file, student_file):
-        assert subprocess.run(["bash", str(path)], capture_output=True, text=True).returncode == 0
+        assert subprocess.run(["bash", str(path)], env=job_env, capture_output=True, text=True).returncode == 0
     teacher_dir = (logs(root) / "teacher__A__1.done").read_text().strip()
     assert (root / teacher_dir).is_dir()
     assert (logs(root) / "student__A__1.done").exists()
@@ -268,7 +271,8 @@ def test_a_slurm_job_takes_the_run_directory_its_own_process_wrote(root, tmp_pat
     other = root / "runs" / "A__e__1__99999999999"
     other.mkdir(parents=True)
     (other / "events.out.tfevents.99999999999.host.1.0").write_text("")
-    job = subprocess.run(["bash", str(logs(root) / "slurm" / "e__A__1.sbatch")], capture_output=True, text=True)
+    job_file = logs(root) / "slurm" / "e__A__1.sbatch"
+    job = subprocess.run(["bash", str(job_file)], env=dict(os.environ, **env), capture_output=True, text=True)
     assert job.returncode == 0, job.stdout + job.stderr
     done = (logs(root) / "e__A__1.done").read_text().strip()
     assert done.startswith("runs/A__e__1__") and done != "runs/A__e__1__99999999999"
@@ -428,8 +432,18 @@ def import_report():
     return report
 
 
+def shell_script_env(**settings):
+    """The environment for a benchmark shell script: this interpreter as PYTHON, and none of the
+    scripts' settings from the caller's environment but `settings`."""
+    names = (
+        "SEEDS NUM_SEEDS WORKERS EXTRA_FLAGS SUFFIX RUNNER_FLAGS MACHINE PYTHON GAMES ENVS ATARI_ENVS LSTM_ENVS STUDENT_FLAGS"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in names.split()}
+    return dict(env, PYTHON=sys.executable, **settings)
+
+
 def test_classic_control_trains_its_seeds_in_one_process_per_env():
-    env = dict(os.environ, RUNNER_FLAGS="--dry-run", SUFFIX="_dry_run_test")
+    env = shell_script_env(RUNNER_FLAGS="--dry-run", SUFFIX="_dry_run_test")
     result = subprocess.run(
         ["bash", os.path.join(ROOT, "benchmark", "pqn.sh"), "classic"], env=env, capture_output=True, text=True, timeout=60
     )
@@ -466,8 +480,7 @@ def test_shell_scripts_print_their_commands_in_a_dry_run(script):
     path = os.path.join(ROOT, "benchmark", script)
     assert subprocess.run(["bash", "-n", path]).returncode == 0
     # A benchmark name of its own, so that benchmarks already run in this checkout do not interfere.
-    env = dict(
-        os.environ,
+    env = shell_script_env(
         RUNNER_FLAGS="--dry-run",
         SEEDS="1 2",
         NUM_SEEDS="1",

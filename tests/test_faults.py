@@ -440,6 +440,40 @@ def test_a_run_never_writes_into_the_folder_a_run_beside_it_made(module, flags, 
     assert os.path.isdir(run_dir) and os.listdir(beside) == []
 
 
+def test_what_was_logged_up_to_a_checkpoint_is_flushed_before_it_is_written(tmp_path, monkeypatch):
+    # A run killed right after a checkpoint resumes from it and purges what was logged after it: what
+    # was logged before it must be in the event file by then, not in the writer's queue or buffer.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(signal, "signal", lambda *_: None)  # pytest keeps its own Ctrl-C handler
+    monkeypatch.setattr(torch, "set_flush_denormal", lambda _: True)  # nor does this process's arithmetic change
+    calls, save_atomically = [], pqn.save_atomically
+
+    class RecordedWriter(pqn.SummaryWriter):
+        def add_scalar(self, *args, **kwargs):
+            calls.append("log")
+            return super().add_scalar(*args, **kwargs)
+
+        def flush(self):
+            calls.append("flush")
+            return super().flush()
+
+    def recorded_save(obj, path):
+        if os.path.basename(path) == "checkpoint.pt":
+            logged = read_scalars(os.path.dirname(path))["losses/td_loss"]
+            calls.append(("checkpoint", obj["global_step"], logged[-1][0]))
+        return save_atomically(obj, path)
+
+    monkeypatch.setattr(pqn, "SummaryWriter", RecordedWriter)
+    monkeypatch.setattr(pqn, "save_atomically", recorded_save)
+    args = pqn.finalize_args(tyro.cli(pqn.Args, args=[*FLAGS, "--total-timesteps", "2048", "--checkpoint-frequency", "512"]))
+    pqn.main(args, set())
+    checkpoints = [i for i, call in enumerate(calls) if call[0] == "checkpoint"]
+    assert [calls[i][1] for i in checkpoints] == [512, 1024, 1536, 2048]
+    for i in checkpoints:
+        assert calls[i - 1] == "flush" and calls[i][2] == calls[i][1]  # flushed after the last scalar: it is on disk
+        assert "log" in calls[: i - 1]
+
+
 def test_broken_checkpoints_and_conflicting_env_ids_are_one_line(tmp_path):
     torch.save({"format": pqn.CHECKPOINT_FORMAT}, tmp_path / "only_format.pt")
     line = error_line(run_script("pqn.py", "--eval-checkpoint", "only_format.pt", "--no-cuda", cwd=tmp_path))
@@ -461,7 +495,10 @@ def test_broken_checkpoints_and_conflicting_env_ids_are_one_line(tmp_path):
     [
         (["--learning-rate", "nan"], "--learning-rate must be a finite number, got nan"),
         (["--max-grad-norm", "-1"], "--max-grad-norm must be positive, got -1.0"),
-        (["--num-envs", "1000000", "--num-minibatches", "1", "--total-timesteps", "100000000"], "the rollout would take"),
+        (
+            ["--num-envs", "1000000000", "--num-minibatches", "1", "--total-timesteps", "100000000000"],
+            "the rollout would take",
+        ),
     ],
 )
 @pytest.mark.parametrize("script", ["pqn_atari_envpool.py", "pqn_atari_envpool_lstm.py"])

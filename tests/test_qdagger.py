@@ -309,7 +309,7 @@ def test_bad_or_mismatched_teacher_gives_one_clear_line(teacher, tmp_path):
     [
         (["--learning-rate", "nan"], "--learning-rate must be a finite number, got nan"),
         (["--temperature", "inf"], "--temperature must be a finite number, got inf"),
-        (["--buffer-size", "100000000"], "the larger replay buffer (--buffer-size, --teacher-steps) would take"),
+        (["--buffer-size", "100000000000"], "the larger replay buffer (--buffer-size, --teacher-steps) would take"),
         (["--batch-size", "4096", "--buffer-size", "1024"], "--batch-size 4096 is larger than the replay buffers"),
     ],
 )
@@ -475,14 +475,50 @@ def test_an_interrupt_in_phase_2_and_another_while_its_buffer_is_refilled_leave_
     torch.testing.assert_close(stopped["student"], saved["student"])
 
 
-def test_an_interrupt_in_phase_3_saves_the_buffer_and_the_run_resumes_from_it(teacher, tmp_path):
-    flags = [*TINY, "--total-timesteps", "300", "--train-frequency", "8", "--checkpoint-buffers"]
-    returncode, stderr = run_until(teacher, tmp_path, flags, "phase 2: step 20:", delay=3.0, signum=signal.SIGINT)
-    assert returncode == 130 and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
-    assert "SIGINT: stopped in phase 3 at step" in stderr and "--resume runs/" in stderr
+def interrupt_in_process(monkeypatch, tmp_path, flags, function, call):
+    """Runs QDagger's main in this process, telling it to stop (as SIGINT would) in the `call`-th call
+    of the module's `function`: a signal timed to a step exactly, on any machine. Returns main's exit
+    status and the SummaryWriters it made."""
+    interrupts, writers, calls, original = [], [], [], getattr(qd, function)
+
+    class RecordedInterrupts(qd.Interrupts):
+        def __init__(self):
+            self.signal = None  # no handlers: pytest keeps its own
+            interrupts.append(self)
+
+    class RecordedWriter(qd.SummaryWriter):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            writers.append(self)
+
+    def then_stop(*args):
+        calls.append(None)
+        if len(calls) == call:
+            interrupts[0].signal = signal.SIGINT
+        return original(*args)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(qd, "Interrupts", RecordedInterrupts)
+    monkeypatch.setattr(qd, "SummaryWriter", RecordedWriter)
+    monkeypatch.setattr(qd, function, then_stop)
+    monkeypatch.setattr(torch, "set_flush_denormal", lambda _: True)  # this process's arithmetic stays as it is
+    return qd.main(qd.finalize_args(tyro.cli(qd.Args, args=flags)), set()), writers
+
+
+def test_an_interrupt_in_phase_3_saves_the_buffer_and_the_run_resumes_from_it(teacher, tmp_path, monkeypatch, capsys):
+    flags = ["--teacher-model-path", teacher, *TINY, "--total-timesteps", "300", "--train-frequency", "8"]
+    # student_epsilon is called once per vector step of phase 3: stopped after its 40th (env step 80).
+    status, _ = interrupt_in_process(monkeypatch, tmp_path, [*flags, "--checkpoint-buffers"], "student_epsilon", 40)
+    stderr = capsys.readouterr().err
+    assert (
+        status == 130
+        and stderr.strip()
+        == f"SIGINT: stopped in phase 3 at step 80; continue with `python "
+        f"qdagger_dqn_atari_impalacnn.py --resume {os.path.relpath(only_run_dir(tmp_path), tmp_path)}`"
+    )
     run_dir = only_run_dir(tmp_path)
     saved = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
-    assert saved["phase"] == 3 and 0 < saved["phase_step"] < 300
+    assert saved["phase"] == 3 and saved["phase_step"] == 80
     assert (
         saved["buffer"] is not None
         and int((saved["buffer"]["head"] - saved["buffer"]["tail"]).sum()) == saved["buffer_len"] > 0
@@ -497,33 +533,9 @@ def test_an_interrupt_in_phase_3_saves_the_buffer_and_the_run_resumes_from_it(te
 def test_an_interrupt_at_the_last_offline_step_resumes_in_phase_3_and_closes_every_writer(
     teacher, tmp_path, monkeypatch, capsys
 ):
-    # In process, so that the signal lands at the last offline step exactly: the run is told to stop
-    # in the gradient step that makes it.
-    interrupts, writers, td_targets, td_target = [], [], [], qd.td_target
-
-    class RecordedInterrupts(qd.Interrupts):
-        def __init__(self):
-            self.signal = None  # no handlers: pytest keeps its own
-            interrupts.append(self)
-
-    class RecordedWriter(qd.SummaryWriter):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            writers.append(self)
-
-    def td_target_then_stop_at_the_last_offline_step(*args):
-        td_targets.append(None)
-        if len(td_targets) == 20:  # --offline-steps 20: phase 2's last gradient step
-            interrupts[0].signal = signal.SIGINT
-        return td_target(*args)
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(qd, "Interrupts", RecordedInterrupts)
-    monkeypatch.setattr(qd, "SummaryWriter", RecordedWriter)
-    monkeypatch.setattr(qd, "td_target", td_target_then_stop_at_the_last_offline_step)
-    monkeypatch.setattr(torch, "set_flush_denormal", lambda _: True)  # this process's arithmetic stays as it is
-    args = qd.finalize_args(tyro.cli(qd.Args, args=["--teacher-model-path", teacher, *TINY]))
-    assert qd.main(args, set()) == 128 + signal.SIGINT
+    # td_target is called once per gradient step: its 20th call is phase 2's last step (--offline-steps 20).
+    status, writers = interrupt_in_process(monkeypatch, tmp_path, ["--teacher-model-path", teacher, *TINY], "td_target", 20)
+    assert status == 128 + signal.SIGINT
     assert "SIGINT: stopped in phase 3 at step 0" in capsys.readouterr().err
     assert len(writers) == 3 and all(w.all_writers is None for w in writers)  # phases 3, 1 and 2: all closed
     run_dir = only_run_dir(tmp_path)
