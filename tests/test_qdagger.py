@@ -440,7 +440,7 @@ def test_a_run_killed_in_phase_2_resumes_with_a_refilled_teacher_buffer(teacher,
     assert returncode == -signal.SIGKILL
     run_dir = only_run_dir(tmp_path)
     saved = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
-    assert saved["phase"] == 2 and saved["phase_step"] in (50, 100) and saved["buffer"] is None
+    assert saved["phase"] == 2 and saved["phase_step"] in (50, 100, 150) and saved["buffer"] is None  # the kill lands late
     result = run_script("qdagger_dqn_atari_impalacnn.py", "--resume", os.path.relpath(run_dir, tmp_path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "teacher transitions in" in result.stdout.split("phase 2:")[0]  # refilled before learning again
@@ -456,29 +456,10 @@ def test_a_run_killed_in_phase_2_resumes_with_a_refilled_teacher_buffer(teacher,
     assert again.returncode == 0 and "is finished: nothing to resume" in again.stdout
 
 
-def test_an_interrupt_in_phase_2_and_another_while_its_buffer_is_refilled_leave_the_run_where_it_was(teacher, tmp_path):
-    # 1,000 teacher steps: the refill lasts long enough for the second signal to land in it.
-    flags = [*TINY, "--teacher-steps", "1000", "--offline-steps", "2000", "--offline-eval-frequency", "100"]
-    returncode, stderr = run_until(teacher, tmp_path, flags, "phase 2: step 100:", signum=signal.SIGINT)
-    assert returncode == 130 and "SIGINT: stopped in phase 2 at step" in stderr, stderr
-    run_dir = only_run_dir(tmp_path)
-    saved = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
-    assert saved["phase"] == 2 and saved["phase_step"] >= 100 and saved["buffer"] is None
-    # Everything phase 2 logged up to its checkpoint is in its event file.
-    offline = read_scalars(os.path.join(run_dir, "offline"))
-    assert steps_of(offline, "losses/offline/td_loss") == list(range(100, saved["phase_step"] + 1, 100))
-    resume = ["--resume", os.path.relpath(run_dir, tmp_path)]
-    returncode, stderr = run_until(teacher, tmp_path, [*flags, *resume], "replay buffers:", signum=signal.SIGINT)
-    assert returncode == 130 and f"SIGINT: stopped in phase 2 at step {saved['phase_step']:,}" in stderr, stderr
-    stopped = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
-    assert (stopped["phase"], stopped["phase_step"], stopped["buffer"]) == (2, saved["phase_step"], None)
-    torch.testing.assert_close(stopped["student"], saved["student"])
-
-
-def interrupt_in_process(monkeypatch, tmp_path, flags, function, call):
-    """Runs QDagger's main in this process, telling it to stop (as SIGINT would) in the `call`-th call
-    of the module's `function`: a signal timed to a step exactly, on any machine. Returns main's exit
-    status and the SummaryWriters it made."""
+def interrupt_in_process(monkeypatch, tmp_path, flags, function, call, resume=None):
+    """Runs QDagger's main in this process (with `--resume`, as the command line would), telling it to
+    stop (as SIGINT would) in the `call`-th call of the module's `function`: a signal timed to a step
+    exactly, on any machine. Returns main's exit status and the SummaryWriters it made."""
     interrupts, writers, calls, original = [], [], [], getattr(qd, function)
 
     class RecordedInterrupts(qd.Interrupts):
@@ -494,7 +475,7 @@ def interrupt_in_process(monkeypatch, tmp_path, flags, function, call):
     def then_stop(*args):
         calls.append(None)
         if len(calls) == call:
-            interrupts[0].signal = signal.SIGINT
+            interrupts[-1].signal = signal.SIGINT
         return original(*args)
 
     monkeypatch.chdir(tmp_path)
@@ -502,7 +483,31 @@ def interrupt_in_process(monkeypatch, tmp_path, flags, function, call):
     monkeypatch.setattr(qd, "SummaryWriter", RecordedWriter)
     monkeypatch.setattr(qd, function, then_stop)
     monkeypatch.setattr(torch, "set_flush_denormal", lambda _: True)  # this process's arithmetic stays as it is
-    return qd.main(qd.finalize_args(tyro.cli(qd.Args, args=flags)), set()), writers
+    args, given, state = tyro.cli(qd.Args, args=flags), qd.flags_given(flags), None
+    if resume:
+        state = qd.load_training_state(resume)
+        args = qd.resumed_args(args, given, state["args"])
+    return qd.main(qd.finalize_args(args), given, state), writers
+
+
+def test_an_interrupt_in_phase_2_and_another_while_its_buffer_is_refilled_leave_the_run_where_it_was(
+    teacher, tmp_path, monkeypatch, capsys
+):
+    # td_target is called once per gradient step: stopped at offline step 100, then, resumed (without
+    # its buffer: the teacher plays phase 1 again), stopped in the 5th step of that refill.
+    flags = ["--teacher-model-path", teacher, *TINY, "--offline-steps", "200", "--offline-eval-frequency", "100"]
+    status, _ = interrupt_in_process(monkeypatch, tmp_path, flags, "td_target", 100)
+    assert status == 130 and "SIGINT: stopped in phase 2 at step 100;" in capsys.readouterr().err
+    run_dir = only_run_dir(tmp_path)
+    saved = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert (saved["phase"], saved["phase_step"], saved["buffer"]) == (2, 100, None)
+    # Everything phase 2 logged up to its checkpoint is in its event file.
+    assert steps_of(read_scalars(os.path.join(run_dir, "offline")), "losses/offline/td_loss") == [100]
+    status, _ = interrupt_in_process(monkeypatch, tmp_path, [], "play_step", 5, resume=os.path.relpath(run_dir, tmp_path))
+    assert status == 130 and "SIGINT: stopped in phase 2 at step 100;" in capsys.readouterr().err
+    stopped = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert (stopped["phase"], stopped["phase_step"], stopped["buffer"]) == (2, 100, None)
+    torch.testing.assert_close(stopped["student"], saved["student"])
 
 
 def test_an_interrupt_in_phase_3_saves_the_buffer_and_the_run_resumes_from_it(teacher, tmp_path, monkeypatch, capsys):
