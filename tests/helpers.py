@@ -2,13 +2,23 @@
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# torch.compile on the CPU (Inductor) builds C++ kernels: it needs a C++ compiler and Python's headers.
+NEEDS_INDUCTOR = pytest.mark.skipif(
+    not any(shutil.which(cxx) for cxx in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++"))
+    or not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")),
+    reason="torch.compile on the CPU needs a C++ compiler and Python's headers",
+)
 
 
 def run_script(script, *flags, cwd, timeout=300):

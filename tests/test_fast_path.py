@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import (
+    NEEDS_INDUCTOR,
     ROOT,
     assert_greedy,
     error_line,
@@ -58,6 +59,7 @@ def random_rollout(T=16, N=6, seed=0):
     )
 
 
+@NEEDS_INDUCTOR
 def test_compiled_q_lambda_returns_match_the_plain_ones():
     rollout = random_rollout()
     plain = pqn.q_lambda_returns(*rollout, 0.99, 0.65)
@@ -84,6 +86,7 @@ def test_radam_matches_torch_optim_radam():
             torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
+@NEEDS_INDUCTOR
 def test_compiled_acting_and_gradient_steps_match_the_plain_ones():
     space = gym.spaces.Box(-np.inf, np.inf, (4,))
     torch.manual_seed(0)
@@ -115,6 +118,7 @@ def test_compiled_acting_and_gradient_steps_match_the_plain_ones():
             torch.testing.assert_close(p_fast, p_plain, rtol=1e-5, atol=1e-6)
 
 
+@NEEDS_INDUCTOR
 def test_compile_smoke_run(tmp_path):
     flags = ["--num-envs", "8", "--num-steps", "16", "--num-minibatches", "2", "--update-epochs", "1", "--eval-episodes", "2"]
     result = run_script("pqn.py", *flags, "--total-timesteps", "512", "--compile", "--no-cuda", cwd=tmp_path, timeout=600)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import tyro
-from helpers import error_line, mutated_inputs_cuda_graphs_would_skip, only_run_dir, read_scalars, run_script
+from helpers import NEEDS_INDUCTOR, error_line, mutated_inputs_cuda_graphs_would_skip, only_run_dir, read_scalars, run_script
 from test_pqn_cli import CONVENTION_SCALARS
 
 import pqn_atari_envpool_lstm as lstm
@@ -127,6 +127,7 @@ def allow_rnn():
         yield
 
 
+@NEEDS_INDUCTOR
 def test_compiled_gradient_steps_match_the_plain_ones(two_rollouts, allow_rnn):
     # --compile traces through the LSTM (its backward included) into one graph; 6 steps and 2 envs
     # of the rollout keep the compilation short.
