@@ -68,15 +68,12 @@ def test_pdqn_writes_minatar_frames_drawn_large(tmp_path):
     assert frames > 1 and shape == (160, 160, 3)
 
 
-def test_without_imageio_the_flag_is_one_clear_line(tmp_path):
+def test_without_imageio_the_flag_is_one_clear_line(tmp_path, monkeypatch):
     # A module named imageio_ffmpeg that fails to import stands in for a missing plugin.
     (tmp_path / "imageio_ffmpeg.py").write_text("raise ImportError('no ffmpeg plugin')\n")
-    env_path = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env_path}"
-    try:
-        result = run_script("pqn.py", *TINY_PQN, "--capture-video", cwd=tmp_path)
-    finally:
-        os.environ["PYTHONPATH"] = env_path
+    paths = [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
+    result = run_script("pqn.py", *TINY_PQN, "--capture-video", cwd=tmp_path)
     assert "--capture-video needs imageio and its ffmpeg plugin: pip install -r requirements/video.txt" in error_line(result)
     assert not (tmp_path / "runs").exists()
 
