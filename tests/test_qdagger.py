@@ -116,6 +116,18 @@ def test_sample_draws_valid_transitions_uniformly():
     stored = {e[0][-1].tobytes() + e[3][-1].tobytes() for env in naive for e in env}
     assert all(o[-1].numpy().tobytes() + n[-1].numpy().tobytes() in stored for o, n in zip(obs[:200], next_obs[:200]))
     assert 0.3 < (actions == 0).float().mean() + (actions == 1).float().mean() < 0.7
+    # Uniform over all stored transitions: each env in proportion to what it holds, old and new alike.
+    drawn = []
+    rb.transitions = lambda envs, indices: drawn.append((envs, indices)) or ((),) * 5
+    rb.sample(200_000, np.random.default_rng(1), "cpu")
+    (envs, indices), sizes = drawn[0], rb.head - rb.tail
+    counts = np.zeros((2, sizes.max()))
+    np.add.at(counts, (envs, indices - rb.tail[envs]), 1)
+    for env in range(2):
+        assert ((indices >= rb.tail[env]) & (indices < rb.head[env]))[envs == env].all()
+        expected = 200_000 / sizes.sum()
+        assert abs(counts[env, : sizes[env]].mean() - expected) < 0.02 * expected  # its share of the draws
+        assert counts[env, : sizes[env]].std() < 0.05 * expected  # Poisson spread is 0.03 of the mean: none favoured
 
 
 def test_one_million_transitions_fit_in_8_gb():
