@@ -104,12 +104,14 @@ def test_lambda_one_without_truncation_is_monte_carlo():
 def test_values_after_an_episode_end_do_not_leak_back():
     rewards, term, trunc, next_q, is_reset = random_rollout(seed=6)
     before = q_lambda_returns(rewards, term, trunc, next_q, 0.99, 1.0)
-    # Change everything at reset steps (reward and bootstrap value) and everything after them.
-    rewards2, next_q2 = rewards.clone(), next_q.clone()
-    rewards2[is_reset] += 100.0
-    next_q2[is_reset] -= 100.0
-    after = q_lambda_returns(rewards2, term, trunc, next_q2, 0.99, 1.0)
+    # Change everything (reward and bootstrap value) from each env's first reset step on.
     first_reset = torch.where(is_reset.any(0), is_reset.float().argmax(0), torch.full((is_reset.shape[1],), is_reset.shape[0]))
+    later = torch.arange(rewards.shape[0])[:, None] >= first_reset[None, :]
+    rewards2, next_q2 = rewards.clone(), next_q.clone()
+    rewards2[later] += 100.0
+    next_q2[later] -= 100.0
+    after = q_lambda_returns(rewards2, term, trunc, next_q2, 0.99, 1.0)
+    assert is_reset.any() and later.any()
     for n in range(rewards.shape[1]):
         k = first_reset[n].item()
         torch.testing.assert_close(after[:k, n], before[:k, n])
