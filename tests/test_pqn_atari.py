@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import error_line, only_run_dir, read_scalars, run_script
 from test_pqn_cli import CONVENTION_SCALARS
 
@@ -148,7 +149,17 @@ def test_q_network_shapes_and_uint8_input():
     frames = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8)
     q = q_network(frames)
     assert q.shape == (3, 6)
-    torch.testing.assert_close(q, q_network.q_head(q_network.torso(frames.float() / 255.0)))
+    # The Nature CNN (32-8/4, 64-4/2, 64-3/1, 512) with LayerNorm before each ReLU, on frames scaled to [0, 1].
+    convs = [m for m in q_network.torso if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in q_network.torso if isinstance(m, torch.nn.LayerNorm)]
+    linear = [m for m in q_network.torso if isinstance(m, torch.nn.Linear)][0]
+    x = frames.float() / 255.0
+    for conv, norm, (out_channels, kernel, stride) in zip(convs, norms, [(32, 8, 4), (64, 4, 2), (64, 3, 1)]):
+        assert conv.weight.shape[0] == out_channels and conv.weight.shape[2:] == (kernel, kernel)
+        x = torch.conv2d(x, conv.weight, conv.bias, stride=stride)
+        x = torch.relu(F.layer_norm(x, x.shape[1:], norm.weight, norm.bias))
+    x = torch.relu(F.layer_norm(F.linear(x.flatten(1), linear.weight, linear.bias), (512,), norms[3].weight, norms[3].bias))
+    torch.testing.assert_close(q, F.linear(x, q_network.q_head.weight, q_network.q_head.bias))
 
 
 @pytest.fixture(scope="module")
