@@ -6,26 +6,26 @@
 # benchmark/report.py writes benchmark/results/pdqn_minatar.md and .png. benchmark/run.py runs the
 # commands: run again, it skips the runs that finished and continues those stopped with a checkpoint.
 #
-# How long: measured on the 2-core x86-64 CPU without GPU, at 5M steps (the GAMES/SEEDS/SUFFIX
-# example below): seed 1, PDQN 26 min 30 s and 27 min 16 s per run, planning 0 19 min 22 s and
-# 19 min 28 s, two runs at a time (with other runs sharing the cores part of the time); seed 2, the
-# PDQN and planning-0 runs of a game side by side and nothing else running: PDQN 13 min 22 s and
-# 13 min 50 s, planning 0 8 min 14 s and 9 min 29 s; see benchmark/results/pdqn_minatar_5m.md. The
-# 10M-step runs have not been timed.
+# How long: measured on a 2-core x86-64 CPU without GPU at 5M steps (the example below), the PDQN
+# and planning-0 runs side by side: 12 to 18 min per PDQN run and 8 to 13 min per planning-0 run
+# (26 and 19 min for seed 1 of Breakout and Asterix, with other runs sharing the cores); each run's time is in
+# benchmark/results/pdqn_minatar_5m.md. The 10M-step runs have not been timed.
 #
 # Usage (from anywhere):  bash benchmark/pdqn.sh
 # Environment variables:
 #   GAMES         the MinAtar games (default "Breakout Asterix Freeway SpaceInvaders Seaquest")
 #   SEEDS         the seeds (default "1 2 3")
 #   WORKERS       runs at a time (default 2)
-#   EXTRA_FLAGS   flags appended to every command, e.g. "--total-timesteps 500000"
+#   EXTRA_FLAGS   flags appended to every command, e.g. "--total-timesteps 5000000" (planning starts
+#                 at update 500, about 2M steps: in shorter runs both variants are the same run)
 #   SUFFIX        appended to the benchmark name (a run with other flags needs another name)
 #   RUNNER_FLAGS  flags for run.py: "--dry-run" prints the commands; "--slurm" submits them as
 #                 slurm jobs (see python benchmark/run.py --help); the report is then skipped
 #   MACHINE       the machine line of the report (default: this machine's cores, CPU and GPU)
 #   PYTHON        the Python to run (default: python)
-# A smaller version (2 games, seeds 1 and 2, 5M steps; planning starts at update 500, about 2M steps):
-#   GAMES="Breakout Asterix" SEEDS="1 2" EXTRA_FLAGS="--total-timesteps 5000000" SUFFIX=_5m bash benchmark/pdqn.sh
+# A smaller version (5M steps; benchmark/results/pdqn_minatar_5m.md was made with these two commands):
+#   GAMES="Breakout Asterix" SEEDS="1 2 3" EXTRA_FLAGS="--total-timesteps 5000000" SUFFIX=_5m bash benchmark/pdqn.sh
+#   GAMES="Freeway SpaceInvaders Seaquest" SEEDS="1 2" EXTRA_FLAGS="--total-timesteps 5000000" SUFFIX=_5m bash benchmark/pdqn.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
