@@ -637,12 +637,31 @@ def check_finite(args):
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
 
 
+# A container's memory limit (cgroup v2, then v1): the machine's memory may be far more than a run may use.
+CGROUP_MEMORY_LIMITS = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
+
+
+def memory_available() -> int:
+    """Bytes a run may use: the machine's memory, or its container's limit where that is lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in CGROUP_MEMORY_LIMITS:
+        try:
+            with open(path) as f:
+                limit = f.read().strip()
+        except OSError:
+            continue
+        if limit.isdigit():  # "max": no limit
+            total = min(total, int(limit))
+    return total
+
+
 def check_memory(num_bytes: int, what: str):
     """Sizes that could never fit are one clear line before anything is allocated."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    total = memory_available()
     if num_bytes > total:
         raise UsageError(
-            f"{what} would take {num_bytes / 2**30:.1f} GiB and this machine has {total / 2**30:.1f} GiB; use smaller sizes"
+            f"{what} would take {num_bytes / 2**30:.1f} GiB and this machine lets it use {total / 2**30:.1f} GiB; "
+            "use smaller sizes"
         )
 
 

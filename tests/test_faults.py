@@ -352,6 +352,20 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
     assert not (tmp_path / "runs").exists()
 
 
+def test_the_memory_check_takes_a_container_limit_below_the_machines_memory(tmp_path, monkeypatch):
+    (tmp_path / "v2").write_text("1073741824\n")  # a 1 GiB cgroup v2 limit
+    (tmp_path / "unlimited").write_text("max\n")
+    monkeypatch.setattr(
+        pqn, "CGROUP_MEMORY_LIMITS", [str(tmp_path / "missing"), str(tmp_path / "unlimited"), str(tmp_path / "v2")]
+    )
+    assert pqn.memory_available() == min(1 << 30, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    with pytest.raises(pqn.UsageError, match="the rollout would take 2.0 GiB and this machine lets it use 1.0 GiB"):
+        pqn.check_memory(2 << 30, "the rollout")
+    pqn.check_memory(1 << 29, "the rollout")
+    monkeypatch.setattr(pqn, "CGROUP_MEMORY_LIMITS", [str(tmp_path / "missing"), str(tmp_path / "unlimited")])
+    assert pqn.memory_available() == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def test_an_unwritable_output_folder_is_one_line_before_training(tmp_path):
     (tmp_path / "runs").write_text("a file where the runs folder should be")
     line = error_line(run_script("pqn.py", *FLAGS, "--total-timesteps", "1024", cwd=tmp_path))
