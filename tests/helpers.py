@@ -3,6 +3,7 @@
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -39,6 +40,53 @@ def read_scalars(run_dir):
     acc = EventAccumulator(run_dir, size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def scalars_on_disk(directory):
+    """How many scalar values the event files under `directory` hold, as written (nothing purged)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    paths = glob.glob(os.path.join(directory, "**", "events.out.tfevents.*"), recursive=True)
+    events = (event for path in paths for event in EventFileLoader(path).Load())
+    return sum(value.metadata.plugin_data.plugin_name == "scalars" for event in events for value in event.summary.value)
+
+
+def record_scalars_and_checkpoints(monkeypatch, module):
+    """Makes `module`'s writers count the scalars they are given, and its checkpoint writes record
+    (scalars given so far, scalars in the event files on disk, writers not flushed since their last
+    scalar), the run folders being under runs/ of the current directory. Returns that list, one entry
+    per checkpoint."""
+    given, writers, checkpoints, save_atomically = [0], [], [], module.save_atomically
+
+    class CountingWriter(module.SummaryWriter):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.unflushed = False
+            writers.append(self)
+
+        def add_scalar(self, *args, **kwargs):
+            given[0] += 1
+            self.unflushed = True
+            return super().add_scalar(*args, **kwargs)
+
+        def flush(self):
+            self.unflushed = False
+            return super().flush()
+
+        def close(self):  # closing flushes too
+            self.unflushed = False
+            return super().close()
+
+    def recorded_save(obj, path):
+        if os.path.basename(path) == "checkpoint.pt":
+            checkpoints.append((given[0], scalars_on_disk("runs"), sum(w.unflushed for w in writers)))
+        return save_atomically(obj, path)
+
+    monkeypatch.setattr(module, "SummaryWriter", CountingWriter)
+    monkeypatch.setattr(module, "save_atomically", recorded_save)
+    monkeypatch.setattr(signal, "signal", lambda *_: None)  # pytest keeps its own Ctrl-C handler
+    monkeypatch.setattr(torch, "set_flush_denormal", lambda _: True)  # nor does this process's arithmetic change
+    return checkpoints
 
 
 def read_text(run_dir, tag):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import tyro
-from helpers import ROOT, error_line, only_run_dir, read_scalars, run_script
+from helpers import ROOT, error_line, only_run_dir, read_scalars, record_scalars_and_checkpoints, run_script
 
 import qdagger_dqn_atari_impalacnn as qd
 
@@ -566,6 +566,19 @@ def test_an_interrupt_at_the_last_offline_step_resumes_in_phase_3_and_closes_eve
     assert steps_of(read_scalars(os.path.join(run_dir, "offline")), "charts/offline/avg_episodic_return") == [10, 20]
     assert steps_of(read_scalars(run_dir), "eval/episodic_return") == [120]
     assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["phase"] == qd.FINISHED
+
+
+def test_what_each_phase_logged_up_to_a_checkpoint_is_on_disk_before_it_is_written(teacher, tmp_path, monkeypatch):
+    # A run killed right after a checkpoint resumes from it and purges what was logged after it.
+    monkeypatch.chdir(tmp_path)
+    checkpoints = record_scalars_and_checkpoints(monkeypatch, qd)
+    flags = ["--teacher-model-path", teacher, *TINY, "--checkpoint-frequency", "10"]
+    assert qd.main(qd.finalize_args(tyro.cli(qd.Args, args=flags)), set()) in (None, 0)
+    # Every 10 steps within a phase: 6 in phase 1 (64 teacher steps), 1 in phase 2 (20 offline steps),
+    # 11 in phase 3 (120 steps); then the finished run's.
+    assert len(checkpoints) == 6 + 1 + 11 + 1 and checkpoints[0][0] > 0
+    # Flushed, rather than written by the writer's thread in time: on disk on a slower machine too.
+    assert all(on_disk == given and unflushed == 0 for given, on_disk, unflushed in checkpoints), checkpoints
 
 
 def test_resume_bad_input_is_one_line(teacher, tmp_path):
