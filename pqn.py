@@ -129,6 +129,8 @@ def finalize_args(args: Args) -> Args:
         check_video_support()
     if args.seed < 0:
         raise UsageError(f"--seed must not be negative, got {args.seed}")
+    if not args.exp_name or "/" in args.exp_name or "\0" in args.exp_name:
+        raise UsageError(f"--exp-name names the run folder and the saved model: it must be a file name, got {args.exp_name!r}")
     if args.checkpoint_frequency is not None and args.checkpoint_frequency <= 0:
         raise UsageError(f"--checkpoint-frequency must be positive, got {args.checkpoint_frequency}")
     if args.eval_frequency < 0:

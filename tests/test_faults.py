@@ -352,6 +352,14 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("name", ["a/b", ""])
+@pytest.mark.parametrize("module", [pqn, atari, lstm, pdqn, qd], ids=lambda m: m.__name__)
+def test_an_exp_name_that_is_not_a_file_name_is_refused_before_training(module, name):
+    # It names the run folder and the saved model: "a/b" would fail to save the model after the run.
+    with pytest.raises(module.UsageError, match=f"--exp-name .* must be a file name, got {name!r}"):
+        module.finalize_args(module.Args(exp_name=name))
+
+
 def test_the_memory_check_takes_a_container_limit_below_the_machines_memory(tmp_path, monkeypatch):
     (tmp_path / "v2").write_text("1073741824\n")  # a 1 GiB cgroup v2 limit
     (tmp_path / "unlimited").write_text("max\n")
