@@ -121,6 +121,11 @@ class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit status 2."""
 
 
+# At least what one MinAtar env takes in a vector env (about 20 KiB; a worker process of
+# --vectorization async takes more).
+ENV_BYTES = 16 * 2**10
+
+
 def finalize_args(args: Args) -> Args:
     """Checks the flags and fills in the derived sizes."""
     check_finite(args)  # first: NaN passes every comparison below
@@ -172,6 +177,8 @@ def finalize_args(args: Args) -> Args:
     # The rollout's float observations (at most 10 channels of 10x10), twice for the world model's
     # targets, and its actions, values, rewards and flags.
     check_memory(args.batch_size * (2 * 4 * 10 * 10 * 10 + 64), "the rollout")
+    num_envs = args.num_envs + args.eval_episodes
+    check_memory(num_envs * ENV_BYTES, f"the {num_envs:,} envs (--num-envs and --eval-episodes)")
     return args
 
 

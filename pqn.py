@@ -108,6 +108,10 @@ class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit status 2."""
 
 
+# At least what one gymnasium classic-control env takes in a vector env (about 6 KiB).
+ENV_BYTES = 4 * 2**10
+
+
 def finalize_args(args: Args) -> Args:
     """Checks the flags and fills in the derived sizes."""
     check_finite(args)  # first: NaN passes every comparison below
@@ -161,6 +165,8 @@ def finalize_args(args: Args) -> Args:
     # Per step of the rollout (of every agent): observations (classic control has at most 6 floats; 8 allowed for),
     # action, max_q, next_q, reward, target, three flags; and as much again for the acting passes.
     check_memory(2 * args.num_seeds * args.batch_size * (4 * 8 + 8 + 4 * 4 + 3), "the rollout")
+    num_envs = args.num_seeds * (args.num_envs + args.eval_episodes)
+    check_memory(num_envs * ENV_BYTES, f"the {num_envs:,} envs (--num-envs and --eval-episodes of every agent)")
     return args
 
 

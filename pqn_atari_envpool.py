@@ -116,6 +116,10 @@ class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit status 2."""
 
 
+# At least what one envpool Atari env takes (about 2.7 MiB: the emulator and its frame buffers).
+ENV_BYTES = 2 * 2**20
+
+
 def finalize_args(args: Args) -> Args:
     """Checks the flags and fills in the derived sizes."""
     check_finite(args)  # first: NaN passes every comparison below
@@ -165,6 +169,8 @@ def finalize_args(args: Args) -> Args:
     # The rollout's uint8 frames, and two observations per env for envpool's own buffers: a lower
     # bound, so what it refuses could never fit.
     check_memory((args.batch_size + 2 * args.num_envs) * 4 * 84 * 84, "the rollout")
+    num_envs = args.num_envs + args.eval_episodes
+    check_memory(num_envs * ENV_BYTES, f"the {num_envs:,} envs (--num-envs and --eval-episodes)")
     return args
 
 

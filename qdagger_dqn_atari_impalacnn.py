@@ -127,6 +127,10 @@ class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit status 2."""
 
 
+# At least what one envpool Atari env takes (about 2.7 MiB: the emulator and its frame buffers).
+ENV_BYTES = 2 * 2**20
+
+
 def finalize_args(args: Args) -> Args:
     """Checks the flags."""
     check_finite(args)  # first: NaN passes every comparison below
@@ -172,6 +176,8 @@ def finalize_args(args: Args) -> Args:
     )  # none without phase 3
     largest = max(FrameReplayBuffer.nbytes(args.teacher_steps, args.num_envs), student_buffer)
     check_memory(largest, "the larger replay buffer (--buffer-size, --teacher-steps)")
+    num_envs = args.num_envs + args.eval_episodes + args.teacher_eval_episodes  # all open while the teacher is evaluated
+    check_memory(num_envs * ENV_BYTES, f"the {num_envs:,} envs (--num-envs, --eval-episodes and --teacher-eval-episodes)")
     if args.checkpoint_frequency is not None and args.checkpoint_frequency <= 0:
         raise UsageError(f"--checkpoint-frequency must be positive, got {args.checkpoint_frequency}")
     if args.teacher_model_path is None and args.eval_checkpoint is None:

@@ -360,6 +360,16 @@ def test_an_exp_name_that_is_not_a_file_name_is_refused_before_training(module, 
         module.finalize_args(module.Args(exp_name=name))
 
 
+@pytest.mark.parametrize("module", [pqn, atari, lstm, pdqn, qd], ids=lambda m: m.__name__)
+def test_more_envs_than_could_ever_fit_are_refused_before_any_is_made(module, monkeypatch):
+    # Without the check, a billion evaluation envs (or their seeds) would fill the memory first.
+    monkeypatch.setattr(module, "memory_available", lambda: 2**40)  # 1 TiB: more than most machines have
+    given = {"teacher_model_path": "teacher.pt"} if module is qd else {}
+    module.finalize_args(module.Args(eval_episodes=100, **given))
+    with pytest.raises(module.UsageError, match=r"the 1,000,000,\d{3} envs \(--num-envs.*would take .* GiB"):
+        module.finalize_args(module.Args(eval_episodes=10**9, **given))
+
+
 def test_the_memory_check_takes_a_container_limit_below_the_machines_memory(tmp_path, monkeypatch):
     (tmp_path / "v2").write_text("1073741824\n")  # a 1 GiB cgroup v2 limit
     (tmp_path / "unlimited").write_text("max\n")
