@@ -141,14 +141,17 @@ def finalize_args(args: Args) -> Args:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.capture_video:
         check_video_support()
-    if args.seed < 0:
-        raise UsageError(f"--seed must not be negative, got {args.seed}")
+    if not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed must be in [0, 2**32 - 1] (numpy's seed range), got {args.seed}")
     if not args.exp_name or "/" in args.exp_name or "\0" in args.exp_name:
         raise UsageError(f"--exp-name names the run folder and the saved model: it must be a file name, got {args.exp_name!r}")
     if args.checkpoint_frequency is not None and args.checkpoint_frequency <= 0:
         raise UsageError(f"--checkpoint-frequency must be positive, got {args.checkpoint_frequency}")
     if args.eval_frequency < 0 or args.noop_max < 0:
         raise UsageError("--eval-frequency and --noop-max must not be negative")
+    for name in ["noop_max", "max_episode_steps", "eval_max_steps"]:  # envpool holds them as 32-bit ints
+        if getattr(args, name) >= 2**31:
+            raise UsageError(f"--{name.replace('_', '-')} must be below 2**31 (envpool's limit), got {getattr(args, name)}")
     for name in ["gamma", "q_lambda", "start_e", "end_e", "exploration_fraction", "repeat_action_probability"]:
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")

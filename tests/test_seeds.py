@@ -7,6 +7,7 @@ from helpers import error_line, run_script
 import pdqn_minatar as pdqn
 import pqn
 import pqn_atari_envpool as atari
+import pqn_atari_envpool_lstm as lstm
 import qdagger_dqn_atari_impalacnn as qd
 
 
@@ -53,4 +54,27 @@ def test_an_env_plays_the_stream_of_its_seed():
 
 @pytest.mark.parametrize("script", ["pqn.py", "pdqn_minatar.py", "pqn_atari_envpool.py", "qdagger_dqn_atari_impalacnn.py"])
 def test_a_negative_seed_is_one_line(tmp_path, script):
-    assert error_line(run_script(script, "--seed", "-1", cwd=tmp_path)) == "error: --seed must not be negative, got -1"
+    top = "2**32 - --num-seeds" if script == "pqn.py" else "2**32 - 1"
+    line = error_line(run_script(script, "--seed", "-1", cwd=tmp_path))
+    assert line == f"error: --seed must be in [0, {top}] (numpy's seed range), got -1"
+
+
+@pytest.mark.parametrize("module", [pqn, atari, lstm, pdqn, qd], ids=lambda m: m.__name__)
+def test_seeds_beyond_numpys_range_are_refused(module):
+    given = {"teacher_model_path": "teacher.pt"} if module is qd else {}
+    module.finalize_args(module.Args(seed=2**32 - 1, **given))  # numpy's largest seed
+    with pytest.raises(module.UsageError, match=r"--seed must be in \[0, 2\*\*32 - "):
+        module.finalize_args(module.Args(seed=2**32, **given))
+    if module is pqn:  # agent k of --num-seeds gets seed --seed + k
+        pqn.finalize_args(pqn.Args(seed=2**32 - 4, num_seeds=4))
+        with pytest.raises(pqn.UsageError, match="--seed must be in"):
+            pqn.finalize_args(pqn.Args(seed=2**32 - 3, num_seeds=4))
+
+
+@pytest.mark.parametrize("name", ["noop_max", "max_episode_steps", "eval_max_steps"])
+@pytest.mark.parametrize("module", [atari, lstm, qd], ids=lambda m: m.__name__)
+def test_envpool_settings_beyond_32_bits_are_refused(module, name):
+    given = {"teacher_model_path": "teacher.pt"} if module is qd else {}
+    module.finalize_args(module.Args(**{name: 2**31 - 1}, **given))
+    with pytest.raises(module.UsageError, match=f"--{name.replace('_', '-')} must be below 2\\*\\*31"):
+        module.finalize_args(module.Args(**{name: 2**31}, **given))
