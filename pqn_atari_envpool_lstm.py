@@ -147,8 +147,10 @@ def finalize_args(args: Args) -> Args:
         raise UsageError(f"--exp-name names the run folder and the saved model: it must be a file name, got {args.exp_name!r}")
     if args.checkpoint_frequency is not None and args.checkpoint_frequency <= 0:
         raise UsageError(f"--checkpoint-frequency must be positive, got {args.checkpoint_frequency}")
-    if args.eval_frequency < 0 or args.noop_max < 0:
-        raise UsageError("--eval-frequency and --noop-max must not be negative")
+    if args.eval_frequency < 0:
+        raise UsageError(f"--eval-frequency must be 0 (only at the end) or positive, got {args.eval_frequency}")
+    if args.noop_max < 1:  # envpool draws from [0, noop_max - 1]: at 0 it crashes
+        raise UsageError(f"--noop-max must be at least 1 (1: at most one no-op at a game's start), got {args.noop_max}")
     for name in ["noop_max", "max_episode_steps", "eval_max_steps"]:  # envpool holds them as 32-bit ints
         if getattr(args, name) >= 2**31:
             raise UsageError(f"--{name.replace('_', '-')} must be below 2**31 (envpool's limit), got {getattr(args, name)}")

@@ -158,9 +158,11 @@ def finalize_args(args: Args) -> Args:
         raise UsageError(f"--seed must be in [0, 2**32 - 1] (numpy's seed range), got {args.seed}")
     if not args.exp_name or "/" in args.exp_name or "\0" in args.exp_name:
         raise UsageError(f"--exp-name names the run folder and the saved model: it must be a file name, got {args.exp_name!r}")
-    for name in ["offline_steps", "total_timesteps", "learning_starts", "eval_frequency", "noop_max"]:
+    for name in ["offline_steps", "total_timesteps", "learning_starts", "eval_frequency"]:
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if args.noop_max < 1:  # envpool draws from [0, noop_max - 1]: at 0 it crashes
+        raise UsageError(f"--noop-max must be at least 1 (1: at most one no-op at a game's start), got {args.noop_max}")
     for name in ["noop_max", "max_episode_steps", "eval_max_steps"]:  # envpool holds them as 32-bit ints
         if getattr(args, name) >= 2**31:
             raise UsageError(f"--{name.replace('_', '-')} must be below 2**31 (envpool's limit), got {getattr(args, name)}")
