@@ -177,6 +177,10 @@ def finalize_args(args: Args) -> Args:
     # The rollout's float observations (at most 10 channels of 10x10), twice for the world model's
     # targets, and its actions, values, rewards and flags.
     check_memory(args.batch_size * (2 * 4 * 10 * 10 * 10 + 64), "the rollout")
+    # The imagined transitions of one planning phase, kept until Q learns from them, and their stacked copy.
+    check_memory(
+        2 * args.planning_steps * args.num_envs * (2 * 4 * 10 * 10 * 10 + 64), "the imagined rollout (--planning-steps)"
+    )
     num_envs = args.num_envs + args.eval_episodes
     check_memory(num_envs * ENV_BYTES, f"the {num_envs:,} envs (--num-envs and --eval-episodes)")
     return args

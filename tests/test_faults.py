@@ -574,6 +574,7 @@ def test_pdqn_interrupt_reaching_its_env_workers_too_stops_cleanly(tmp_path):
         (["--learning-rate", "nan"], "--learning-rate must be a finite number, got nan"),
         (["--max-grad-norm", "0"], "--max-grad-norm must be positive"),
         (["--num-envs", "1000000000", "--total-timesteps", "100000000000"], "the rollout would take"),
+        (["--planning-steps", "1000000000000"], "the imagined rollout (--planning-steps) would take"),
     ],
 )
 def test_pdqn_bad_input_gives_one_clear_line(tmp_path, flags, message):
