@@ -131,8 +131,11 @@ def finalize_args(args: Args) -> Args:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.capture_video:
         check_video_support()
-    if not 0 <= args.seed <= 2**32 - args.num_seeds:  # agent k has seed --seed + k, a numpy seed below 2**32
-        raise UsageError(f"--seed must be in [0, 2**32 - --num-seeds] (numpy's seed range), got {args.seed}")
+    if not 0 <= args.seed <= 2**32 - args.num_seeds:
+        raise UsageError(
+            f"--seed must be in [0, 2**32 - {args.num_seeds}] (agent k's seed, --seed + k, is a numpy seed: below 2**32), "
+            f"got {args.seed}"
+        )
     if not args.exp_name or "/" in args.exp_name or "\0" in args.exp_name:
         raise UsageError(f"--exp-name names the run folder and the saved model: it must be a file name, got {args.exp_name!r}")
     if args.checkpoint_frequency is not None and args.checkpoint_frequency <= 0:

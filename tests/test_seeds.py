@@ -54,9 +54,8 @@ def test_an_env_plays_the_stream_of_its_seed():
 
 @pytest.mark.parametrize("script", ["pqn.py", "pdqn_minatar.py", "pqn_atari_envpool.py", "qdagger_dqn_atari_impalacnn.py"])
 def test_a_negative_seed_is_one_line(tmp_path, script):
-    top = "2**32 - --num-seeds" if script == "pqn.py" else "2**32 - 1"
     line = error_line(run_script(script, "--seed", "-1", cwd=tmp_path))
-    assert line == f"error: --seed must be in [0, {top}] (numpy's seed range), got -1"
+    assert line.startswith("error: --seed must be in [0, 2**32 - 1] (") and line.endswith("got -1")
 
 
 @pytest.mark.parametrize("module", [pqn, atari, lstm, pdqn, qd], ids=lambda m: m.__name__)
