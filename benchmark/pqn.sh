@@ -15,7 +15,7 @@
 #   atari-cpu  pqn_atari_cpu: pqn_atari_envpool.py on Breakout-v5, 2M steps, seed 1, greedy evaluation
 #            every 500k steps and at the end (8 games): the Atari budget a CPU can run.
 #   lstm-cpu   pqn_atari_lstm_cpu: the same for pqn_atari_envpool_lstm.py. Measured on that 2-core
-#            CPU, atari-cpu and lstm-cpu side by side (two shells): 1 h 22 min to 1 h 39 min per run.
+#            CPU, atari-cpu and lstm-cpu side by side (two shells): 1 h 22 min to 1 h 31 min per run.
 #
 # Usage (from anywhere):  bash benchmark/pqn.sh [classic] [atari] [lstm] [atari-cpu] [lstm-cpu]
 #                         (no argument: classic, atari and lstm)
