@@ -7,7 +7,7 @@
 # commands: run again, it skips the runs that finished and continues those stopped with a checkpoint.
 #
 # How long: measured on a 2-core x86-64 CPU without GPU at 5M steps (the example below), the PDQN
-# and planning-0 runs side by side: 12 to 18 min per PDQN run and 8 to 13 min per planning-0 run
+# and planning-0 runs side by side: 12 to 18 min per PDQN run and 7 to 13 min per planning-0 run
 # (26 and 19 min for seed 1 of Breakout and Asterix, with other runs sharing the cores); each run's
 # time is in benchmark/results/pdqn_minatar_5m.md. The 10M-step runs have not been timed.
 #
@@ -25,7 +25,7 @@
 #   PYTHON        the Python to run (default: python)
 # A smaller version (5M steps; benchmark/results/pdqn_minatar_5m.md was made with these two commands):
 #   GAMES="Breakout Asterix" SEEDS="1 2 3" EXTRA_FLAGS="--total-timesteps 5000000" SUFFIX=_5m bash benchmark/pdqn.sh
-#   GAMES="Freeway SpaceInvaders Seaquest" SEEDS="1 2" EXTRA_FLAGS="--total-timesteps 5000000" SUFFIX=_5m bash benchmark/pdqn.sh
+#   GAMES="Freeway SpaceInvaders Seaquest" SEEDS="1 2 3" EXTRA_FLAGS="--total-timesteps 5000000" SUFFIX=_5m bash benchmark/pdqn.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
