@@ -174,15 +174,15 @@ def finalize_args(args: Args) -> Args:
         )
     args.minibatch_size = args.batch_size // args.num_minibatches
     args.num_iterations = args.total_timesteps // args.batch_size
-    # The rollout's float observations (at most 10 channels of 10x10), twice for the world model's
-    # targets, and its actions, values, rewards and flags.
-    check_memory(args.batch_size * (2 * 4 * 10 * 10 * 10 + 64), "the rollout")
-    # The imagined transitions of one planning phase, kept until Q learns from them, and their stacked copy.
+    # Per transition: its float observations (at most 10 channels of 10x10) and the next ones as the world
+    # model's targets, with its action, value, reward and flags. They are the rollout's, and those imagined in
+    # one planning phase, kept until Q learns from them, with their stacked copy; then the training and
+    # evaluation envs.
+    transitions = args.batch_size + 2 * args.planning_steps * args.num_envs
     check_memory(
-        2 * args.planning_steps * args.num_envs * (2 * 4 * 10 * 10 * 10 + 64), "the imagined rollout (--planning-steps)"
+        transitions * (2 * 4 * 10 * 10 * 10 + 64) + (args.num_envs + args.eval_episodes) * ENV_BYTES,
+        "the rollout, the imagined rollout (--planning-steps) and the envs (--num-envs and --eval-episodes)",
     )
-    num_envs = args.num_envs + args.eval_episodes
-    check_memory(num_envs * ENV_BYTES, f"the {num_envs:,} envs (--num-envs and --eval-episodes)")
     return args
 
 

@@ -166,10 +166,13 @@ def finalize_args(args: Args) -> Args:
     args.minibatch_size = args.batch_size // args.num_minibatches
     args.num_iterations = args.total_timesteps // args.batch_size
     # Per step of the rollout (of every agent): observations (classic control has at most 6 floats; 8 allowed for),
-    # action, max_q, next_q, reward, target, three flags; and as much again for the acting passes.
-    check_memory(2 * args.num_seeds * args.batch_size * (4 * 8 + 8 + 4 * 4 + 3), "the rollout")
+    # action, max_q, next_q, reward, target, three flags; and as much again for the acting passes. With it, the
+    # training and evaluation envs of every agent.
     num_envs = args.num_seeds * (args.num_envs + args.eval_episodes)
-    check_memory(num_envs * ENV_BYTES, f"the {num_envs:,} envs (--num-envs and --eval-episodes of every agent)")
+    check_memory(
+        2 * args.num_seeds * args.batch_size * (4 * 8 + 8 + 4 * 4 + 3) + num_envs * ENV_BYTES,
+        "the rollout and the envs (--num-envs and --eval-episodes of every agent)",
+    )
     return args
 
 

@@ -171,11 +171,12 @@ def finalize_args(args: Args) -> Args:
         )
     args.minibatch_size = args.batch_size // args.num_minibatches
     args.num_iterations = args.total_timesteps // args.batch_size
-    # The rollout's uint8 frames, and two observations per env for envpool's own buffers: a lower
-    # bound, so what it refuses could never fit.
-    check_memory((args.batch_size + 2 * args.num_envs) * 4 * 84 * 84, "the rollout")
-    num_envs = args.num_envs + args.eval_episodes
-    check_memory(num_envs * ENV_BYTES, f"the {num_envs:,} envs (--num-envs and --eval-episodes)")
+    # The rollout's uint8 frames and the training and evaluation envs (envpool's own buffers included):
+    # a lower bound, so what it refuses could never fit.
+    check_memory(
+        args.batch_size * 4 * 84 * 84 + (args.num_envs + args.eval_episodes) * ENV_BYTES,
+        "the rollout and the envs (--num-envs and --eval-episodes)",
+    )
     return args
 
 

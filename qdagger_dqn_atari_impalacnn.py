@@ -175,14 +175,19 @@ def finalize_args(args: Args) -> Args:
         raise UsageError("--buffer-size and --teacher-steps must hold at least one step of every env")
     if args.batch_size > min(args.buffer_size, args.teacher_steps):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the replay buffers (--buffer-size, --teacher-steps)")
-    # The teacher buffer is freed before the student's is made: the larger of the two must fit.
+    # The training and evaluation envs are open throughout; with them, in turn, the teacher's evaluation
+    # envs, the teacher buffer, and the student's buffer (made once the teacher's is freed).
     student_buffer = (
         FrameReplayBuffer.nbytes(args.buffer_size, args.num_envs) if args.total_timesteps > 0 else 0
     )  # none without phase 3
-    largest = max(FrameReplayBuffer.nbytes(args.teacher_steps, args.num_envs), student_buffer)
-    check_memory(largest, "the larger replay buffer (--buffer-size, --teacher-steps)")
-    num_envs = args.num_envs + args.eval_episodes + args.teacher_eval_episodes  # all open while the teacher is evaluated
-    check_memory(num_envs * ENV_BYTES, f"the {num_envs:,} envs (--num-envs, --eval-episodes and --teacher-eval-episodes)")
+    in_turn = max(
+        args.teacher_eval_episodes * ENV_BYTES, FrameReplayBuffer.nbytes(args.teacher_steps, args.num_envs), student_buffer
+    )
+    check_memory(
+        (args.num_envs + args.eval_episodes) * ENV_BYTES + in_turn,
+        "the larger replay buffer (--buffer-size, --teacher-steps) and the envs (--num-envs, --eval-episodes, "
+        "--teacher-eval-episodes)",
+    )
     if args.checkpoint_frequency is not None and args.checkpoint_frequency <= 0:
         raise UsageError(f"--checkpoint-frequency must be positive, got {args.checkpoint_frequency}")
     if args.teacher_model_path is None and args.eval_checkpoint is None:

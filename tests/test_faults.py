@@ -342,7 +342,7 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss(tmp_path):
         (["--max-grad-norm", "-1"], "--max-grad-norm must be positive, got -1.0"),
         (["--max-grad-norm", "0"], "--max-grad-norm must be positive, got 0.0"),
         (["--checkpoint-frequency", "0"], "--checkpoint-frequency must be positive"),
-        (["--num-envs", "100000000000", "--total-timesteps", "100000000000000"], "the rollout would take"),
+        (["--num-envs", "100000000000", "--total-timesteps", "100000000000000"], "the rollout and the envs"),
         (["--resume", "nowhere"], "no checkpoint at nowhere/checkpoint.pt"),
     ],
 )
@@ -366,8 +366,11 @@ def test_more_envs_than_could_ever_fit_are_refused_before_any_is_made(module, mo
     monkeypatch.setattr(module, "memory_available", lambda: 2**40)  # 1 TiB: more than most machines have
     given = {"teacher_model_path": "teacher.pt"} if module is qd else {}
     module.finalize_args(module.Args(eval_episodes=100, **given))
-    with pytest.raises(module.UsageError, match=r"the 1,000,000,\d{3} envs \(--num-envs.*would take .* GiB"):
+    with pytest.raises(module.UsageError, match=r"and the envs \(--num-envs.*would take [\d.]+ GiB"):
         module.finalize_args(module.Args(eval_episodes=10**9, **given))
+    if module is qd:  # the teacher's evaluation envs, open before either buffer is made
+        with pytest.raises(qd.UsageError, match=r"--teacher-eval-episodes\) would take"):
+            qd.finalize_args(qd.Args(teacher_eval_episodes=10**9, **given))
 
 
 def test_the_memory_check_takes_a_container_limit_below_the_machines_memory(tmp_path, monkeypatch):
@@ -516,7 +519,7 @@ def test_broken_checkpoints_and_conflicting_env_ids_are_one_line(tmp_path):
         (["--max-grad-norm", "-1"], "--max-grad-norm must be positive, got -1.0"),
         (
             ["--num-envs", "1000000000", "--num-minibatches", "1", "--total-timesteps", "100000000000"],
-            "the rollout would take",
+            "the rollout and the envs (--num-envs and --eval-episodes) would take",
         ),
     ],
 )
@@ -573,8 +576,8 @@ def test_pdqn_interrupt_reaching_its_env_workers_too_stops_cleanly(tmp_path):
         (["--sticky-action-prob", "inf"], "--sticky-action-prob must be a finite number, got inf"),
         (["--learning-rate", "nan"], "--learning-rate must be a finite number, got nan"),
         (["--max-grad-norm", "0"], "--max-grad-norm must be positive"),
-        (["--num-envs", "1000000000", "--total-timesteps", "100000000000"], "the rollout would take"),
-        (["--planning-steps", "1000000000000"], "the imagined rollout (--planning-steps) would take"),
+        (["--num-envs", "1000000000", "--total-timesteps", "100000000000"], "the rollout, the imagined rollout"),
+        (["--planning-steps", "1000000000000"], "the rollout, the imagined rollout (--planning-steps) and the envs"),
     ],
 )
 def test_pdqn_bad_input_gives_one_clear_line(tmp_path, flags, message):

@@ -321,7 +321,7 @@ def test_bad_or_mismatched_teacher_gives_one_clear_line(teacher, tmp_path):
     [
         (["--learning-rate", "nan"], "--learning-rate must be a finite number, got nan"),
         (["--temperature", "inf"], "--temperature must be a finite number, got inf"),
-        (["--buffer-size", "100000000000"], "the larger replay buffer (--buffer-size, --teacher-steps) would take"),
+        (["--buffer-size", "100000000000"], "the larger replay buffer (--buffer-size, --teacher-steps) and the envs"),
         (["--batch-size", "4096", "--buffer-size", "1024"], "--batch-size 4096 is larger than the replay buffers"),
     ],
 )
