@@ -297,13 +297,20 @@ def model_losses(model, obs, actions, next_obs, rewards, terminations, mask):
     return obs_loss + reward_loss + termination_loss, obs_loss, reward_loss, termination_loss, accuracy
 
 
+def imagined_step(model, obs, actions):
+    """The world model's next observation, reward and termination, with the cells and the termination
+    thresholded at 0.5 (observations stay binary, as the real ones; the reward is the raw prediction)."""
+    obs_pred, rewards, termination_pred = model(obs, actions)
+    return (obs_pred > 0.5).float(), rewards, (termination_pred > 0.5).float()
+
+
 def imagine(model, q_network, obs, alive, planning_steps, epsilon):
     """Rolls the world model `planning_steps` steps from `obs`, acting epsilon-greedily.
 
-    Predicted cells and terminations are thresholded at 0.5 (observations stay binary, as the
-    real ones); a predicted termination ends that imagined trajectory. Returns [K, N] tensors of
-    imagined transitions and `alive`, the mask of those that belong to a trajectory still running
-    (envs not alive at the start, e.g. those whose last real observation ended an episode, never are).
+    Each step is `imagined_step`; a predicted termination ends that imagined trajectory. Returns
+    [K, N] tensors of imagined transitions and `alive`, the mask of those that belong to a trajectory
+    still running (envs not alive at the start, e.g. those whose last real observation ended an
+    episode, never are).
     """
     num_envs, num_actions = obs.shape[0], model.num_actions
     steps = collections.defaultdict(list)
@@ -312,9 +319,7 @@ def imagine(model, q_network, obs, alive, planning_steps, epsilon):
             greedy = q_network(obs).argmax(dim=1)
             explore = torch.rand(num_envs, device=obs.device) < epsilon
             actions = torch.where(explore, torch.randint(num_actions, (num_envs,), device=obs.device), greedy)
-            obs_pred, rewards, termination_pred = model(obs, actions)
-            next_obs = (obs_pred > 0.5).float()
-            terminations = (termination_pred > 0.5).float()
+            next_obs, rewards, terminations = imagined_step(model, obs, actions)
             for name, value in [
                 ("obs", obs),
                 ("actions", actions),
