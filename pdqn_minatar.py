@@ -100,6 +100,9 @@ class Args:
     """planning starts at this update (the world model has then learned from this many rollouts)"""
     planning_epsilon: float | None = None
     """epsilon of the imagined rollouts (default: the behaviour epsilon at that time)"""
+    model_predicts_change: bool = False
+    """the world model's cell head predicts each cell's change, added to the current observation, instead of the next
+    observation (off: the authors' model, whose imagined observations lose the player; see the README)"""
     eval_frequency: int = 0
     """evaluate the greedy policy every this many env steps (0: only at the end of training)"""
     eval_episodes: int = 16
@@ -264,11 +267,13 @@ class QNetwork(nn.Module):
 
 class WorldModel(nn.Module):
     """Predicts, from an observation and an action, the next observation's cells, the reward and
-    the termination (1 or 0): linear heads on the torso's features joined by the action, one-hot."""
+    the termination (1 or 0): linear heads on the torso's features joined by the action, one-hot.
+    With `predicts_change`, the cell head's output is added to the observation."""
 
-    def __init__(self, channels: int, num_actions: int):
+    def __init__(self, channels: int, num_actions: int, predicts_change: bool = False):
         super().__init__()
         self.num_actions = num_actions
+        self.predicts_change = predicts_change
         self.torso = torso(channels)
         self.next_obs_head = nn.Linear(128 + num_actions, channels * 100)
         self.reward_head = nn.Linear(128 + num_actions, 1)
@@ -276,12 +281,15 @@ class WorldModel(nn.Module):
 
     def forward(self, obs, actions):
         h = torch.cat([self.torso(obs), F.one_hot(actions, self.num_actions).float()], dim=1)
-        return self.next_obs_head(h).view(obs.shape), self.reward_head(h).squeeze(1), self.termination_head(h).squeeze(1)
+        next_obs = self.next_obs_head(h).view(obs.shape)
+        if self.predicts_change:
+            next_obs = obs + next_obs
+        return next_obs, self.reward_head(h).squeeze(1), self.termination_head(h).squeeze(1)
 
 
-def make_networks(channels: int, num_actions: int):
+def make_networks(channels: int, num_actions: int, model_predicts_change: bool = False):
     """The Q-network and the world model, created in this order (so a seed fixes both)."""
-    return QNetwork(channels, num_actions), WorldModel(channels, num_actions)
+    return QNetwork(channels, num_actions), WorldModel(channels, num_actions, model_predicts_change)
 
 
 def model_losses(model, obs, actions, next_obs, rewards, terminations, mask):
@@ -1000,7 +1008,7 @@ def main(args: Args, given: set[str], state: dict | None = None):
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
     channels, num_actions = envs.single_observation_space.shape[0], int(envs.single_action_space.n)
-    q_network, world_model = (net.to(device) for net in make_networks(channels, num_actions))
+    q_network, world_model = (net.to(device) for net in make_networks(channels, num_actions, args.model_predicts_change))
     optimizer = RAdam(q_network.parameters(), lr=args.learning_rate, static_state=args.cudagraphs)
     model_optimizer = RAdam(world_model.parameters(), lr=args.learning_rate, static_state=args.cudagraphs)
     recent_returns = collections.deque(maxlen=20)

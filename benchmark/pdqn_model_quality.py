@@ -102,7 +102,10 @@ def load(path):
             raise ValueError
         return saved["args"], saved["q_network"], saved["world_model"], saved.get("global_step")
     except Exception:
-        fail(f"{path} is not a pdqn_minatar.py checkpoint or saved model (format {pdqn.MODEL_FORMAT})")
+        fail(
+            f"{path} is not a pdqn_minatar.py checkpoint or saved model "
+            f"(formats {pdqn.CHECKPOINT_FORMAT}, {pdqn.MODEL_FORMAT})"
+        )
 
 
 def main():
@@ -128,7 +131,11 @@ def main():
     args = pdqn.Args(env_id=saved_args["env_id"], sticky_action_prob=saved_args["sticky_action_prob"])
     torch.manual_seed(cli.seed)
     envs = pdqn.make_envs(args, cli.num_envs)
-    q_network, model = pdqn.make_networks(envs.single_observation_space.shape[0], int(envs.single_action_space.n))
+    q_network, model = pdqn.make_networks(
+        envs.single_observation_space.shape[0],
+        int(envs.single_action_space.n),
+        saved_args.get("model_predicts_change", False),
+    )
     try:
         q_network.load_state_dict(q_state)
         model.load_state_dict(model_state)

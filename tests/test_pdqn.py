@@ -244,3 +244,19 @@ def test_async_vectorization_runs(tmp_path):
     result = run_script("pdqn_minatar.py", *TINY, "--total-timesteps", "256", "--vectorization", "async", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(read_scalars(only_run_dir(tmp_path))["losses/td_loss"]) == 2
+
+
+def test_a_model_that_predicts_change_adds_it_to_the_observation():
+    torch.manual_seed(5)
+    q, model = pdqn.make_networks(4, 3)
+    torch.manual_seed(5)
+    q_change, change = pdqn.make_networks(4, 3, model_predicts_change=True)
+    # The same parameters (a run with the flag draws the same random numbers), ...
+    for a, b in zip([*q.parameters(), *model.parameters()], [*q_change.parameters(), *change.parameters()]):
+        assert torch.equal(a, b)
+    obs, actions, *_ = random_batch()
+    with torch.no_grad():
+        (next_obs, reward, term), (next_change, reward_change, term_change) = model(obs, actions), change(obs, actions)
+    # ... the cell head's output added to the observation, the reward and termination heads as they are.
+    torch.testing.assert_close(next_change, obs + next_obs, rtol=0, atol=1e-6)
+    assert torch.equal(reward, reward_change) and torch.equal(term, term_change)

@@ -174,7 +174,8 @@ def test_the_tool_reads_a_saved_model_or_a_checkpoint_and_prints_both_tables(sav
         (["missing.pt"], "no checkpoint at missing.pt"),
         (
             ["not_a_model.pt"],
-            "not_a_model.pt is not a pdqn_minatar.py checkpoint or saved model (format pdqn_minatar/model/v2)",
+            "not_a_model.pt is not a pdqn_minatar.py checkpoint or saved model "
+            "(formats pdqn_minatar/training_state/v3, pdqn_minatar/model/v2)",
         ),
         (["MODEL", "--epsilon", "nan"], "--epsilon must be in [0, 1], got nan"),
         (["MODEL", "--steps", "10", "--horizon", "20"], "--horizon (20) must be at most --steps (10)"),
@@ -196,3 +197,23 @@ def test_bad_input_is_one_error_line(saved_model, tmp_path, monkeypatch, capsys,
 def test_a_bad_input_run_from_the_command_line_is_one_line(tmp_path):
     result = tool("missing.pt", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr == "error: no checkpoint at missing.pt\n" and not result.stdout
+
+
+def test_a_model_saved_with_model_predicts_change_is_rebuilt_as_one(tmp_path, monkeypatch, capsys):
+    # A change model whose cell head outputs zeros predicts "nothing moves": its scores are the baseline's.
+    # Built as the authors' model, the same weights would predict empty observations (recall 0).
+    torch.manual_seed(0)
+    q_network, model = pdqn.make_networks(4, 3, model_predicts_change=True)
+    torch.nn.init.zeros_(model.next_obs_head.weight)
+    torch.nn.init.zeros_(model.next_obs_head.bias)
+    args = pdqn.asdict(pdqn.Args(env_id="MinAtar/Breakout-v1", model_predicts_change=True))
+    path = str(tmp_path / "change.pt")
+    saved = {"format": pdqn.MODEL_FORMAT, "q_network": q_network.state_dict(), "world_model": model.state_dict()}
+    torch.save(saved | {"args": args}, path)
+    monkeypatch.setattr(sys, "argv", [TOOL, path, "--num-envs", "2", "--steps", "20", "--horizon", "2"])
+    import_tool().main()
+    rows = [line.split("|")[3:11] for line in capsys.readouterr().out.splitlines() if line[:4] in ("| 1 ", "| 2 ")]
+    assert len(rows) == 2
+    for row in rows:
+        model_cells, unchanged_cells = row[:3], row[5:8]
+        assert model_cells == unchanged_cells and float(model_cells[1]) > 0.5
