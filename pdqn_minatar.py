@@ -295,14 +295,19 @@ def make_networks(channels: int, num_actions: int, model_predicts_change: bool =
 def model_losses(model, obs, actions, next_obs, rewards, terminations, mask):
     """The world model's losses on real transitions (mask = 0 for reset steps): mean squared error
     of each head (the next observation's cells, the reward, the termination), as the authors'.
-    Returns (total, obs, reward, termination, accuracy of the cells thresholded at 0.5)."""
+    Returns (total, obs, reward, termination, accuracy, recall): of the cells thresholded at 0.5, the
+    share that is right, and of the cells set in the next observations, the share predicted set (an
+    empty prediction gets most cells right and recalls none)."""
     obs_pred, reward_pred, termination_pred = model(obs, actions)
     weight = mask / mask.sum().clamp(min=1.0)
     obs_loss = (((obs_pred - next_obs) ** 2).mean(dim=(1, 2, 3)) * weight).sum()
     reward_loss = ((reward_pred - rewards) ** 2 * weight).sum()
     termination_loss = ((termination_pred - terminations) ** 2 * weight).sum()
-    accuracy = (((obs_pred > 0.5).float() == next_obs).float().mean(dim=(1, 2, 3)) * weight).sum()
-    return obs_loss + reward_loss + termination_loss, obs_loss, reward_loss, termination_loss, accuracy
+    cells = (obs_pred > 0.5).float()
+    accuracy = ((cells == next_obs).float().mean(dim=(1, 2, 3)) * weight).sum()
+    set_cells = next_obs.sum(dim=(1, 2, 3)) * mask
+    recall = ((cells * next_obs).sum(dim=(1, 2, 3)) * mask).sum() / set_cells.sum().clamp(min=1.0)
+    return obs_loss + reward_loss + termination_loss, obs_loss, reward_loss, termination_loss, accuracy, recall
 
 
 def imagined_step(model, obs, actions):
@@ -364,7 +369,7 @@ def planning_update(train_step, q_network, imagined, gamma):
 
 def model_update(model, optimizer, b, max_grad_norm):
     """One gradient step of the world model on the whole real rollout.
-    Returns (total loss, obs loss, reward loss, termination loss, cell accuracy)."""
+    Returns (total loss, obs loss, reward loss, termination loss, cell accuracy, cell recall)."""
     # The observation each step returned: for a step that ended an episode, its final observation.
     next_obs = torch.cat([b["obs"][1:], b["final_obs"][None]])
     mask = (~b["is_reset"]).float()  # reset steps are not real transitions
@@ -1110,7 +1115,14 @@ def main(args: Args, given: set[str], state: dict | None = None):
                 model_stats = model_update(world_model, model_optimizer, b, args.max_grad_norm)
                 losses.update(
                     zip(
-                        ["model_loss", "model_obs_loss", "model_reward_loss", "model_termination_loss", "model_obs_accuracy"],
+                        [
+                            "model_loss",
+                            "model_obs_loss",
+                            "model_reward_loss",
+                            "model_termination_loss",
+                            "model_obs_accuracy",
+                            "model_obs_recall",
+                        ],
                         model_stats,
                     )
                 )

@@ -16,6 +16,7 @@ MODEL_SCALARS = {
     "losses/model_reward_loss",
     "losses/model_termination_loss",
     "losses/model_obs_accuracy",
+    "losses/model_obs_recall",
 }
 TINY = "--num-envs 8 --num-steps 16 --num-minibatches 4 --eval-episodes 2 --max-episode-steps 100 --no-cuda".split()
 
@@ -36,7 +37,11 @@ def test_model_losses_match_references():
     torch.manual_seed(0)
     model = pdqn.WorldModel(4, 3)
     obs, actions, next_obs, rewards, terms, mask = random_batch()
-    total, obs_loss, reward_loss, term_loss, accuracy = pdqn.model_losses(model, obs, actions, next_obs, rewards, terms, mask)
+    with torch.no_grad():  # cells predicted above 0.5 and below, so that accuracy and recall are both in play
+        model.next_obs_head.bias.copy_(torch.rand(model.next_obs_head.bias.shape, generator=torch.Generator().manual_seed(1)))
+    total, obs_loss, reward_loss, term_loss, accuracy, recall = pdqn.model_losses(
+        model, obs, actions, next_obs, rewards, terms, mask
+    )
     with torch.no_grad():
         obs_pred, reward_pred, term_pred = model(obs, actions)
     real = [i for i in range(len(mask)) if mask[i] == 1]
@@ -53,6 +58,11 @@ def test_model_losses_match_references():
     assert total.item() == pytest.approx((obs_loss + reward_loss + term_loss).item(), rel=1e-6)
     cell_hits = [((obs_pred[i] > 0.5).float() == next_obs[i]).float().mean().item() for i in real]
     assert accuracy.item() == pytest.approx(sum(cell_hits) / len(real), rel=1e-6)
+    # Recall: over all real transitions' set cells, the share predicted set.
+    set_cells = [(i, c) for i in real for c in range(next_obs[i].numel()) if next_obs[i].flatten()[c] == 1]
+    found = [bool(obs_pred[i].flatten()[c] > 0.5) for i, c in set_cells]
+    assert 0 < sum(found) < len(found)
+    assert recall.item() == pytest.approx(sum(found) / len(found), rel=1e-6)
     # Reset steps (mask 0) add nothing.
     real = mask.bool()
     next_obs2, rewards2 = next_obs.clone(), rewards.clone()
