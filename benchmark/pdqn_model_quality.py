@@ -11,7 +11,9 @@ table per horizon k: the share of cells right, the recall (of the cells set in t
 the share the model sets), the false cells (cells the model sets that are not set, per set cell of
 the real observation) and the mean and mean absolute error of the predicted reward; beside them, the
 same cell scores for "nothing moves", the observation k steps earlier taken as the prediction. A model
-worth planning with beats that baseline.
+worth planning with beats that baseline. Then per channel (MinAtar's names): the set cells per
+observation, the cell head's mean output before the threshold at the set cells one step ahead, and the
+recalls at k = 1 and k = horizon.
 """
 
 import argparse
@@ -51,7 +53,8 @@ def play(q_network, envs, steps, epsilon, seed):
 def compare(model, obs, actions, rewards, real, horizon, stride):
     """From every `stride`-th step t0, the model rolled k = 1 ... horizon steps with the real actions,
     against obs[t0 + k], over the envs whose transitions t0 ... t0 + k - 1 are all real. Returns
-    {k: scores} for the k with at least one such env; cell scores are pooled over all compared cells."""
+    {k: scores} for the k with at least one such env; cell scores are pooled over all compared cells.
+    For k = 1 also the mean output of the cell head, before the threshold, at the cells that are set."""
     sums = {}
     for t0 in range(0, actions.shape[0] - horizon + 1, stride):
         imagined, valid = obs[t0], torch.ones(obs.shape[1], dtype=torch.bool)
@@ -67,6 +70,8 @@ def compare(model, obs, actions, rewards, real, horizon, stride):
             s["reward_error"] += float((reward[valid] - rewards[t0 + k - 1][valid]).sum())
             s["reward_abs_error"] += float((reward[valid] - rewards[t0 + k - 1][valid]).abs().sum())
             s["set_per_channel"] += target.sum((0, 2, 3))
+            if k == 1:  # the cell head's output before the threshold, at the cells that are set
+                s["output_at_set_per_channel"] += (model(obs[t0], actions[t0])[0][valid] * target).sum((0, 2, 3))
             for name, prediction in [("model", imagined[valid]), ("unchanged", unchanged)]:
                 s[f"{name}_right"] += float((prediction == target).sum())
                 s[f"{name}_hits_per_channel"] += (prediction * target).sum((0, 2, 3))
@@ -80,6 +85,8 @@ def compare(model, obs, actions, rewards, real, horizon, stride):
             scores[k][f"{name}_recall"] = float(s[f"{name}_hits_per_channel"].sum() / set_cells)
             scores[k][f"{name}_false"] = float(s[f"{name}_false_per_channel"].sum() / set_cells)
             scores[k][f"{name}_recall_per_channel"] = s[f"{name}_hits_per_channel"] / s["set_per_channel"].clamp(min=1.0)
+        if k == 1:
+            scores[k]["output_at_set_per_channel"] = s["output_at_set_per_channel"] / s["set_per_channel"].clamp(min=1.0)
         scores[k]["reward_error"] = s["reward_error"] / s["transitions"]
         scores[k]["reward_abs_error"] = s["reward_abs_error"] / s["transitions"]
     return scores
@@ -87,7 +94,7 @@ def compare(model, obs, actions, rewards, real, horizon, stride):
 
 def empty_sums():
     sums = dict.fromkeys("transitions cells reward_error reward_abs_error model_right unchanged_right".split(), 0)
-    for name in "set model_hits model_false unchanged_hits unchanged_false".split():
+    for name in "set output_at_set model_hits model_false unchanged_hits unchanged_false".split():
         sums[f"{name}_per_channel"] = 0.0  # becomes a [C] tensor
     return sums
 
@@ -167,11 +174,20 @@ def main():
         )
     print()
     ks = [k for k in sorted({1, cli.horizon}) if k in scores]
-    print("| channel | set cells per observation | " + " | ".join(f"recall k={k} | unchanged k={k}" for k in ks) + " |")
-    print("|---|---|" + "---|---|" * len(ks))
+    print(
+        "| channel | set cells per observation | output at set cells k=1 | "
+        + " | ".join(f"recall k={k} | unchanged k={k}" for k in ks)
+        + " |"
+    )
+    print("|---|---|---|" + "---|---|" * len(ks))
     for c, name in enumerate(channel_names(args.env_id, obs.shape[2])):
         row = [f"{scores[k][f'{n}_recall_per_channel'][c]:.3f}" for k in ks for n in ("model", "unchanged")]
-        print(f"| {name} | {scores[1]['set_per_channel'][c]:.2f} | " + " | ".join(row) + " |")
+        first = scores[1]
+        print(
+            f"| {name} | {first['set_per_channel'][c]:.2f} | {first['output_at_set_per_channel'][c]:.3f} | "
+            + " | ".join(row)
+            + " |"
+        )
 
 
 def channel_names(env_id, channels):

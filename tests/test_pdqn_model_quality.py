@@ -98,6 +98,21 @@ def reference_scores(model, obs, actions, rewards, real, horizon, stride):
     }
 
 
+def reference_output_at_set(model, obs, actions, rewards, real, horizon, stride):
+    """Per channel, the mean raw cell output one step ahead at the cells set in the real next observation."""
+    sums, counts = [0.0] * obs.shape[2], [0] * obs.shape[2]
+    for t0 in range(0, actions.shape[0] - horizon + 1, stride):
+        for n in range(actions.shape[1]):
+            if real[t0, n]:
+                raw = model(obs[t0, n : n + 1], actions[t0, n : n + 1])[0][0]
+                for channel in range(obs.shape[2]):
+                    for r, t in zip(raw[channel].flatten().tolist(), obs[t0 + 1, n, channel].flatten().tolist()):
+                        if t == 1:
+                            sums[channel] += r
+                            counts[channel] += 1
+    return torch.tensor([s / max(c, 1) for s, c in zip(sums, counts)])
+
+
 @pytest.mark.parametrize("horizon, stride", [(5, 3), (20, 1)])
 def test_scores_match_a_written_out_count_on_random_data(horizon, stride):
     tool = import_tool()
@@ -109,6 +124,9 @@ def test_scores_match_a_written_out_count_on_random_data(horizon, stride):
     for k in reference:
         for name, value in reference[k].items():
             assert math.isclose(scores[k][name], value, rel_tol=1e-6, abs_tol=1e-9), (k, name)
+    counts = reference_output_at_set(model, *data, horizon, stride)
+    torch.testing.assert_close(scores[1]["output_at_set_per_channel"], counts, rtol=1e-6, atol=1e-9)
+    assert 0 < counts[0] and counts[1] == counts[2] == 0  # right about channel 0, wrong about 1 and 2
     assert 0 < scores[1]["model_recall"] < 1 and scores[1]["model_false"] > 0
 
 
