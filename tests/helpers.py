@@ -1,6 +1,7 @@
 """Running a script as a user would, reading back what it logged, and what a compiled step mutates."""
 
 import glob
+import importlib
 import os
 import shutil
 import signal
@@ -20,6 +21,15 @@ NEEDS_INDUCTOR = pytest.mark.skipif(
     or not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")),
     reason="torch.compile on the CPU needs a C++ compiler and Python's headers",
 )
+
+
+def import_benchmark_tool(name):
+    """A module of benchmark/ (which import each other by their bare names), imported in process."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 
 
 def run_script(script, *flags, cwd, timeout=300):

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import ROOT, error_line
+from helpers import ROOT, error_line, import_benchmark_tool
 from torch.utils.tensorboard import SummaryWriter
 
 RUN = os.path.join(ROOT, "benchmark", "run.py")
@@ -423,15 +423,6 @@ def test_report_without_matplotlib_says_how_to_install_it_or_writes_only_the_tab
     assert "| CartPole-v1 | pdqn | 1 |" in (tmp_path / "benchmark" / "results" / "bench.md").read_text()
 
 
-def import_report():
-    sys.path.insert(0, os.path.join(ROOT, "benchmark"))
-    try:
-        import report
-    finally:
-        sys.path.pop(0)
-    return report
-
-
 def shell_script_env(**settings):
     """The environment for a benchmark shell script: this interpreter as PYTHON, and none of the
     scripts' settings from the caller's environment but `settings`."""
@@ -458,14 +449,14 @@ def test_classic_control_trains_its_seeds_in_one_process_per_env():
 
 
 def test_seed_ranges_are_written_short():
-    report = import_report()
+    report = import_benchmark_tool("report")
     assert report.seed_ranges([1, 2, 3]) == "1–3"
     assert report.seed_ranges([5, 1, 2, 9, 10, 11, 12]) == "1, 2, 5, 9–12"
     assert report.seed_ranges([7]) == "7"
 
 
 def test_learning_curve_bins_average_and_carry_forward():
-    report = import_report()
+    report = import_benchmark_tool("report")
     steps = np.array([5, 15, 250, 255, 900, 1000])
     x, curve = report.binned_curve(steps, np.array([1.0, 3.0, 5.0, 7.0, 9.0, 11.0]), total=1000)
     assert len(x) == report.BINS == 50 and x[0] == 10 and x[-1] == 990  # centres of the bins [0, 20), [20, 40), ...
@@ -567,7 +558,7 @@ def reference_iqm(scores):
 
 
 def test_iqm_against_a_written_out_reference():
-    report = import_report()
+    report = import_benchmark_tool("report")
 
     assert report.iqm([1, 2, 3, 4, 5, 6, 7, 8]) == 4.5  # 3, 4, 5, 6
     assert report.iqm([5.0]) == 5.0 and report.iqm([1, 2, 30]) == 11.0  # fewer than 4: the mean
@@ -578,7 +569,7 @@ def test_iqm_against_a_written_out_reference():
 
 
 def test_stratified_bootstrap_against_a_written_out_reference():
-    report = import_report()
+    report = import_benchmark_tool("report")
 
     tasks = [np.array([1.0, 4.0, 2.0, 8.0, 3.0]), np.array([10.0, 0.0, 5.0])]
     low, high = report.stratified_bootstrap_ci(tasks, reps=500, seed=7)
@@ -597,7 +588,7 @@ def test_stratified_bootstrap_against_a_written_out_reference():
 
 
 def test_aggregate_iqm_of_normalised_scores():
-    report = import_report()
+    report = import_benchmark_tool("report")
 
     def runs(values):
         return [dict(behaviour=v, greedy=v) for v in values]

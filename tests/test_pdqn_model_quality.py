@@ -8,20 +8,11 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, only_run_dir, run_script
+from helpers import ROOT, import_benchmark_tool, only_run_dir, run_script
 
 import pdqn_minatar as pdqn
 
 TOOL = os.path.join(ROOT, "benchmark", "pdqn_model_quality.py")
-
-
-def import_tool():
-    sys.path.insert(0, os.path.join(ROOT, "benchmark"))
-    try:
-        import pdqn_model_quality
-    finally:
-        sys.path.pop(0)
-    return pdqn_model_quality
 
 
 class ShiftModel(torch.nn.Module):
@@ -115,7 +106,7 @@ def reference_output_at_set(model, obs, actions, rewards, real, horizon, stride)
 
 @pytest.mark.parametrize("horizon, stride", [(5, 3), (20, 1)])
 def test_scores_match_a_written_out_count_on_random_data(horizon, stride):
-    tool = import_tool()
+    tool = import_benchmark_tool("pdqn_model_quality")
     data = shift_game(seed=1)
     model = ShiftModel(broken=True)  # wrong about channels 1 and 2: every score is in play
     scores = tool.compare(model, *data, horizon, stride)
@@ -131,7 +122,7 @@ def test_scores_match_a_written_out_count_on_random_data(horizon, stride):
 
 
 def test_a_perfect_model_scores_one_and_no_comparison_crosses_a_reset():
-    tool = import_tool()
+    tool = import_benchmark_tool("pdqn_model_quality")
     obs, actions, rewards, real = shift_game()
     scores = tool.compare(ShiftModel(), obs, actions, rewards, real, horizon=20, stride=1)
     for k, s in scores.items():
@@ -146,7 +137,7 @@ def test_a_perfect_model_scores_one_and_no_comparison_crosses_a_reset():
 
 
 def test_a_model_that_predicts_no_change_scores_as_the_baseline():
-    tool = import_tool()
+    tool = import_benchmark_tool("pdqn_model_quality")
 
     class Unchanged(torch.nn.Module):
         def forward(self, obs, actions):
@@ -207,7 +198,7 @@ def test_bad_input_is_one_error_line(saved_model, tmp_path, monkeypatch, capsys,
     flags = [os.path.join(saved_model, "pdqn_minatar.pt") if f == "MODEL" else f for f in flags]
     monkeypatch.setattr(sys, "argv", [TOOL, *flags])
     with pytest.raises(SystemExit) as exit_info:
-        import_tool().main()
+        import_benchmark_tool("pdqn_model_quality").main()
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: {message}\n"
 
@@ -229,7 +220,7 @@ def test_a_model_saved_with_model_predicts_change_is_rebuilt_as_one(tmp_path, mo
     saved = {"format": pdqn.MODEL_FORMAT, "q_network": q_network.state_dict(), "world_model": model.state_dict()}
     torch.save(saved | {"args": args}, path)
     monkeypatch.setattr(sys, "argv", [TOOL, path, "--num-envs", "2", "--steps", "20", "--horizon", "2"])
-    import_tool().main()
+    import_benchmark_tool("pdqn_model_quality").main()
     rows = [line.split("|")[3:11] for line in capsys.readouterr().out.splitlines() if line[:4] in ("| 1 ", "| 2 ")]
     assert len(rows) == 2
     for row in rows:
