@@ -134,6 +134,14 @@ def main():
         fail(f"--epsilon must be in [0, 1], got {cli.epsilon}")
     if not 0 <= cli.seed < 2**32:
         fail(f"--seed must be in [0, 2**32 - 1], got {cli.seed}")
+    # Every real observation is kept (at most 10 channels of 10x10 floats), with the envs.
+    try:
+        pdqn.check_memory(
+            (cli.steps + 1) * cli.num_envs * 4 * 10 * 10 * 10 + cli.num_envs * pdqn.ENV_BYTES,
+            "the played observations and the envs (--steps and --num-envs)",
+        )
+    except pdqn.UsageError as e:
+        fail(str(e))
     saved_args, q_state, model_state, step = load(cli.checkpoint)
     args = pdqn.Args(env_id=saved_args["env_id"], sticky_action_prob=saved_args["sticky_action_prob"])
     torch.manual_seed(cli.seed)
