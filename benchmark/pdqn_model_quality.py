@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 
+import gymnasium as gym
 import numpy as np
 import torch
 
@@ -143,13 +144,20 @@ def main():
     except pdqn.UsageError as e:
         fail(str(e))
     saved_args, q_state, model_state, step = load(cli.checkpoint)
-    args = pdqn.Args(env_id=saved_args["env_id"], sticky_action_prob=saved_args["sticky_action_prob"])
+    # The envs as the run made them.
+    args = pdqn.Args(
+        **{
+            name: saved_args[name]
+            for name in ("env_id", "sticky_action_prob", "max_episode_steps", "model_predicts_change")
+            if name in saved_args
+        }
+    )
     torch.manual_seed(cli.seed)
     envs = pdqn.make_envs(args, cli.num_envs)
     q_network, model = pdqn.make_networks(
         envs.single_observation_space.shape[0],
         int(envs.single_action_space.n),
-        saved_args.get("model_predicts_change", False),
+        args.model_predicts_change,
     )
     try:
         q_network.load_state_dict(q_state)
@@ -201,7 +209,7 @@ def main():
 def channel_names(env_id, channels):
     """The game's names of its observation channels (MinAtar's own), or their numbers."""
     try:
-        names = sorted(pdqn.gym.make(env_id).unwrapped.game.env.channels.items(), key=lambda item: item[1])
+        names = sorted(gym.make(env_id).unwrapped.game.env.channels.items(), key=lambda item: item[1])
         if len(names) == channels:
             return [name for name, _ in names]
     except AttributeError:
