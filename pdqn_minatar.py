@@ -103,6 +103,10 @@ class Args:
     model_predicts_change: bool = False
     """the world model's cell head predicts each cell's change, added to the current observation, instead of the next
     observation (off: the authors' model, whose imagined observations lose the player; see the README)"""
+    model_cell_head: Literal["linear", "conv"] = "linear"
+    """the world model's head for the next observation's cells: linear (the authors': one linear layer on the torso's 128
+    features and the action, whose imagined observations lose the player; see the README) or conv (two 3x3 convolutions
+    over the observation with the action as constant planes, so each cell is predicted from its 5x5 neighbourhood)"""
     eval_frequency: int = 0
     """evaluate the greedy policy every this many env steps (0: only at the end of training)"""
     eval_episodes: int = 16
@@ -267,29 +271,48 @@ class QNetwork(nn.Module):
 
 class WorldModel(nn.Module):
     """Predicts, from an observation and an action, the next observation's cells, the reward and
-    the termination (1 or 0): linear heads on the torso's features joined by the action, one-hot.
-    With `predicts_change`, the cell head's output is added to the observation."""
+    the termination (1 or 0). The reward and termination heads are linear, on the torso's features
+    joined by the action, one-hot. The cell head is either a linear one on the same features ("linear",
+    the authors'), or "conv": 3x3 convolutions over the observation with the action as constant planes.
+    MinAtar's objects move at most a cell or two a step, so what a cell holds next depends on the cells
+    around it, which a convolution sees where it is; the linear head must carry every object's place
+    through 128 features. With `predicts_change`, the cell head's output is added to the observation."""
 
-    def __init__(self, channels: int, num_actions: int, predicts_change: bool = False):
+    def __init__(self, channels: int, num_actions: int, predicts_change: bool = False, cell_head: str = "linear"):
         super().__init__()
         self.num_actions = num_actions
         self.predicts_change = predicts_change
+        self.cell_head = cell_head
         self.torso = torso(channels)
-        self.next_obs_head = nn.Linear(128 + num_actions, channels * 100)
+        if cell_head == "linear":
+            self.next_obs_head = nn.Linear(128 + num_actions, channels * 100)
+        else:
+            self.next_obs_head = nn.Sequential(
+                nn.Conv2d(channels + num_actions, 32, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(32, 32, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(32, channels, 1),
+            )
         self.reward_head = nn.Linear(128 + num_actions, 1)
         self.termination_head = nn.Linear(128 + num_actions, 1)
 
     def forward(self, obs, actions):
-        h = torch.cat([self.torso(obs), F.one_hot(actions, self.num_actions).float()], dim=1)
-        next_obs = self.next_obs_head(h).view(obs.shape)
+        action = F.one_hot(actions, self.num_actions).float()
+        h = torch.cat([self.torso(obs), action], dim=1)
+        if self.cell_head == "linear":
+            next_obs = self.next_obs_head(h).view(obs.shape)
+        else:
+            planes = action[:, :, None, None].expand(-1, -1, *obs.shape[2:])
+            next_obs = self.next_obs_head(torch.cat([obs, planes], dim=1))
         if self.predicts_change:
             next_obs = obs + next_obs
         return next_obs, self.reward_head(h).squeeze(1), self.termination_head(h).squeeze(1)
 
 
-def make_networks(channels: int, num_actions: int, model_predicts_change: bool = False):
+def make_networks(channels: int, num_actions: int, model_predicts_change: bool = False, model_cell_head: str = "linear"):
     """The Q-network and the world model, created in this order (so a seed fixes both)."""
-    return QNetwork(channels, num_actions), WorldModel(channels, num_actions, model_predicts_change)
+    return QNetwork(channels, num_actions), WorldModel(channels, num_actions, model_predicts_change, model_cell_head)
 
 
 def model_losses(model, obs, actions, next_obs, rewards, terminations, mask):
@@ -1013,7 +1036,9 @@ def main(args: Args, given: set[str], state: dict | None = None):
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
     channels, num_actions = envs.single_observation_space.shape[0], int(envs.single_action_space.n)
-    q_network, world_model = (net.to(device) for net in make_networks(channels, num_actions, args.model_predicts_change))
+    q_network, world_model = (
+        net.to(device) for net in make_networks(channels, num_actions, args.model_predicts_change, args.model_cell_head)
+    )
     optimizer = RAdam(q_network.parameters(), lr=args.learning_rate, static_state=args.cudagraphs)
     model_optimizer = RAdam(world_model.parameters(), lr=args.learning_rate, static_state=args.cudagraphs)
     recent_returns = collections.deque(maxlen=20)

@@ -148,7 +148,7 @@ def main():
     args = pdqn.Args(
         **{
             name: saved_args[name]
-            for name in ("env_id", "sticky_action_prob", "max_episode_steps", "model_predicts_change")
+            for name in ("env_id", "sticky_action_prob", "max_episode_steps", "model_predicts_change", "model_cell_head")
             if name in saved_args
         }
     )
@@ -158,6 +158,7 @@ def main():
         envs.single_observation_space.shape[0],
         int(envs.single_action_space.n),
         args.model_predicts_change,
+        args.model_cell_head,
     )
     try:
         q_network.load_state_dict(q_state)

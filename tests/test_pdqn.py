@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -188,8 +189,8 @@ def test_env_observations_are_float_channels_first():
     assert envs.single_observation_space.shape == (4, 10, 10)
 
 
-@pytest.mark.parametrize("planning_steps", ["0", "3"])
-def test_smoke_run_logs_metrics_and_planning_off_leaves_the_model_untouched(tmp_path, planning_steps):
+@pytest.mark.parametrize("planning_steps, cell_head", [("0", "linear"), ("3", "linear"), ("3", "conv")])
+def test_smoke_run_logs_metrics_and_planning_off_leaves_the_model_untouched(tmp_path, planning_steps, cell_head):
     result = run_script(
         "pdqn_minatar.py",
         *TINY,
@@ -199,6 +200,8 @@ def test_smoke_run_logs_metrics_and_planning_off_leaves_the_model_untouched(tmp_
         planning_steps,
         "--planning-delay-updates",
         "2",
+        "--model-cell-head",
+        cell_head,
         "--seed",
         "3",
         "--save-model",
@@ -210,8 +213,9 @@ def test_smoke_run_logs_metrics_and_planning_off_leaves_the_model_untouched(tmp_
     assert CONVENTION_SCALARS <= set(scalars)
     saved = torch.load(os.path.join(run_dir, "pdqn_minatar.pt"), weights_only=True)
     torch.manual_seed(3)
-    _, fresh_model = pdqn.make_networks(4, 3)
+    _, fresh_model = pdqn.make_networks(4, 3, model_cell_head=cell_head)
     fresh = fresh_model.state_dict()
+    assert saved["world_model"].keys() == fresh.keys()
     unchanged = all(torch.equal(saved["world_model"][k], fresh[k]) for k in fresh)
     if planning_steps == "0":
         assert not (MODEL_SCALARS | {"losses/planning_loss"}) & set(scalars)
@@ -269,4 +273,70 @@ def test_a_model_that_predicts_change_adds_it_to_the_observation():
         (next_obs, reward, term), (next_change, reward_change, term_change) = model(obs, actions), change(obs, actions)
     # ... the cell head's output added to the observation, the reward and termination heads as they are.
     torch.testing.assert_close(next_change, obs + next_obs, rtol=0, atol=1e-6)
+    assert torch.equal(reward, reward_change) and torch.equal(term, term_change)
+
+
+def conv_cells_reference(model, obs, actions):
+    """The conv cell head written out: the observation with one constant plane per action (1 for the action
+    taken), then per layer and per cell, the sum over its k x k neighbourhood (zeros beyond the edge) of
+    weights times inputs, plus the bias, with ReLU between layers."""
+    batch, channels, height, width = obs.shape
+    num_actions = model.num_actions
+    x = np.zeros((batch, channels + num_actions, height, width))
+    x[:, :channels] = obs.numpy()
+    for b in range(batch):
+        x[b, channels + int(actions[b])] = 1.0
+    convs = [layer for layer in model.next_obs_head if isinstance(layer, torch.nn.Conv2d)]
+    for n, conv in enumerate(convs):
+        weight, bias = conv.weight.detach().double().numpy(), conv.bias.detach().double().numpy()
+        k = weight.shape[-1]
+        padded = np.pad(x, ((0, 0), (0, 0), (k // 2, k // 2), (k // 2, k // 2)))
+        out = np.zeros((batch, weight.shape[0], height, width))
+        for b in range(batch):
+            for i in range(height):
+                for j in range(width):
+                    window = padded[b, :, i : i + k, j : j + k]
+                    out[b, :, i, j] = (weight * window[None]).sum(axis=(1, 2, 3)) + bias
+        x = np.maximum(out, 0.0) if n < len(convs) - 1 else out
+    return torch.from_numpy(x).float()
+
+
+def test_the_conv_cell_head_matches_a_written_out_convolution():
+    torch.manual_seed(0)
+    model = pdqn.WorldModel(4, 3, cell_head="conv")
+    obs, actions, *_ = random_batch(B=3)
+    with torch.no_grad():
+        cells, _, _ = model(obs, actions)
+    torch.testing.assert_close(cells, conv_cells_reference(model, obs, actions), rtol=1e-4, atol=1e-5)
+
+
+def test_a_conv_cell_sees_its_5x5_neighbourhood_and_the_action():
+    torch.manual_seed(0)
+    model = pdqn.WorldModel(4, 3, cell_head="conv")
+    obs, actions, *_ = random_batch(B=1)
+    i, j = 4, 5
+    with torch.no_grad():
+        cells = model(obs, actions)[0][0, :, i, j]
+        for u in range(10):
+            for v in range(10):
+                changed = obs.clone()
+                changed[0, :, u, v] = 1.0 - changed[0, :, u, v]
+                moved = not torch.allclose(model(changed, actions)[0][0, :, i, j], cells, rtol=0, atol=1e-6)
+                assert moved == (max(abs(u - i), abs(v - j)) <= 2), (u, v)
+        other_action = (actions + 1) % 3
+        assert not torch.allclose(model(obs, other_action)[0][0, :, i, j], cells, rtol=0, atol=1e-6)
+
+
+def test_a_conv_model_keeps_the_reward_and_termination_heads_and_predicts_change_on_top():
+    torch.manual_seed(0)
+    model = pdqn.WorldModel(4, 3, cell_head="conv")
+    change = pdqn.WorldModel(4, 3, predicts_change=True, cell_head="conv")
+    change.load_state_dict(model.state_dict())
+    obs, actions, *_ = random_batch()
+    with torch.no_grad():
+        (cells, reward, term), (cells_change, reward_change, term_change) = model(obs, actions), change(obs, actions)
+        h = torch.cat([model.torso(obs), F.one_hot(actions, 3).float()], dim=1)
+        torch.testing.assert_close(reward, model.reward_head(h).squeeze(1), rtol=0, atol=0)
+        torch.testing.assert_close(term, model.termination_head(h).squeeze(1), rtol=0, atol=0)
+    torch.testing.assert_close(cells_change, obs + cells, rtol=0, atol=1e-6)
     assert torch.equal(reward, reward_change) and torch.equal(term, term_change)

@@ -228,3 +228,16 @@ def test_a_model_saved_with_model_predicts_change_is_rebuilt_as_one(tmp_path, mo
     for row in rows:
         model_cells, unchanged_cells = row[:3], row[5:8]
         assert model_cells == unchanged_cells and float(model_cells[1]) > 0.5
+
+
+def test_a_model_saved_with_the_conv_cell_head_is_rebuilt_as_one(tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    q_network, model = pdqn.make_networks(4, 3, model_cell_head="conv")
+    args = pdqn.asdict(pdqn.Args(env_id="MinAtar/Breakout-v1", model_cell_head="conv"))
+    path = str(tmp_path / "conv.pt")
+    saved = {"format": pdqn.MODEL_FORMAT, "q_network": q_network.state_dict(), "world_model": model.state_dict()}
+    torch.save(saved | {"args": args}, path)
+    monkeypatch.setattr(sys, "argv", [TOOL, path, "--num-envs", "2", "--steps", "20", "--horizon", "2"])
+    import_benchmark_tool("pdqn_model_quality").main()  # built with the linear head, the weights would not fit
+    rows = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows == ["k", "1", "2", "channel", "paddle", "ball", "trail", "brick"]
