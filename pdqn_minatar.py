@@ -105,8 +105,9 @@ class Args:
     observation (off: the authors' model, whose imagined observations lose the player; see the README)"""
     model_cell_head: Literal["linear", "conv"] = "linear"
     """the world model's head for the next observation's cells: linear (the authors': one linear layer on the torso's 128
-    features and the action, whose imagined observations lose the player; see the README) or conv (two 3x3 convolutions
-    over the observation with the action as constant planes, so each cell is predicted from its 5x5 neighbourhood)"""
+    features and the action, whose imagined observations lose the player) or conv (two 3x3 convolutions and a 1x1 one over
+    the observation with the action as constant planes: each cell from its 5x5 neighbourhood); neither helps planning,
+    see the README"""
     eval_frequency: int = 0
     """evaluate the greedy policy every this many env steps (0: only at the end of training)"""
     eval_episodes: int = 16

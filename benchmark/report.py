@@ -244,7 +244,7 @@ def plot(groups, envs, variants, title, path):
                 with warnings.catch_warnings():  # bins before any seed's first episode are all-NaN
                     warnings.simplefilter("ignore", RuntimeWarning)
                     mean, std = np.nanmean(curves, axis=0), np.nanstd(curves, axis=0)
-                ax.plot(x, mean, color=color, label=f"{exp} (behaviour, {len(curves)} seeds)")
+                ax.plot(x, mean, color=color, label=f"{exp} (behaviour, {len(curves)} seed{'s' if len(curves) > 1 else ''})")
                 ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
             evals = {}
             for run in runs:
