@@ -6,7 +6,9 @@ with `QNetwork` (LayerNorm instead of a target network), `q_lambda_returns`, `ro
 """
 
 import collections
+import contextlib
 import hashlib
+import io
 import math
 import os
 import random
@@ -745,6 +747,28 @@ class Interrupts:
         self.signal = signum
 
 
+def parse_args(args_class):
+    """The command line parsed by tyro, whose reports of bad input (a value of the wrong type, an unknown
+    flag or choice) are boxes of many lines: the box's message becomes one UsageError line."""
+    report = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(report):
+            return tyro.cli(args_class)
+    except SystemExit as e:
+        if not e.code:  # --help
+            raise
+        box, report = report.getvalue(), io.StringIO()  # told as one line instead
+        message = []
+        for line in box.splitlines()[1:]:  # below the box's title, up to its first rule
+            text = line.strip("│╰╯ ")
+            if not text or set(text) == {"─"}:
+                break
+            message.append(text)
+        raise UsageError(" ".join(message) or box.strip()) from None
+    finally:
+        sys.stderr.write(report.getvalue())  # whatever else tyro wrote there
+
+
 # --- end shared: faults ---
 
 
@@ -1117,7 +1141,7 @@ def main(args: Args, given: set[str], state: dict | None = None):
 
 if __name__ == "__main__":
     try:
-        args = tyro.cli(Args)
+        args = parse_args(Args)
         given = flags_given(sys.argv[1:])
         state = load_training_state(args.resume) if args.resume else None
         if state:

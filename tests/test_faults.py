@@ -352,6 +352,34 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    "script, flags, message",
+    [
+        *[
+            (script, ["--seed", "abc"], "Error parsing --seed: invalid literal for int() with base 10: 'abc'")
+            for script in ["pqn.py", "pqn_atari_envpool.py", "pqn_atari_envpool_lstm.py", "qdagger_dqn_atari_impalacnn.py"]
+        ],
+        ("pqn.py", ["--no-such-flag"], "Unrecognized options: --no-such-flag"),
+        # A message tyro wraps over two lines of its box is one line here.
+        (
+            "pdqn_minatar.py",
+            ["--model-cell-head", "a-head-of-a-name-long-enough-to-be-wrapped"],
+            "invalid choice 'a-head-of-a-name-long-enough-to-be-wrapped' for argument '--model-cell-head'. "
+            "Expected one of ('linear', 'conv').",
+        ),
+    ],
+)
+def test_what_the_command_line_parser_refuses_is_one_line(tmp_path, script, flags, message):
+    result = run_script(script, *flags, cwd=tmp_path)
+    assert result.returncode == 2 and error_line(result) == f"error: {message}" and not result.stdout
+
+
+def test_help_is_still_printed_whole(tmp_path):
+    result = run_script("pqn.py", "--help", cwd=tmp_path)
+    assert result.returncode == 0 and not result.stderr
+    assert result.stdout.startswith("usage: ") and "--num-envs INT" in result.stdout
+
+
 @pytest.mark.parametrize("name", ["a/b", ""])
 @pytest.mark.parametrize("module", [pqn, atari, lstm, pdqn, qd], ids=lambda m: m.__name__)
 def test_an_exp_name_that_is_not_a_file_name_is_refused_before_training(module, name):
