@@ -12,8 +12,8 @@
 #            cleanrl reports about 43 min per 10M-step run of its PQN on Atari with a GPU). On a
 #            2-core CPU without GPU, PQN trained at 282–495 env steps/s over its first 49k steps
 #            (benchmark/results/speed.md).
-#   atari-cpu  pqn_atari_cpu: pqn_atari_envpool.py on Breakout-v5, 2M steps, seed 1, greedy evaluation
-#            every 500k steps and at the end (8 games): the Atari budget a CPU can run.
+#   atari-cpu  pqn_atari_cpu: pqn_atari_envpool.py on Breakout-v5 (or CPU_ENVS), 2M steps, seed 1,
+#            greedy evaluation every 500k steps and at the end (8 games): the Atari budget a CPU can run.
 #   lstm-cpu   pqn_atari_lstm_cpu: the same for pqn_atari_envpool_lstm.py. Measured on that 2-core
 #            CPU, atari-cpu and lstm-cpu side by side (two shells): 1 h 22 min to 1 h 31 min per run.
 #
@@ -27,6 +27,7 @@
 #   EXTRA_FLAGS   flags appended to every command, e.g. "--total-timesteps 100000"
 #   SUFFIX        appended to the benchmark names (a run with other flags needs another name)
 #   ATARI_ENVS, LSTM_ENVS   the env ids of the Atari blocks
+#   CPU_ENVS      the env ids of atari-cpu and lstm-cpu (default Breakout-v5)
 #   RUNNER_FLAGS  flags for run.py: "--dry-run" prints the commands; "--slurm --slurm-gpus 1" submits
 #                 them as slurm jobs (see python benchmark/run.py --help); the report is then skipped
 #   MACHINE       the machine line of the report (default: this machine's cores, CPU and GPU)
@@ -37,7 +38,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # How the script was called, for the report: the variables above that are set, and the blocks.
-invocation=$(for v in SEEDS NUM_SEEDS WORKERS EXTRA_FLAGS SUFFIX ATARI_ENVS LSTM_ENVS; do [ -z "${!v:-}" ] || printf '%s="%s" ' "$v" "${!v}"; done)
+invocation=$(for v in SEEDS NUM_SEEDS WORKERS EXTRA_FLAGS SUFFIX ATARI_ENVS LSTM_ENVS CPU_ENVS; do [ -z "${!v:-}" ] || printf '%s="%s" ' "$v" "${!v}"; done)
 SELF=benchmark/pqn.sh
 PYTHON=${PYTHON:-python}
 # The CPU Atari presets are single runs (seed 1) unless SEEDS is given; classic runs its seeds in one process.
@@ -50,6 +51,7 @@ SUFFIX=${SUFFIX:-}
 RUNNER_FLAGS=${RUNNER_FLAGS:-}
 ATARI_ENVS=${ATARI_ENVS:-"Breakout-v5 Pong-v5 BeamRider-v5"}
 LSTM_ENVS=${LSTM_ENVS:-"Breakout-v5 BeamRider-v5"}
+CPU_ENVS=${CPU_ENVS:-Breakout-v5}
 status=0
 
 # machine: this machine's cores, CPU model and GPU, for the report.
@@ -109,7 +111,7 @@ for block in "${blocks[@]}"; do
             ;;
         atari-cpu | lstm-cpu)
             if [ "$block" = atari-cpu ]; then name=pqn_atari_cpu script=pqn_atari_envpool.py; else name=pqn_atari_lstm_cpu script=pqn_atari_envpool_lstm.py; fi
-            SEEDS=$CPU_SEEDS run "$name$SUFFIX" "${WORKERS:-1}" pqn "$script" Breakout-v5 \
+            SEEDS=$CPU_SEEDS run "$name$SUFFIX" "${WORKERS:-1}" pqn "$script" "$CPU_ENVS" \
                 --total-timesteps 2000000 --eval-frequency 500000
             report "$name$SUFFIX" "$block"
             ;;
