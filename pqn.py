@@ -746,6 +746,15 @@ class Interrupts:
             os._exit(128 + signum)
         self.signal = signum
 
+    def status_at_the_end(self, run_dir):
+        """The exit status of a run that finished: 0, or for a signal that came during its final
+        evaluation or saves (they ran to the end), 128 + the signal's number and one line that says so."""
+        if self.signal is None:
+            return 0
+        name = signal.Signals(self.signal).name
+        print(f"{name} came after the last step: the run finished, its results are in {run_dir}", file=sys.stderr)
+        return 128 + self.signal
+
 
 def parse_args(args_class):
     """The command line parsed by tyro, whose reports of bad input (a value of the wrong type, an unknown
@@ -1132,6 +1141,7 @@ def main(args: Args, given: set[str], state: dict | None = None):
         if args.save_model:
             save_models()
         save_checkpoint(args.num_iterations, finished=True)
+        return interrupts.status_at_the_end(run_dirs[0])
     finally:
         envs.close()
         eval_envs.close()
@@ -1156,3 +1166,6 @@ if __name__ == "__main__":
     except RunFault as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C before training began (training answers it itself) or in --eval-checkpoint
+        print("SIGINT: stopped, nothing saved", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

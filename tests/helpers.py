@@ -45,6 +45,41 @@ def run_script(script, *flags, cwd, timeout=300):
     )
 
 
+# Runs a script as `python script` would, after arranging that the script sends itself SIGINT when one of
+# its functions, chosen by name, is called for the n-th time: a signal at a chosen point of a run rather
+# than at a moment, which would be early or late on another machine.
+SIGNAL_DRIVER = """
+import os, runpy, signal, sys
+script, function, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+calls = 0
+
+def profile(frame, event, arg):
+    global calls
+    if event == "call" and frame.f_code.co_name == function and frame.f_code.co_filename == script:
+        calls += 1
+        if calls == n:
+            sys.setprofile(None)
+            os.kill(os.getpid(), signal.SIGINT)
+
+sys.argv = [script, *sys.argv[4:]]
+sys.setprofile(profile)
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def run_script_interrupted_at(script, function, n, *flags, cwd, timeout=300):
+    """run_script, with SIGINT sent when the script's function `function` is called the n-th time."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "-c", SIGNAL_DRIVER, os.path.join(ROOT, script), function, str(n), *flags],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def read_scalars(run_dir):
     """{tag: [(step, value), ...]} from the TensorBoard event files in run_dir."""
     acc = EventAccumulator(run_dir, size_guidance={"scalars": 0, "tensors": 0})

@@ -16,7 +16,15 @@ import numpy as np
 import pytest
 import torch
 import tyro
-from helpers import ROOT, error_line, only_run_dir, read_scalars, record_scalars_and_checkpoints, run_script
+from helpers import (
+    ROOT,
+    error_line,
+    only_run_dir,
+    read_scalars,
+    record_scalars_and_checkpoints,
+    run_script,
+    run_script_interrupted_at,
+)
 
 import pdqn_minatar as pdqn
 import pqn
@@ -202,6 +210,32 @@ def test_a_run_stopped_in_its_last_iteration_resumes_to_its_final_evaluation(tmp
     assert resumed.returncode == 0, resumed.stderr
     assert [s for s, _ in read_scalars(run_dir)["eval/episodic_return"]] == [total]
     assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["finished"]
+
+
+@pytest.mark.parametrize("script", list(ONE_ITERATION))
+def test_a_signal_during_the_final_evaluation_lets_the_run_finish_and_says_so(tmp_path, script):
+    # The run has taken its last step: it finishes its evaluation and saves, then tells of the signal.
+    flags = [*ONE_ITERATION[script].split(), "--update-epochs", "1", "--eval-episodes", "2", "--save-model"]
+    total = int(flags[flags.index("--total-timesteps") + 1])
+    result = run_script_interrupted_at(script, "run_evaluation", 1, *flags, cwd=tmp_path)  # one iteration: the final one
+    run_dir = only_run_dir(tmp_path)
+    assert result.returncode == 130, result.stderr
+    assert error_line(result) == (
+        f"SIGINT came after the last step: the run finished, its results are in {os.path.relpath(run_dir, tmp_path)}"
+    )
+    assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["finished"]
+    assert [s for s, _ in read_scalars(run_dir)["eval/episodic_return"]] == [total]
+    assert os.path.isfile(os.path.join(run_dir, script.replace(".py", ".pt")))
+    resumed = run_script(script, "--resume", os.path.relpath(run_dir, tmp_path), cwd=tmp_path)
+    assert resumed.returncode == 0 and "is finished" in resumed.stdout, resumed.stderr
+
+
+def test_ctrl_c_while_a_saved_model_is_evaluated_is_one_line(tmp_path):
+    assert run_script("pqn.py", *FLAGS, "--total-timesteps", "512", "--save-model", cwd=tmp_path).returncode == 0
+    model = os.path.join(only_run_dir(tmp_path), "pqn.pt")
+    result = run_script_interrupted_at("pqn.py", "evaluate", 1, "--eval-checkpoint", model, cwd=tmp_path)
+    assert result.returncode == 130
+    assert error_line(result) == "SIGINT: stopped, nothing saved"
 
 
 def test_a_tracked_run_resumes_its_own_wandb_run(tmp_path):

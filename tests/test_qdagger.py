@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import torch
 import tyro
-from helpers import ROOT, error_line, only_run_dir, read_scalars, record_scalars_and_checkpoints, run_script
+from helpers import (
+    ROOT,
+    error_line,
+    only_run_dir,
+    read_scalars,
+    record_scalars_and_checkpoints,
+    run_script,
+    run_script_interrupted_at,
+)
 
 import qdagger_dqn_atari_impalacnn as qd
 
@@ -566,6 +574,27 @@ def test_an_interrupt_at_the_last_offline_step_resumes_in_phase_3_and_closes_eve
     assert steps_of(read_scalars(os.path.join(run_dir, "offline")), "charts/offline/avg_episodic_return") == [10, 20]
     assert steps_of(read_scalars(run_dir), "eval/episodic_return") == [120]
     assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["phase"] == qd.FINISHED
+
+
+@pytest.mark.parametrize(
+    "total_timesteps, function, call",
+    [
+        (120, "evaluate_student", 3),  # offline evaluations at steps 10 and 20, then the final one
+        (0, "save_student", 1),  # no phase 3: the run ends with phase 2
+    ],
+)
+def test_a_signal_after_the_last_step_lets_the_run_finish_and_says_so(teacher, tmp_path, total_timesteps, function, call):
+    flags = ["--teacher-model-path", teacher, *TINY, "--total-timesteps", str(total_timesteps), "--save-model"]
+    result = run_script_interrupted_at("qdagger_dqn_atari_impalacnn.py", function, call, *flags, cwd=tmp_path)
+    run_dir = only_run_dir(tmp_path)
+    assert result.returncode == 130, result.stderr
+    assert error_line(result) == (
+        f"SIGINT came after the last step: the run finished, its results are in {os.path.relpath(run_dir, tmp_path)}"
+    )
+    assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["phase"] == qd.FINISHED
+    assert os.path.isfile(os.path.join(run_dir, "qdagger_dqn_atari_impalacnn.pt"))
+    if total_timesteps:
+        assert steps_of(read_scalars(run_dir), "eval/episodic_return") == [total_timesteps]
 
 
 def test_what_each_phase_logged_up_to_a_checkpoint_is_on_disk_before_it_is_written(teacher, tmp_path, monkeypatch):
