@@ -1,4 +1,5 @@
-"""PDQN: PQN (Gallici et al., ICLR 2025) with a learned world model and Dyna-style planning, on MinAtar.
+"""PDQN: PQN (Gallici et al., ICLR 2025) with a learned world model and Dyna-style planning, on MinAtar, after
+the PDQN authors' code (github.com/stoianraresstefan/pdqn).
 
 Reading guide: `main`'s loop is PQN's (rollout -> Q(lambda) targets -> update epochs) followed by
 `model_update` (the `WorldModel` learns from the real rollout) and, from update `planning_delay_updates`
@@ -47,7 +48,7 @@ class Args:
     wandb_entity: str | None = None
     """the wandb entity (team)"""
     save_model: bool = False
-    """save the Q-network, the world model and these Args to runs/{run_name}/{exp_name}.pt at the end"""
+    """save the Q-network, the world model and these Args to runs/{run_name}/{exp_name}.pt at the end and at an interrupt"""
     eval_checkpoint: str | None = None
     """evaluate this saved model's Q-network greedily for `eval_episodes` episodes and exit, without training"""
     capture_video: bool = False
@@ -93,23 +94,23 @@ class Args:
     exploration_fraction: float = 0.1
     """the fraction of `total_timesteps` over which epsilon decays linearly to `end_e`"""
     max_grad_norm: float = 10.0
-    """the maximum global norm of the gradients"""
+    """the maximum global norm of the gradients (of the Q-network's, and separately of the world model's)"""
     planning_steps: int = 20
     """imagined steps per update: the world model is rolled this many steps from the last real observations, then Q takes
     one gradient step per imagined step, in order (0: plain PQN; the world model is still made, so that the run draws the
     random numbers a planning run draws, but never trained or used)"""
     planning_delay_updates: int = 500
-    """planning starts at this update (the world model has then learned from this many rollouts)"""
+    """planning starts at this update, counting from 1 (the world model has then learned from this many rollouts;
+    0 and 1 both plan from the first)"""
     planning_epsilon: float | None = None
     """epsilon of the imagined rollouts (default: the behaviour epsilon at that time)"""
     model_predicts_change: bool = False
     """the world model's cell head predicts each cell's change, added to the current observation, instead of the next
-    observation (off: the authors' model, whose imagined observations lose the player; see the README)"""
+    observation (off: the authors' model)"""
     model_cell_head: Literal["linear", "conv"] = "linear"
     """the world model's head for the next observation's cells: linear (the authors': one linear layer on the torso's 128
-    features and the action, whose imagined observations lose the player) or conv (two 3x3 convolutions and a 1x1 one over
-    the observation with the action as constant planes: each cell from its 5x5 neighbourhood); neither helps planning,
-    see the README"""
+    features and the action) or conv (two 3x3 convolutions and a 1x1 one over the observation with the action as constant
+    planes: each cell from its 5x5 neighbourhood)"""
     eval_frequency: int = 0
     """evaluate the greedy policy every this many env steps (0: only at the end of training)"""
     eval_episodes: int = 16
@@ -321,9 +322,9 @@ def make_networks(channels: int, num_actions: int, model_predicts_change: bool =
 def model_losses(model, obs, actions, next_obs, rewards, terminations, mask):
     """The world model's losses on real transitions (mask = 0 for reset steps): mean squared error
     of each head (the next observation's cells, the reward, the termination), as the authors'.
-    Returns (total, obs, reward, termination, accuracy, recall): of the cells thresholded at 0.5, the
-    share that is right, and of the cells set in the next observations, the share predicted set (an
-    empty prediction gets most cells right and recalls none)."""
+    Returns (total, obs, reward, termination, accuracy, recall), with the predicted cells thresholded
+    at 0.5: accuracy, the share of all cells of the next observations predicted right; recall, the
+    share of their set cells predicted set (an empty prediction gets most cells right and recalls none)."""
     obs_pred, reward_pred, termination_pred = model(obs, actions)
     weight = mask / mask.sum().clamp(min=1.0)
     obs_loss = (((obs_pred - next_obs) ** 2).mean(dim=(1, 2, 3)) * weight).sum()
@@ -346,18 +347,16 @@ def imagined_step(model, obs, actions):
 def imagine(model, q_network, obs, alive, planning_steps, epsilon):
     """Rolls the world model `planning_steps` steps from `obs`, acting epsilon-greedily.
 
-    Each step is `imagined_step`; a predicted termination ends that imagined trajectory. Returns
-    [K, N] tensors of imagined transitions and `alive`, the mask of those that belong to a trajectory
-    still running (envs not alive at the start, e.g. those whose last real observation ended an
-    episode, never are).
+    Each step is `imagined_step`, with actions from `act`; a predicted termination ends that imagined
+    trajectory. Returns the imagined transitions as tensors [K, N, ...] (K = planning_steps): obs,
+    actions, rewards, next_obs, terminations, and `alive`, the mask of those that belong to a
+    trajectory still running (envs not alive at the start, e.g. those whose last real observation
+    ended an episode, never are).
     """
-    num_envs, num_actions = obs.shape[0], model.num_actions
     steps = collections.defaultdict(list)
     with torch.no_grad():
         for _ in range(planning_steps):
-            greedy = q_network(obs).argmax(dim=1)
-            explore = torch.rand(num_envs, device=obs.device) < epsilon
-            actions = torch.where(explore, torch.randint(num_actions, (num_envs,), device=obs.device), greedy)
+            actions, _ = act(q_network, obs, epsilon)
             next_obs, rewards, terminations = imagined_step(model, obs, actions)
             for name, value in [
                 ("obs", obs),
@@ -963,7 +962,9 @@ def load_model(path: str, device: torch.device) -> dict:
             raise ValueError
         return {"env_id": checkpoint["args"]["env_id"], "q_network": dict(checkpoint["q_network"])}
     except Exception:
-        raise UsageError(f"{path} is not a pdqn_minatar.py model (format {MODEL_FORMAT})") from None
+        raise UsageError(
+            f"{path} is not a pdqn_minatar.py model (format {MODEL_FORMAT}) or training checkpoint ({CHECKPOINT_FORMAT})"
+        ) from None
 
 
 def load_training_state(run_dir: str) -> dict:
@@ -1157,7 +1158,7 @@ def main(args: Args, given: set[str], state: dict | None = None):
             b, obs, is_reset, episodes = rollout(
                 envs, policy, obs, is_reset, torch.tensor(epsilon, device=device), args.num_steps, episode_stats
             )
-            b["final_obs"] = obs
+            b["final_obs"] = obs  # what the rollout's last step returned: the world model's last next observation
             for step, _, episodic_return, episodic_length in episodes:
                 writer.add_scalar("charts/episodic_return", episodic_return, global_step + (step + 1) * args.num_envs)
                 writer.add_scalar("charts/episodic_length", episodic_length, global_step + (step + 1) * args.num_envs)
@@ -1185,8 +1186,9 @@ def main(args: Args, given: set[str], state: dict | None = None):
                         model_stats,
                     )
                 )
-                # 3. Dyna: Q also learns from imagined steps, from the last real observations (not
-                #    from those that ended an episode: nothing follows them).
+                # 3. Dyna: Q also learns from imagined steps, from the last real observations (not from
+                #    the final observation of an episode that ended, terminated or truncated: the env
+                #    resets from it).
                 if iteration >= args.planning_delay_updates:
                     planning_epsilon = epsilon if args.planning_epsilon is None else args.planning_epsilon
                     alive = torch.as_tensor(~is_reset, device=device)

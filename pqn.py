@@ -46,7 +46,8 @@ class Args:
     wandb_entity: str | None = None
     """the wandb entity (team)"""
     save_model: bool = False
-    """save each agent's Q-network and Args to runs/{run_name}/{exp_name}.pt (its own run directory) at the end"""
+    """save each agent's Q-network and Args to runs/{run_name}/{exp_name}.pt (its own run directory) at the end and at an
+    interrupt"""
     eval_checkpoint: str | None = None
     """evaluate this saved model (or every agent of this checkpoint.pt) greedily for `eval_episodes` episodes and exit,
     without training"""

@@ -45,7 +45,7 @@ class Args:
     wandb_entity: str | None = None
     """the wandb entity (team)"""
     save_model: bool = False
-    """save the Q-network and these Args to runs/{run_name}/{exp_name}.pt at the end"""
+    """save the Q-network and these Args to runs/{run_name}/{exp_name}.pt at the end and at an interrupt"""
     eval_checkpoint: str | None = None
     """evaluate this saved model greedily for `eval_episodes` games (with the episodic-life setting it was trained with)
     and exit, without training"""

@@ -6,10 +6,10 @@
 # benchmark/report.py writes benchmark/results/pdqn_minatar.md and .png. benchmark/run.py runs the
 # commands: run again, it skips the runs that finished and continues those stopped with a checkpoint.
 #
-# How long: measured on a 2-core x86-64 CPU without GPU at 5M steps (the example below), the PDQN
-# and planning-0 runs side by side: 12 to 18 min per PDQN run and 7 to 13 min per planning-0 run
-# (26 and 19 min for seed 1 of Breakout and Asterix, with other runs sharing the cores); each run's
-# time is in benchmark/results/pdqn_minatar_5m.md. The 10M-step runs have not been timed.
+# How long: measured on a 2-core x86-64 CPU without GPU at 5M steps (the example below), two runs at
+# a time: 12 to 18 min per PDQN run and 7 to 13 min per planning-0 run, except seed 1 of Breakout and
+# Asterix, whose runs shared the cores with other work (PDQN 26 and 27 min, planning-0 19 min); each
+# run's time is in benchmark/results/pdqn_minatar_5m.md. The 10M-step runs have not been timed.
 #
 # Usage (from anywhere):  bash benchmark/pdqn.sh
 # Environment variables:
