@@ -46,8 +46,8 @@ class Args:
     """save the Q-network and these Args (the QDagger teacher format) to runs/{run_name}/{exp_name}.pt at the end and at an
     interrupt"""
     eval_checkpoint: str | None = None
-    """evaluate this saved model greedily for `eval_episodes` games (with the episodic-life setting it was trained with)
-    and exit, without training"""
+    """evaluate this saved model (or a run's checkpoint.pt) greedily for `eval_episodes` games (with the env settings it
+    was trained with) and exit, without training"""
     capture_video: bool = False
     """record env 0's greedy evaluation game at each evaluation as an MP4 in runs/{run_name}/videos/ (with
     --eval-checkpoint: in videos/ beside the checkpoint); needs pip install -r requirements/video.txt"""
@@ -859,6 +859,7 @@ ENV_SETTINGS = ["repeat_action_probability", "noop_max", "episodic_life"]
 
 
 def load_model(path: str, device: torch.device) -> dict:
+    """A `--save-model` file, or a run's checkpoint.pt (both hold the Q-network and `args`)."""
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}; write one with `python pqn_atari_envpool.py --save-model`")
     try:
@@ -866,13 +867,18 @@ def load_model(path: str, device: torch.device) -> dict:
     except Exception as e:
         raise UsageError(f"{path} is not a torch checkpoint ({type(e).__name__})") from None
     try:
-        if checkpoint["format"] != MODEL_FORMAT:
+        if checkpoint["format"] not in (MODEL_FORMAT, CHECKPOINT_FORMAT):
             raise ValueError
-        return {key: checkpoint[key] for key in ["env_id", "num_actions", "q_network"]} | {
-            "env_settings": {name: checkpoint["args"][name] for name in ENV_SETTINGS}
+        return {
+            "env_id": checkpoint["args"]["env_id"],
+            "num_actions": checkpoint["q_network"]["q_head.bias"].numel(),
+            "q_network": checkpoint["q_network"],
+            "env_settings": {name: checkpoint["args"][name] for name in ENV_SETTINGS},
         }
     except Exception:
-        raise UsageError(f"{path} is not a pqn_atari_envpool.py model (format {MODEL_FORMAT})") from None
+        raise UsageError(
+            f"{path} is not a pqn_atari_envpool.py model (format {MODEL_FORMAT}) or training checkpoint ({CHECKPOINT_FORMAT})"
+        ) from None
 
 
 def load_training_state(run_dir: str) -> dict:

@@ -48,8 +48,8 @@ class Args:
     save_model: bool = False
     """save the student and these Args to runs/{run_name}/{exp_name}.pt at the end (and at an interrupt)"""
     eval_checkpoint: str | None = None
-    """evaluate this saved student greedily for `eval_episodes` games (with the episodic-life setting it was trained with)
-    and exit"""
+    """evaluate this saved student (or the student of a run's checkpoint.pt) greedily for `eval_episodes` games (with the
+    env settings it was trained with) and exit"""
     capture_video: bool = False
     """record env 0's greedy evaluation game at each evaluation as an MP4 in runs/{run_name}/videos/ (with
     --eval-checkpoint: in videos/ beside the checkpoint); needs pip install -r requirements/video.txt"""
@@ -888,20 +888,24 @@ ENV_SETTINGS = ["repeat_action_probability", "noop_max", "episodic_life"]
 
 
 def eval_checkpoint(args: Args, given: set[str], device: torch.device):
-    """Evaluates a student saved with --save-model."""
+    """Evaluates a student saved with --save-model, or the student of a run's checkpoint.pt."""
     path = args.eval_checkpoint
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}; write one with `python qdagger_dqn_atari_impalacnn.py --save-model`")
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
-        if checkpoint["format"] != STUDENT_FORMAT:
+        if checkpoint["format"] not in (STUDENT_FORMAT, CHECKPOINT_FORMAT):
             raise ValueError
-        env_id, num_actions = checkpoint["env_id"], checkpoint["num_actions"]
+        env_id = checkpoint["args"]["env_id"]
         env_settings = {name: checkpoint["args"][name] for name in ENV_SETTINGS}
-        student = ImpalaQNetwork(num_actions).to(device)
+        head_bias = list(checkpoint["student"].values())[-1]  # of the last layer, one per action
+        student = ImpalaQNetwork(head_bias.numel()).to(device)
         student.load_state_dict(checkpoint["student"])
     except Exception:
-        raise UsageError(f"{path} is not a qdagger_dqn_atari_impalacnn.py student (format {STUDENT_FORMAT})") from None
+        raise UsageError(
+            f"{path} is not a qdagger_dqn_atari_impalacnn.py student (format {STUDENT_FORMAT}) or training checkpoint "
+            f"({CHECKPOINT_FORMAT})"
+        ) from None
     if "env_id" in given and args.env_id != env_id:
         raise UsageError(f"{path} was trained on {env_id}, not {args.env_id}; leave --env-id out")
     for name, value in env_settings.items():  # evaluation plays as training played

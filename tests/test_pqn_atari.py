@@ -210,6 +210,12 @@ def test_saved_model_is_the_documented_format_and_loads(saved_run):
     )
     assert result.returncode == 0, result.stderr
     assert "Breakout-v5: greedy score over 1 games" in result.stdout
+    # The run's final checkpoint.pt holds the same Q-network: it evaluates the same.
+    checkpoint_path = os.path.join(only_run_dir(saved_run), "checkpoint.pt")
+    flags = ["--eval-episodes", "1", "--eval-max-steps", "30", "--no-cuda"]
+    from_checkpoint = run_script("pqn_atari_envpool.py", "--eval-checkpoint", checkpoint_path, *flags, cwd=saved_run)
+    assert from_checkpoint.returncode == 0, from_checkpoint.stderr
+    assert from_checkpoint.stdout == result.stdout
 
 
 @pytest.mark.parametrize(

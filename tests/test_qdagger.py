@@ -251,6 +251,12 @@ def test_three_phases_log_their_metrics(teacher, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "Breakout-v5: greedy score over 1 games" in result.stdout
+    # The run's final checkpoint.pt holds the same student: it evaluates the same.
+    flags = ["--eval-episodes", "1", "--eval-max-steps", "30", "--no-cuda"]
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    from_checkpoint = run_script("qdagger_dqn_atari_impalacnn.py", "--eval-checkpoint", checkpoint_path, *flags, cwd=tmp_path)
+    assert from_checkpoint.returncode == 0, from_checkpoint.stderr
+    assert from_checkpoint.stdout == result.stdout
     line = error_line(
         run_script("qdagger_dqn_atari_impalacnn.py", "--eval-checkpoint", path, "--env-id", "Pong-v5", cwd=tmp_path)
     )
