@@ -36,7 +36,8 @@ class Args:
     """seed of the experiment (of its first agent, with --num-seeds)"""
     num_seeds: int = 1
     """the number of agents trained at once, with seeds seed, seed + 1, ...: each is a PQN agent of its own (its own
-    initialisation, envs, exploration, minibatches, gradient clipping and optimizer state) with its own run directory"""
+    initialisation, envs, gradient clipping and optimizer state, its own exploration and minibatches drawn from the
+    process's one random generator) with its own run directory"""
     cuda: bool = True
     """use CUDA when it is available"""
     track: bool = False
@@ -111,7 +112,7 @@ class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit status 2."""
 
 
-# At least what one gymnasium classic-control env takes in a vector env (about 6 KiB).
+# A lower bound on what one classic-control env takes in an envpool, for the memory check.
 ENV_BYTES = 4 * 2**10
 
 
@@ -289,7 +290,8 @@ class QNetwork(nn.Module):
     def agent_state_dict(self, k: int) -> dict:
         """The state of agent k alone, as a one-agent QNetwork holds it."""
         parameters = dict(self.named_parameters())
-        return {name: t[k : k + 1] if name in parameters else t for name, t in self.state_dict().items()}
+        # Cloned: a slice would be saved with the whole tensor it views, every agent's weights.
+        return {name: t[k : k + 1].clone() if name in parameters else t for name, t in self.state_dict().items()}
 
 
 # --- shared: q_lambda_returns ---

@@ -44,6 +44,15 @@ def test_agent_k_starts_as_the_lone_agent_of_its_seed():
     assert not torch.equal(together.network[0].weight[0], together.network[0].weight[1])
 
 
+def test_an_agents_state_holds_that_agent_alone():
+    together = pqn.QNetwork(SPACE, 3, seeds=[7, 8, 9])
+    alone = pqn.QNetwork(SPACE, 3, seeds=[8])
+    state = together.agent_state_dict(1)
+    for (name, t), u in zip(state.items(), alone.state_dict().values()):
+        assert torch.equal(t, u), name
+        assert t.untyped_storage().nbytes() == u.untyped_storage().nbytes(), name  # what a saved file holds of it
+
+
 def train(q_network, minibatches, max_grad_norm=1.0):
     optimizer = pqn.RAdam(q_network.parameters(), lr=1e-2)
     for minibatch in minibatches:
