@@ -129,7 +129,7 @@ class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit status 2."""
 
 
-# At least what one envpool Atari env takes (about 2.7 MiB: the emulator and its frame buffers).
+# A lower bound on what one envpool Atari env takes (the emulator and its frame buffers take more).
 ENV_BYTES = 2 * 2**20
 
 
@@ -177,19 +177,22 @@ def finalize_args(args: Args) -> Args:
         raise UsageError("--buffer-size and --teacher-steps must hold at least one step of every env")
     if args.batch_size > min(args.buffer_size, args.teacher_steps):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the replay buffers (--buffer-size, --teacher-steps)")
-    # The training and evaluation envs are open throughout; with them, in turn, the teacher's evaluation
-    # envs, the teacher buffer, and the student's buffer (made once the teacher's is freed).
-    student_buffer = (
-        FrameReplayBuffer.nbytes(args.buffer_size, args.num_envs) if args.total_timesteps > 0 else 0
-    )  # none without phase 3
-    in_turn = max(
-        args.teacher_eval_episodes * ENV_BYTES, FrameReplayBuffer.nbytes(args.teacher_steps, args.num_envs), student_buffer
-    )
-    check_memory(
-        (args.num_envs + args.eval_episodes) * ENV_BYTES + in_turn,
-        "the larger replay buffer (--buffer-size, --teacher-steps) and the envs (--num-envs, --eval-episodes, "
-        "--teacher-eval-episodes)",
-    )
+    if 0 < args.total_timesteps < args.num_envs:
+        raise UsageError(f"--total-timesteps {args.total_timesteps} is not one step of every env (--num-envs {args.num_envs})")
+    if args.eval_checkpoint is None:  # evaluating a saved student makes no replay buffer
+        # The training and evaluation envs are open throughout; with them, in turn, the teacher's evaluation
+        # envs, the teacher buffer, and the student's buffer (made once the teacher's is freed).
+        student_buffer = (
+            FrameReplayBuffer.nbytes(args.buffer_size, args.num_envs) if args.total_timesteps > 0 else 0
+        )  # none without phase 3
+        in_turn = max(
+            args.teacher_eval_episodes * ENV_BYTES, FrameReplayBuffer.nbytes(args.teacher_steps, args.num_envs), student_buffer
+        )
+        check_memory(
+            (args.num_envs + args.eval_episodes) * ENV_BYTES + in_turn,
+            "the larger replay buffer (--buffer-size, --teacher-steps) and the envs (--num-envs, --eval-episodes, "
+            "--teacher-eval-episodes)",
+        )
     if args.checkpoint_frequency is not None and args.checkpoint_frequency <= 0:
         raise UsageError(f"--checkpoint-frequency must be positive, got {args.checkpoint_frequency}")
     if args.teacher_model_path is None and args.eval_checkpoint is None:
@@ -365,10 +368,10 @@ class FrameReplayBuffer:
     """Replay memory that stores each 84x84 frame once and rebuilds the 4-frame stacks.
 
     Each env has a ring of frames in the order it observed them: one new frame per step while the
-    stack shifts, and a whole new stack when envpool starts a new game (the stack no longer
+    stack shifts, and a whole new stack when envpool starts a new episode (the stack no longer
     continues the previous one). A transition keeps the positions of the newest frames of its
     observation and next observation, so the stacks it gives back are exactly the ones the agent
-    saw, and never reach across a new game. Reset steps are not stored; a transition whose frames
+    saw, and never reach across a new episode. Reset steps are not stored; a transition whose frames
     were overwritten is dropped (oldest first).
     """
 
@@ -1260,9 +1263,11 @@ def main(args: Args, given: set[str], state: dict | None = None):
             writer.close()
             del teacher_rb
         if args.total_timesteps == 0:
-            save_checkpoint(FINISHED, 0)
+            # The student before the checkpoint that marks the run finished: a run killed between the
+            # two is resumed, not left finished without its student.
             if args.save_model:
                 save_student()
+            save_checkpoint(FINISHED, 0)
             return interrupts.status_at_the_end(run_dir)
 
         # Phase 3: online, the student acts and learns from its own buffer; distillation fades as
@@ -1332,9 +1337,9 @@ def main(args: Args, given: set[str], state: dict | None = None):
         scores = evaluate_student(f"eval_{num_vector_steps * args.num_envs}")
         writer.add_scalar("eval/episodic_return", scores.mean(), num_vector_steps * args.num_envs)
         print(f"student: greedy score {scores.mean():.2f} ± {scores.std():.2f} ({len(scores)} games)", flush=True)
-        save_checkpoint(FINISHED, 0)
         if args.save_model:
             save_student()
+        save_checkpoint(FINISHED, 0)
         return interrupts.status_at_the_end(run_dir)
     finally:
         envs.close()

@@ -337,6 +337,7 @@ def test_bad_or_mismatched_teacher_gives_one_clear_line(teacher, tmp_path):
         (["--temperature", "inf"], "--temperature must be a finite number, got inf"),
         (["--buffer-size", "100000000000"], "the larger replay buffer (--buffer-size, --teacher-steps) and the envs"),
         (["--batch-size", "4096", "--buffer-size", "1024"], "--batch-size 4096 is larger than the replay buffers"),
+        (["--total-timesteps", "1"], "--total-timesteps 1 is not one step of every env (--num-envs 2)"),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
@@ -344,6 +345,13 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
         run_script("qdagger_dqn_atari_impalacnn.py", "--teacher-model-path", "teacher.pt", *TINY, *flags, cwd=tmp_path)
     )
     assert line.startswith("error: ") and message in line
+
+
+def test_evaluating_a_saved_student_needs_no_memory_for_replay_buffers():
+    huge = {"buffer_size": 10**11, "teacher_steps": 10**11}
+    with pytest.raises(qd.UsageError, match="the larger replay buffer"):
+        qd.finalize_args(qd.Args(teacher_model_path="teacher.pt", **huge))
+    assert qd.finalize_args(qd.Args(eval_checkpoint="student.pt", **huge)).eval_checkpoint == "student.pt"
 
 
 def test_a_diverging_student_stops_at_the_first_non_finite_loss(teacher, tmp_path):
