@@ -9,6 +9,7 @@ on, `imagine` + `planning_update` (Q learns from imagined steps). `--planning-st
 import collections
 import contextlib
 import hashlib
+import importlib.util
 import io
 import math
 import os
@@ -156,6 +157,8 @@ def finalize_args(args: Args) -> Args:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.capture_video:
         check_video_support()
+    if args.track and importlib.util.find_spec("wandb") is None:
+        raise UsageError("--track needs wandb: pip install -r requirements/wandb.txt")
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be in [0, 2**32 - 1] (numpy's seed range), got {args.seed}")
     if not args.exp_name or "/" in args.exp_name or "\0" in args.exp_name:
@@ -1049,22 +1052,24 @@ def main(args: Args, given: set[str], state: dict | None = None):
     # it resumes from, so that it does not play the run's first episodes again.
     resume_step = state["global_step"] if state else 0
     if args.track:
-        try:
-            import wandb
-        except ImportError:
-            raise UsageError("--track needs wandb: pip install -r requirements/wandb.txt") from None
+        import wandb
+
         run_name = os.path.basename(os.path.normpath(run_dir))
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=asdict(args),
-            name=run_name,
-            # An id from the run's folder name: --resume continues the same wandb run.
-            id=hashlib.sha1(run_name.encode()).hexdigest(),
-            resume="allow",
-            save_code=True,
-        )
+        try:
+            wandb.init(
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                sync_tensorboard=True,
+                config=asdict(args),
+                name=run_name,
+                # An id from the run's folder name: --resume continues the same wandb run.
+                id=hashlib.sha1(run_name.encode()).hexdigest(),
+                resume="allow",
+                save_code=True,
+            )
+        except Exception as e:  # wandb's own failures: not logged in, no network, ...
+            reason = (str(e).strip() or type(e).__name__).splitlines()[0]
+            raise RunFault(f"--track: wandb could not start the run: {reason}") from None
     # A resumed run writes on from its checkpoint's step: what the interrupted run logged after it is purged.
     writer = SummaryWriter(run_dir, purge_step=state["global_step"] + 1 if state else None)
     if not state:

@@ -8,6 +8,7 @@ with `QNetwork` (LayerNorm instead of a target network), `q_lambda_returns`, `ro
 import collections
 import contextlib
 import hashlib
+import importlib.util
 import io
 import math
 import os
@@ -156,6 +157,8 @@ def finalize_args(args: Args) -> Args:
             "--track logs one run per process; with --num-seeds, upload the agents' run directories afterwards with "
             "`wandb sync --sync-tensorboard runs/<run_name>`"
         )
+    if args.track and importlib.util.find_spec("wandb") is None:
+        raise UsageError("--track needs wandb: pip install -r requirements/wandb.txt")
     if args.cudagraphs and not (args.cuda and torch.cuda.is_available()):
         raise UsageError("--cudagraphs needs a CUDA GPU and none is available; on the CPU use --compile")
     args.batch_size = args.num_envs * args.num_steps
@@ -973,22 +976,24 @@ def main(args: Args, given: set[str], state: dict | None = None):
         check_writable(run_dir)
     checkpoint_path = os.path.join(run_dirs[0], "checkpoint.pt")
     if args.track:
-        try:
-            import wandb
-        except ImportError:
-            raise UsageError("--track needs wandb: pip install -r requirements/wandb.txt") from None
+        import wandb
+
         run_name = os.path.basename(os.path.normpath(run_dirs[0]))
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=asdict(args),
-            name=run_name,
-            # An id from the run's folder name: --resume continues the same wandb run.
-            id=hashlib.sha1(run_name.encode()).hexdigest(),
-            resume="allow",
-            save_code=True,
-        )
+        try:
+            wandb.init(
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                sync_tensorboard=True,
+                config=asdict(args),
+                name=run_name,
+                # An id from the run's folder name: --resume continues the same wandb run.
+                id=hashlib.sha1(run_name.encode()).hexdigest(),
+                resume="allow",
+                save_code=True,
+            )
+        except Exception as e:  # wandb's own failures: not logged in, no network, ...
+            reason = (str(e).strip() or type(e).__name__).splitlines()[0]
+            raise RunFault(f"--track: wandb could not start the run: {reason}") from None
     # A resumed run writes on from its checkpoint's step: what the interrupted run logged after it is purged.
     writers = [SummaryWriter(run_dir, purge_step=state["global_step"] + 1 if state else None) for run_dir in run_dirs]
     if not state:

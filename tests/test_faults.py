@@ -2,6 +2,7 @@
 beside each other (the PQN-family scripts; QDagger's resume and interrupts are in test_qdagger.py)."""
 
 import errno
+import importlib.util
 import json
 import os
 import random
@@ -266,6 +267,32 @@ def test_a_tracked_run_resumes_its_own_wandb_run(tmp_path):
     first, resumed, other = [json.loads(line) for line in (tmp_path / "inits.jsonl").read_text().splitlines()]
     assert first == resumed and first[0] == os.path.basename(run_dir) and first[2] == "allow"
     assert other[1] != first[1]  # another run, another wandb run
+
+
+@pytest.mark.parametrize("module", [pqn, atari, lstm, pdqn, qd], ids=lambda m: m.__name__)
+def test_track_without_wandb_is_refused_before_training(module, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "wandb" else find_spec(name, *rest))
+    extra = {"teacher_model_path": "teacher.pt"} if module is qd else {}
+    with pytest.raises(module.UsageError, match=r"--track needs wandb: pip install -r requirements/wandb.txt"):
+        module.finalize_args(module.Args(track=True, **extra))
+
+
+def test_wandb_failing_to_start_the_run_is_one_line(tmp_path):
+    (tmp_path / "stub").mkdir()
+    (tmp_path / "stub" / "wandb.py").write_text(
+        "def init(**kwargs):\n    raise RuntimeError('api_key not configured (no-tty)\\ncall wandb.login()')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "stub"), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "pqn.py"), *FLAGS, "--total-timesteps", "512", "--track"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert error_line(result) == "error: --track: wandb could not start the run: api_key not configured (no-tty)"
 
 
 def test_resume_rejects_a_flag_that_contradicts_the_run(killed_and_resumed):
