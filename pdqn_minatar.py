@@ -133,8 +133,8 @@ class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit status 2."""
 
 
-# At least what one MinAtar env takes in a vector env (about 20 KiB; a worker process of
-# --vectorization async takes more).
+# A lower bound on what one MinAtar env takes in a vector env (a worker process of --vectorization
+# async takes more).
 ENV_BYTES = 16 * 2**10
 
 
@@ -450,7 +450,8 @@ def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> fl
 # --- shared: pqn_act ---
 @torch.no_grad()
 def act(q_network, obs, epsilon):
-    """Epsilon-greedy actions, and max_a Q(obs, a): the bootstrap value when obs ends an episode.
+    """Epsilon-greedy actions, and max_a Q(obs, a): the value the step that returned obs bootstraps from
+    (its next_q in the Q(lambda) targets).
     `epsilon` is a 0-d tensor, so a compiled `act` does not recompile as it decays."""
     q = q_network(obs)
     max_q, greedy = q.max(dim=1)
@@ -1005,11 +1006,14 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
         raise UsageError(
             f"{args.eval_checkpoint} does not fit the Q-network for {args.env_id}: {str(e).splitlines()[0]}"
         ) from None
+    videos = os.path.join(os.path.dirname(args.eval_checkpoint), "videos")
+    if args.capture_video:  # found before the evaluation, not when its video is saved
+        check_writable(videos)
     video = VideoRecorder(lambda: video_frame(envs), VIDEO_FPS) if args.capture_video else None
     returns = evaluate(q_network, envs, env_seeds(args.seed, "evaluation", args.eval_episodes), record=video)
     if video:
         name = os.path.splitext(os.path.basename(args.eval_checkpoint))[0]
-        path = os.path.join(os.path.dirname(args.eval_checkpoint), "videos", f"{name}.mp4")
+        path = os.path.join(videos, f"{name}.mp4")
         video.save(path)
         print(f"video of the first episode: {path}")
     envs.close()
@@ -1266,6 +1270,9 @@ if __name__ == "__main__":
         sys.exit(2)
     except RunFault as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except torch.OutOfMemoryError as e:  # the GPU's memory, which the check of the host's before training does not see
+        print(f"error: out of GPU memory: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C before training began (training answers it itself) or in --eval-checkpoint
         print("SIGINT: stopped, nothing saved", file=sys.stderr)

@@ -330,7 +330,8 @@ def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> fl
 # --- shared: pqn_act ---
 @torch.no_grad()
 def act(q_network, obs, epsilon):
-    """Epsilon-greedy actions, and max_a Q(obs, a): the bootstrap value when obs ends an episode.
+    """Epsilon-greedy actions, and max_a Q(obs, a): the value the step that returned obs bootstraps from
+    (its next_q in the Q(lambda) targets).
     `epsilon` is a 0-d tensor, so a compiled `act` does not recompile as it decays."""
     q = q_network(obs)
     max_q, greedy = q.max(dim=1)
@@ -917,11 +918,14 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
         q_network.load_state_dict(checkpoint["q_network"])
     except RuntimeError as e:
         raise UsageError(f"{args.eval_checkpoint} does not fit the Q-network for {env_id}: {str(e).splitlines()[0]}") from None
+    videos = os.path.join(os.path.dirname(args.eval_checkpoint), "videos")
+    if args.capture_video:  # found before the evaluation, not when its video is saved
+        check_writable(videos)
     video = VideoRecorder(lambda: envs.render()[0], VIDEO_FPS) if args.capture_video else None
     returns = evaluate(q_network, envs, seeds=None, record=video).reshape(num_agents, -1)  # [agent, episode]; seeded when made
     if video:
         name = os.path.splitext(os.path.basename(args.eval_checkpoint))[0]
-        path = os.path.join(os.path.dirname(args.eval_checkpoint), "videos", f"{name}.mp4")
+        path = os.path.join(videos, f"{name}.mp4")
         video.save(path)
         print(f"video of the first agent's first episode: {path}")
     for k, agent_returns in enumerate(returns):
@@ -1173,6 +1177,9 @@ if __name__ == "__main__":
         sys.exit(2)
     except RunFault as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except torch.OutOfMemoryError as e:  # the GPU's memory, which the check of the host's before training does not see
+        print(f"error: out of GPU memory: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C before training began (training answers it itself) or in --eval-checkpoint
         print("SIGINT: stopped, nothing saved", file=sys.stderr)

@@ -120,7 +120,7 @@ class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit status 2."""
 
 
-# At least what one envpool Atari env takes (about 2.7 MiB: the emulator and its frame buffers).
+# A lower bound on what one envpool Atari env takes (the emulator and its frame buffers take more).
 ENV_BYTES = 2 * 2**20
 
 
@@ -333,7 +333,8 @@ def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> fl
 # --- shared: pqn_act ---
 @torch.no_grad()
 def act(q_network, obs, epsilon):
-    """Epsilon-greedy actions, and max_a Q(obs, a): the bootstrap value when obs ends an episode.
+    """Epsilon-greedy actions, and max_a Q(obs, a): the value the step that returned obs bootstraps from
+    (its next_q in the Q(lambda) targets).
     `epsilon` is a 0-d tensor, so a compiled `act` does not recompile as it decays."""
     q = q_network(obs)
     max_q, greedy = q.max(dim=1)
@@ -914,6 +915,9 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
     envs = make_atari_envs(
         env_id, env_seeds(args.seed, "evaluation", args.eval_episodes), 4, args, evaluation=True, render=args.capture_video
     )
+    videos = os.path.join(os.path.dirname(args.eval_checkpoint), "videos")
+    if args.capture_video:  # found before the evaluation, not when its video is saved
+        check_writable(videos)
     video = VideoRecorder(lambda: envs.render()[0], VIDEO_FPS) if args.capture_video else None
     if envs.action_space.n != checkpoint["num_actions"]:
         raise UsageError(f"{args.eval_checkpoint} has {checkpoint['num_actions']} actions, {env_id} has {envs.action_space.n}")
@@ -925,7 +929,7 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
     scores = evaluate(q_network, envs, record=video)
     if video:
         name = os.path.splitext(os.path.basename(args.eval_checkpoint))[0]
-        path = os.path.join(os.path.dirname(args.eval_checkpoint), "videos", f"{name}.mp4")
+        path = os.path.join(videos, f"{name}.mp4")
         video.save(path)
         print(f"video of the first game: {path}")
     print(f"{env_id}: greedy score over {len(scores)} games {scores.mean():.2f} ± {scores.std():.2f}")
@@ -1148,6 +1152,9 @@ if __name__ == "__main__":
         sys.exit(2)
     except RunFault as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except torch.OutOfMemoryError as e:  # the GPU's memory, which the check of the host's before training does not see
+        print(f"error: out of GPU memory: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C before training began (training answers it itself) or in --eval-checkpoint
         print("SIGINT: stopped, nothing saved", file=sys.stderr)

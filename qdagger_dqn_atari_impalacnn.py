@@ -920,11 +920,14 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
     envs = make_atari_envs(
         env_id, env_seeds(args.seed, "evaluation", args.eval_episodes), 4, args, evaluation=True, render=args.capture_video
     )
+    videos = os.path.join(os.path.dirname(args.eval_checkpoint), "videos")
+    if args.capture_video:  # found before the evaluation, not when its video is saved
+        check_writable(videos)
     video = VideoRecorder(lambda: envs.render()[0], VIDEO_FPS) if args.capture_video else None
     scores = evaluate(student, envs, record=video)
     if video:
         name = os.path.splitext(os.path.basename(args.eval_checkpoint))[0]
-        path = os.path.join(os.path.dirname(args.eval_checkpoint), "videos", f"{name}.mp4")
+        path = os.path.join(videos, f"{name}.mp4")
         video.save(path)
         print(f"video of the first game: {path}")
     envs.close()
@@ -1371,6 +1374,9 @@ if __name__ == "__main__":
         sys.exit(2)
     except RunFault as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except torch.OutOfMemoryError as e:  # the GPU's memory, which the check of the host's before training does not see
+        print(f"error: out of GPU memory: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C before training began (training answers it itself) or in --eval-checkpoint
         print("SIGINT: stopped, nothing saved", file=sys.stderr)

@@ -295,6 +295,29 @@ def test_wandb_failing_to_start_the_run_is_one_line(tmp_path):
     assert error_line(result) == "error: --track: wandb could not start the run: api_key not configured (no-tty)"
 
 
+@pytest.mark.parametrize("script", list(ONE_ITERATION))
+def test_the_gpu_running_out_of_memory_is_one_line(tmp_path, script):
+    # No GPU needed: torch.as_tensor, which every script calls on its observations, fails as a full GPU would.
+    driver = (
+        "import runpy, sys, torch\n"
+        "def out_of_memory(*args, **kwargs):\n"
+        "    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB.\\nmore detail')\n"
+        "torch.as_tensor = out_of_memory\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", driver, os.path.join(ROOT, script), *ONE_ITERATION[script].split(), "--no-cuda"],
+        cwd=tmp_path,
+        env=dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert error_line(result) == "error: out of GPU memory: CUDA out of memory. Tried to allocate 20.00 GiB."
+
+
 def test_resume_rejects_a_flag_that_contradicts_the_run(killed_and_resumed):
     script, run_dir, _, _ = killed_and_resumed
     line = error_line(run_script(script, "--resume", run_dir, "--learning-rate", "0.1", cwd=os.path.dirname(run_dir)))

@@ -49,6 +49,13 @@ def test_pqn_writes_a_video_at_each_evaluation_and_for_a_saved_model(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr
     frames, shape, _ = read_video(os.path.join(run_dir, "videos", "pqn.mp4"))
     assert frames >= 9 and shape == (400, 600, 3)
+    # A videos folder that cannot be written is one line before the evaluation, not after it.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.replace(os.path.join(run_dir, "pqn.pt"), elsewhere / "pqn.pt")
+    (elsewhere / "videos").write_text("a file where the videos folder should be")
+    line = error_line(run_script("pqn.py", "--eval-checkpoint", "elsewhere/pqn.pt", "--capture-video", cwd=tmp_path))
+    assert line.startswith("error: cannot write to elsewhere/videos")
 
 
 def test_atari_writes_full_colour_frames(tmp_path):
