@@ -498,7 +498,9 @@ def distill_loss(teacher_q, student_q, temperature):
 
 def distill_coefficient(student_returns, teacher_return, min_episodes=10):
     """QDagger's weight on distillation: 1 - student / teacher score, floored at 0; 1 until the
-    student has finished `min_episodes` games. Distillation fades as the student catches up."""
+    student has finished `min_episodes` games. Distillation fades as the student catches up.
+    The student's scores are those of its epsilon-greedy training games, the teacher's of its greedy
+    evaluation, so the weight reaches 0 only once the exploring student matches the greedy teacher."""
     if len(student_returns) < min_episodes:
         return 1.0
     if teacher_return <= 0:  # the ratio means nothing: distill only while the student scores less
