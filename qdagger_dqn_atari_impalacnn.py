@@ -813,6 +813,7 @@ RESUME_MAY_CHANGE = {
     "track",
     "wandb_project_name",
     "wandb_entity",
+    "teacher_model_path",  # the same teacher, moved: checked against the fingerprint the run saved
 }
 
 
@@ -888,6 +889,15 @@ def load_teacher(path: str, env_id: str, num_actions: int, device: torch.device)
     return teacher.eval()
 
 
+def weights_fingerprint(network: nn.Module) -> str:
+    """A digest of a network's weights: a resumed run checks that its teacher is the one it began with."""
+    digest = hashlib.sha256()
+    for name, tensor in network.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 STUDENT_FORMAT = "qdagger_dqn_atari_impalacnn/student/v1"
 
 
@@ -936,7 +946,7 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
     print(f"{env_id}: greedy score over {len(scores)} games {scores.mean():.2f} ± {scores.std():.2f}")
 
 
-CHECKPOINT_FORMAT = "qdagger_dqn_atari_impalacnn/training_state/v1"
+CHECKPOINT_FORMAT = "qdagger_dqn_atari_impalacnn/training_state/v2"
 VIDEO_FPS = 15  # the agent acts every 4th of the emulator's 60 frames per second
 PHASE_LOGS = {1: "teacher", 2: "offline"}  # the subdirectories phases 1 and 2 log to
 FINISHED = 4  # the phase of the checkpoint written at the end of a run
@@ -961,6 +971,7 @@ def load_training_state(run_dir: str) -> dict:
             "phase",
             "phase_step",
             "teacher_return",
+            "teacher_fingerprint",
             "student",
             "target_network",
             "optimizer",
@@ -1016,6 +1027,8 @@ def main(args: Args, given: set[str], state: dict | None = None):
     video = VideoRecorder(lambda: eval_envs.render()[0], VIDEO_FPS) if args.capture_video else None
     num_actions = int(envs.action_space.n)
     teacher = load_teacher(args.teacher_model_path, args.env_id, num_actions, device)
+    if state and weights_fingerprint(teacher) != state["teacher_fingerprint"]:
+        raise UsageError(f"the teacher at {args.teacher_model_path} is not the one the resumed run was trained with")
     run_dir = args.resume or new_run_dirs([f"{args.env_id}__{args.exp_name}__{args.seed}"])[0]
     check_writable(run_dir)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
@@ -1087,6 +1100,7 @@ def main(args: Args, given: set[str], state: dict | None = None):
                 "phase": phase,
                 "phase_step": phase_step,
                 "teacher_return": teacher_return,
+                "teacher_fingerprint": weights_fingerprint(teacher),
                 "student": student.state_dict(),
                 "target_network": target_network.state_dict(),
                 "optimizer": optimizer.state_dict(),

@@ -1,6 +1,7 @@
 """qdagger_dqn_atari_impalacnn.py: the frame replay buffer, the distillation loss, the three phases, bad teachers."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -609,6 +610,27 @@ def test_a_signal_after_the_last_step_lets_the_run_finish_and_says_so(teacher, t
     assert os.path.isfile(os.path.join(run_dir, "qdagger_dqn_atari_impalacnn.pt"))
     if total_timesteps:
         assert steps_of(read_scalars(run_dir), "eval/episodic_return") == [total_timesteps]
+
+
+def test_a_run_resumes_with_its_teacher_moved_but_not_with_another_teacher(teacher, tmp_path, monkeypatch):
+    # td_target is called once per gradient step: its 20th call is phase 2's last step (--offline-steps 20).
+    status, _ = interrupt_in_process(monkeypatch, tmp_path, ["--teacher-model-path", teacher, *TINY], "td_target", 20)
+    assert status == 130
+    run_dir = os.path.relpath(only_run_dir(tmp_path), tmp_path)
+    moved = tmp_path / "moved.pt"
+    shutil.copy(teacher, moved)
+    other = torch.load(teacher, weights_only=True)
+    other["q_network"] = {k: v + 1e-3 if v.is_floating_point() else v for k, v in other["q_network"].items()}
+    torch.save(other, tmp_path / "other.pt")
+    line = error_line(
+        run_script("qdagger_dqn_atari_impalacnn.py", "--resume", run_dir, "--teacher-model-path", "other.pt", cwd=tmp_path)
+    )
+    assert line == "error: the teacher at other.pt is not the one the resumed run was trained with"
+    result = run_script(
+        "qdagger_dqn_atari_impalacnn.py", "--resume", run_dir, "--teacher-model-path", str(moved), cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert torch.load(os.path.join(tmp_path, run_dir, "checkpoint.pt"), weights_only=True)["phase"] == qd.FINISHED
 
 
 def test_what_each_phase_logged_up_to_a_checkpoint_is_on_disk_before_it_is_written(teacher, tmp_path, monkeypatch):
