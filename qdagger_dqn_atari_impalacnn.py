@@ -813,7 +813,6 @@ RESUME_MAY_CHANGE = {
     "track",
     "wandb_project_name",
     "wandb_entity",
-    "teacher_model_path",  # the same teacher, moved: checked against the fingerprint the run saved
 }
 
 
@@ -853,6 +852,9 @@ def set_rng_state(state: dict):
 
 
 # --- end shared: resume ---
+
+# The same teacher, moved: checked against the fingerprint of its weights that the run saved.
+RESUME_MAY_CHANGE.add("teacher_model_path")
 
 
 TEACHER_FORMAT = "pqn_atari_envpool/q_network/v1"

@@ -326,6 +326,6 @@ def test_compile_traces_the_lstm_without_a_graph_break(tmp_path, monkeypatch):
     )
     torch._dynamo.reset()
     with torch._dynamo.config.patch(allow_rnn=False, trace_autograd_ops=False):  # as in a fresh process
-        assert lstm.main(args, set()) is None
+        assert lstm.main(args, set()) == 0
     assert len(compiled) == 2  # the policy and the gradient step
     assert [s for s, _ in read_scalars(only_run_dir(tmp_path))["losses/td_loss"]] == [64, 128]
