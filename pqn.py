@@ -36,9 +36,9 @@ class Args:
     seed: int = 1
     """seed of the experiment (of its first agent, with --num-seeds)"""
     num_seeds: int = 1
-    """the number of agents trained at once, with seeds seed, seed + 1, ...: each is a PQN agent of its own (its own
-    initialisation, envs, gradient clipping and optimizer state, its own exploration and minibatches drawn from the
-    process's one random generator) with its own run directory"""
+    """the number of agents trained at once, with seeds seed, seed + 1, ...: agent k trains as a lone run with seed
+    seed + k would (its own initialisation, envs, exploration, minibatches, gradient clipping and optimizer state, all
+    from its own random streams) and logs to its own run directory"""
     cuda: bool = True
     """use CUDA when it is available"""
     track: bool = False
@@ -260,12 +260,14 @@ class LayerNormPerAgent(nn.Module):
 
 class QNetwork(nn.Module):
     """MLP with LayerNorm after every hidden layer: the normalisation that lets PQN drop the target
-    network. One per agent, agent k's parameters initialised from `seeds[k]` alone (so agent k of a
+    network. One per agent, agent k's parameters drawn from `generators[k]` alone (so agent k of a
     run is initialised as the lone agent of a run with that seed)."""
 
-    def __init__(self, observation_space: gym.spaces.Box, num_actions: int, seeds: list[int], hidden_size: int = 128):
+    def __init__(
+        self, observation_space: gym.spaces.Box, num_actions: int, generators: list[torch.Generator], hidden_size: int = 128
+    ):
         super().__init__()
-        self.num_agents = len(seeds)
+        self.num_agents = len(generators)
         # Observations are scaled to [-1, 1] by the bounds of their space where those are finite:
         # MountainCar's velocity lives in [-0.07, 0.07] and would be all but invisible otherwise.
         finite = np.isfinite(observation_space.low) & np.isfinite(observation_space.high)
@@ -273,7 +275,6 @@ class QNetwork(nn.Module):
         high = np.where(finite, observation_space.high, 1.0)
         self.register_buffer("obs_center", torch.tensor((high + low) / 2, dtype=torch.float32))
         self.register_buffer("obs_scale", torch.tensor((high - low) / 2, dtype=torch.float32))
-        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         self.network = nn.Sequential(
             LinearPerAgent(observation_space.shape[0], hidden_size, generators),
             LayerNormPerAgent(self.num_agents, hidden_size),
@@ -327,20 +328,24 @@ def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> fl
     return max(end_e, start_e + (end_e - start_e) * t / duration)
 
 
-# --- shared: pqn_act ---
 @torch.no_grad()
-def act(q_network, obs, epsilon):
+def act(q_network, obs, epsilon, noise):
     """Epsilon-greedy actions, and max_a Q(obs, a): the value the step that returned obs bootstraps from
     (its next_q in the Q(lambda) targets).
-    `epsilon` is a 0-d tensor, so a compiled `act` does not recompile as it decays."""
+    `epsilon` is a 0-d tensor, so a compiled `act` does not recompile as it decays. `noise` is [N, 2],
+    uniform in [0, 1) and drawn from each agent's own generator (`draw_noise`): env i explores where
+    noise[i, 0] < epsilon, with the action floor(noise[i, 1] * num_actions)."""
     q = q_network(obs)
     max_q, greedy = q.max(dim=1)
-    explore = torch.rand(obs.shape[0], device=obs.device) < epsilon
-    random_actions = torch.randint(q.shape[1], (obs.shape[0],), device=obs.device)
-    return torch.where(explore, random_actions, greedy), max_q
+    random_actions = (noise[:, 1] * q.shape[1]).long().clamp(max=q.shape[1] - 1)
+    return torch.where(noise[:, 0] < epsilon, random_actions, greedy), max_q
 
 
-# --- end shared: pqn_act ---
+def draw_noise(generators: list[torch.Generator], num_envs: int, device: torch.device) -> torch.Tensor:
+    """The uniform noise `act` explores with, agent by agent: [S * num_envs, 2], agent k's rows from
+    its own generator, so that it explores as a lone run with its seed does. Drawn on the CPU, where
+    the generators are, and then moved: a run explores alike on every device."""
+    return torch.cat([torch.rand(num_envs, 2, generator=g) for g in generators]).to(device)
 
 
 # --- shared: gym_rollout ---
@@ -500,10 +505,12 @@ def grad_step(q_network, optimizer, obs, actions, returns, mask, max_grad_norm):
     return loss.detach(), (q_taken.detach() * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
-def update(train_step, b, returns, num_agents, update_epochs, minibatch_size):
+def update(train_step, b, returns, generators, update_epochs, minibatch_size):
     """`update_epochs` passes over the rollout, each agent's transitions in its own shuffled
-    minibatches, given to `train_step(obs, actions, returns, mask)` (`grad_step`) as [S, M, ...]
-    tensors. Returns each agent's mean TD loss and mean Q of the actions taken ([S] arrays)."""
+    minibatches (shuffled by its own generator), given to `train_step(obs, actions, returns, mask)`
+    (`grad_step`) as [S, M, ...] tensors. Returns each agent's mean TD loss and mean Q of the actions
+    taken ([S] arrays)."""
+    num_agents = len(generators)
 
     def by_agent(x):  # [T, S * N, ...] -> [S, T * N, ...]: row k holds agent k's transitions
         return x.unflatten(1, (num_agents, -1)).transpose(0, 1).flatten(1, 2)
@@ -515,7 +522,7 @@ def update(train_step, b, returns, num_agents, update_epochs, minibatch_size):
     for _ in range(update_epochs):
         # One shuffle of each agent's rollout per epoch (a permutation per row); the minibatches are
         # consecutive slices of it.
-        order = torch.rand(mask.shape, device=mask.device).argsort(dim=1)
+        order = torch.stack([torch.randperm(mask.shape[1], generator=g) for g in generators]).to(mask.device)
         shuffled = [x[agents, order] for x in batch]
         for minibatch in zip(*[x.split(minibatch_size, dim=1) for x in shuffled]):
             loss, q_taken_mean = train_step(*minibatch)
@@ -843,8 +850,14 @@ def set_rng_state(state: dict):
 # --- end shared: resume ---
 
 
-CHECKPOINT_FORMAT = "pqn/training_state/v3"
+CHECKPOINT_FORMAT = "pqn/training_state/v4"
 VIDEO_FPS = 50  # classic control's render rate
+
+
+def agent_generators(seeds: list[int]) -> list[torch.Generator]:
+    """Agent k's random stream, seeded by `seeds[k]` alone: it draws the agent's initial weights, then
+    its exploration noise and minibatch order, in the order a lone run with that seed draws them."""
+    return [torch.Generator().manual_seed(seed) for seed in seeds]
 
 
 def agents_env_seeds(seeds: list[int], stream: str, num_envs: int, step: int = 0) -> list[int]:
@@ -896,7 +909,7 @@ def load_training_state(run_dir: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state["format"] != CHECKPOINT_FORMAT:
             raise ValueError
-        for key in "args run_names q_network optimizer iteration global_step recent_returns rng finished".split():
+        for key in "args run_names q_network optimizer iteration global_step recent_returns rng agent_rngs finished".split():
             state[key]
         return state
     except Exception:
@@ -913,7 +926,7 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
     num_agents = first_weight.shape[0] if isinstance(first_weight, torch.Tensor) and first_weight.dim() == 3 else 1
     seeds = [args.seed + k for k in range(num_agents)]
     envs = make_envs(env_id, agents_env_seeds(seeds, "evaluation", args.eval_episodes), render=args.capture_video)
-    q_network = QNetwork(envs.single_observation_space, envs.single_action_space.n, seeds).to(device)
+    q_network = QNetwork(envs.single_observation_space, envs.single_action_space.n, agent_generators(seeds)).to(device)
     try:
         q_network.load_state_dict(checkpoint["q_network"])
     except RuntimeError as e:
@@ -1007,7 +1020,8 @@ def main(args: Args, given: set[str], state: dict | None = None):
                 "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in hyperparameters.items())
             )
 
-    q_network = QNetwork(envs.single_observation_space, envs.single_action_space.n, seeds).to(device)
+    generators = agent_generators(seeds)
+    q_network = QNetwork(envs.single_observation_space, envs.single_action_space.n, generators).to(device)
     optimizer = RAdam(q_network.parameters(), lr=args.learning_rate, static_state=args.cudagraphs)
     recent_returns = [collections.deque(maxlen=20) for _ in seeds]
     start_iteration, global_step = 0, 0  # global_step: env steps of each agent
@@ -1018,7 +1032,15 @@ def main(args: Args, given: set[str], state: dict | None = None):
             recent.extend(saved)
         start_iteration, global_step = state["iteration"], state["global_step"]
         set_rng_state(state["rng"])
-    policy = accelerate(lambda obs, epsilon: act(q_network, obs, epsilon), compile=args.compile, cudagraphs=args.cudagraphs)
+        for generator, saved in zip(generators, state["agent_rngs"], strict=True):
+            generator.set_state(saved)
+    fast_act = accelerate(
+        lambda obs, epsilon, noise: act(q_network, obs, epsilon, noise), compile=args.compile, cudagraphs=args.cudagraphs
+    )
+
+    def policy(obs, epsilon):
+        return fast_act(obs, epsilon, draw_noise(generators, args.num_envs, device))
+
     # Inductor would compile the loop over the rollout's steps for a long time, to save little; a
     # CUDA graph of it (no Inductor) saves a kernel launch per step on the GPU.
     targets = accelerate(
@@ -1064,6 +1086,7 @@ def main(args: Args, given: set[str], state: dict | None = None):
                 "global_step": global_step,
                 "recent_returns": [[float(r) for r in recent] for recent in recent_returns],
                 "rng": rng_state(),
+                "agent_rngs": [generator.get_state() for generator in generators],
                 # Only after the final evaluation: a run stopped in its last iteration still owes it.
                 "finished": finished,
             },
@@ -1107,7 +1130,7 @@ def main(args: Args, given: set[str], state: dict | None = None):
 
             # Targets, then update_epochs passes of minibatch TD regression on them.
             returns = targets(b["rewards"], b["terminations"], b["truncations"], b["next_q"])
-            td_losses, q_values = update(train_step, b, returns, args.num_seeds, args.update_epochs, args.minibatch_size)
+            td_losses, q_values = update(train_step, b, returns, generators, args.update_epochs, args.minibatch_size)
             if not (np.isfinite(td_losses).all() and np.isfinite(q_values).all()):
                 bad = [seeds[k] for k in np.flatnonzero(~(np.isfinite(td_losses) & np.isfinite(q_values)))]
                 last = (

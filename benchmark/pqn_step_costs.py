@@ -33,11 +33,15 @@ if __name__ == "__main__":
     args = pqn.finalize_args(pqn.Args(num_seeds=int(sys.argv[1]) if len(sys.argv) > 1 else 1))
     seeds = list(range(1, args.num_seeds + 1))
     envs = pqn.make_envs(args.env_id, pqn.agents_env_seeds(seeds, "training", args.num_envs))
-    q_network = pqn.QNetwork(envs.single_observation_space, envs.single_action_space.n, seeds)
+    generators = pqn.agent_generators(seeds)
+    q_network = pqn.QNetwork(envs.single_observation_space, envs.single_action_space.n, generators)
     optimizer = pqn.RAdam(q_network.parameters(), lr=args.learning_rate)
     obs = torch.as_tensor(envs.reset()[0])
     is_reset, stats, epsilon = np.zeros(envs.num_envs, dtype=bool), pqn.EpisodeStats(envs.num_envs), torch.tensor(0.5)
-    policy = lambda obs, epsilon: pqn.act(q_network, obs, epsilon)  # noqa: E731
+
+    def policy(obs, epsilon, act=lambda *inputs: pqn.act(q_network, *inputs)):  # as main() acts
+        return act(obs, epsilon, pqn.draw_noise(generators, obs.shape[0] // args.num_seeds, obs.device))
+
     train_step = lambda *mb: pqn.grad_step(q_network, optimizer, *mb, args.max_grad_norm)  # noqa: E731
     b, *_ = pqn.rollout(envs, policy, obs, is_reset, epsilon, args.num_steps, stats)
     returns = pqn.q_lambda_returns(b["rewards"], b["terminations"], b["truncations"], b["next_q"], args.gamma, args.q_lambda)
@@ -51,7 +55,7 @@ if __name__ == "__main__":
     print(f"  targets      {ms(lambda: pqn.q_lambda_returns(*rollout_parts, args.gamma, args.q_lambda), 20):7.2f} ms")
 
     def update():
-        pqn.update(train_step, b, returns, args.num_seeds, args.update_epochs, args.minibatch_size)
+        pqn.update(train_step, b, returns, generators, args.update_epochs, args.minibatch_size)
 
     print(f"  update       {ms(update, 3):7.2f} ms")
 
@@ -84,9 +88,9 @@ if __name__ == "__main__":
 
     small_envs = pqn.make_envs(args.env_id, pqn.agents_env_seeds(seeds, "training", 4))
     small_obs, small_epsilon = torch.as_tensor(small_envs.reset()[0]), torch.tensor(0.5)
-    compiled_policy = pqn.accelerate(policy, compile=True, cudagraphs=False)
-    compiled_policy(small_obs, small_epsilon)  # compiles
+    compiled_act = pqn.accelerate(lambda *inputs: pqn.act(q_network, *inputs), compile=True, cudagraphs=False)
+    policy(small_obs, small_epsilon, compiled_act)  # compiles
     print("per vector step with 4 envs of each agent (cleanrl's default):")
     print(f"  act          {ms(lambda: policy(small_obs, small_epsilon), 1000):7.3f} ms")
-    print(f"  act, compiled {ms(lambda: compiled_policy(small_obs, small_epsilon), 1000):6.3f} ms")
+    print(f"  act, compiled {ms(lambda: policy(small_obs, small_epsilon, compiled_act), 1000):6.3f} ms")
     print(f"  env step     {ms(lambda: small_envs.step(np.zeros(small_envs.num_envs, dtype=np.int64)), 1000):7.3f} ms")

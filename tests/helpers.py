@@ -61,6 +61,8 @@ def profile(frame, event, arg):
             sys.setprofile(None)
             os.kill(os.getpid(), signal.SIGINT)
 
+# Ctrl-C as in a terminal, also where this process was started with SIGINT ignored (a shell's background job).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.argv = [script, *sys.argv[4:]]
 sys.setprofile(profile)
 runpy.run_path(script, run_name="__main__")

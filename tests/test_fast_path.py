@@ -90,15 +90,15 @@ def test_radam_matches_torch_optim_radam():
 def test_compiled_acting_and_gradient_steps_match_the_plain_ones():
     space = gym.spaces.Box(-np.inf, np.inf, (4,))
     torch.manual_seed(0)
-    q_plain = pqn.QNetwork(space, 3, seeds=[0, 1])  # two agents: the seed axis compiles too
+    q_plain = pqn.QNetwork(space, 3, pqn.agent_generators([0, 1]))  # two agents: the seed axis compiles too
     q_fast = copy.deepcopy(q_plain)
     # The reference is torch.optim's RAdam, stepped eagerly; the fast path is pqn.py's, compiled
     # into one graph with the forward and backward pass.
     opt_plain = torch.optim.RAdam(q_plain.parameters(), lr=1e-2)
     opt_fast = pqn.RAdam(q_fast.parameters(), lr=1e-2)
     obs = torch.randn(64, 4)  # 32 of each agent
-    act_fast = pqn.accelerate(lambda o, e: pqn.act(q_fast, o, e), compile=True, cudagraphs=False)
-    actions, max_q = act_fast(obs, torch.tensor(0.0))  # epsilon 0: greedy, no randomness
+    act_fast = pqn.accelerate(lambda o, e, n: pqn.act(q_fast, o, e, n), compile=True, cudagraphs=False)
+    actions, max_q = act_fast(obs, torch.tensor(0.0), torch.rand(64, 2))  # epsilon 0: greedy
     with torch.no_grad():
         q = q_plain(obs)
     assert_greedy(actions, q)
@@ -140,13 +140,14 @@ def test_cudagraph_outputs_are_handed_out_as_copies():
 
 
 def test_compiled_steps_only_mutate_what_cuda_graphs_keep_in_place():
-    q_network = pqn.QNetwork(gym.spaces.Box(-np.inf, np.inf, (4,)), 3, seeds=[0, 1])
+    q_network = pqn.QNetwork(gym.spaces.Box(-np.inf, np.inf, (4,)), 3, pqn.agent_generators([0, 1]))
     optimizer = pqn.RAdam(q_network.parameters(), lr=1e-2, static_state=True)  # as with --cudagraphs
     obs = torch.randn(16, 4)
     minibatch = (obs.view(2, 8, 4), torch.randint(3, (2, 8)), torch.randn(2, 8), torch.ones(2, 8))
     # The gradient step updates the parameters and RAdam's state (moments, step count) in place.
     assert mutated_inputs_cuda_graphs_would_skip(lambda *mb: pqn.grad_step(q_network, optimizer, *mb, 1.0), *minibatch) == []
-    assert mutated_inputs_cuda_graphs_would_skip(lambda o, e: pqn.act(q_network, o, e), obs, torch.tensor(0.1)) == []
+    acting = (obs, torch.tensor(0.1), torch.rand(16, 2))
+    assert mutated_inputs_cuda_graphs_would_skip(lambda o, e, n: pqn.act(q_network, o, e, n), *acting) == []
     # Without the marks, the step count and the 20 moment tensors would keep the step out of CUDA graphs.
     unmarked = pqn.RAdam(q_network.parameters(), lr=1e-2)
     assert (
@@ -160,7 +161,7 @@ def test_cudagraphs_backend_traces_the_steps_to_the_same_numbers():
     # tracing and the copying of outputs; the graphs themselves need a GPU.
     space = gym.spaces.Box(-np.inf, np.inf, (4,))
     torch.manual_seed(0)
-    q_plain = pqn.QNetwork(space, 3, seeds=[0, 1])
+    q_plain = pqn.QNetwork(space, 3, pqn.agent_generators([0, 1]))
     q_fast = copy.deepcopy(q_plain)
     opt_plain, opt_fast = pqn.RAdam(q_plain.parameters(), lr=1e-2), pqn.RAdam(q_fast.parameters(), lr=1e-2)
     obs = torch.randn(64, 4)
@@ -168,13 +169,13 @@ def test_cudagraphs_backend_traces_the_steps_to_the_same_numbers():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     step_fast = pqn.accelerate(lambda *mb: pqn.grad_step(q_fast, opt_fast, *mb, 1.0), compile=False, cudagraphs=True)
-    act_fast = pqn.accelerate(lambda o, e: pqn.act(q_fast, o, e), compile=False, cudagraphs=True)
+    act_fast = pqn.accelerate(lambda o, e, n: pqn.act(q_fast, o, e, n), compile=False, cudagraphs=True)
     targets_fast = pqn.accelerate(lambda *r: pqn.q_lambda_returns(*r, 0.99, 0.65), compile=False, cudagraphs=True)
     for _ in range(3):
         torch.testing.assert_close(step_fast(*minibatch), pqn.grad_step(q_plain, opt_plain, *minibatch, 1.0))
     for p_fast, p_plain in zip(q_fast.parameters(), q_plain.parameters()):
         torch.testing.assert_close(p_fast, p_plain, rtol=1e-5, atol=1e-6)
-    actions, max_q = act_fast(obs, torch.tensor(0.0))
+    actions, max_q = act_fast(obs, torch.tensor(0.0), torch.rand(64, 2))
     with torch.no_grad():
         q = q_plain(obs)
     assert_greedy(actions, q)

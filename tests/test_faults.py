@@ -329,14 +329,14 @@ def test_loaded_training_state_continues_exactly_as_if_never_saved(tmp_path):
     # The network and RAdam after a save and a load take the same steps as the ones never saved.
     torch.manual_seed(0)
     space = gym.spaces.Box(-1.0, 1.0, (4,))
-    q_network = pqn.QNetwork(space, 2, seeds=[0, 1])
+    q_network = pqn.QNetwork(space, 2, pqn.agent_generators([0, 1]))
     optimizer = pqn.RAdam(q_network.parameters(), lr=1e-2)
     minibatch = (torch.randn(2, 16, 4), torch.randint(2, (2, 16)), torch.randn(2, 16), torch.ones(2, 16))
     for _ in range(3):
         pqn.grad_step(q_network, optimizer, *minibatch, 1.0)
     pqn.save_atomically({"q_network": q_network.state_dict(), "optimizer": optimizer.state_dict()}, str(tmp_path / "state.pt"))
     state = torch.load(tmp_path / "state.pt", weights_only=True)
-    restored = pqn.QNetwork(space, 2, seeds=[5, 6])
+    restored = pqn.QNetwork(space, 2, pqn.agent_generators([5, 6]))
     restored_optimizer = pqn.RAdam(restored.parameters(), lr=0.5)
     restored.load_state_dict(state["q_network"])
     restored_optimizer.load_state_dict(state["optimizer"])
@@ -616,7 +616,7 @@ def test_broken_checkpoints_and_conflicting_env_ids_are_one_line(tmp_path):
     torch.save({"format": pqn.CHECKPOINT_FORMAT}, tmp_path / "run" / "checkpoint.pt")
     line = error_line(run_script("pqn.py", "--resume", "run", "--no-cuda", cwd=tmp_path))
     assert "run/checkpoint.pt is not a pqn.py training checkpoint" in line
-    q_network = pqn.QNetwork(gym.make("CartPole-v1").observation_space, 2, seeds=[0])
+    q_network = pqn.QNetwork(gym.make("CartPole-v1").observation_space, 2, pqn.agent_generators([0]))
     torch.save({"q_network": q_network.state_dict(), "args": {"env_id": "CartPole-v1"}}, tmp_path / "cartpole.pt")
     line = error_line(
         run_script("pqn.py", "--eval-checkpoint", "cartpole.pt", "--env-id", "Acrobot-v1", "--no-cuda", cwd=tmp_path)

@@ -11,7 +11,8 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, read_scalars, run_script
+import tyro
+from helpers import ROOT, only_run_dir, read_scalars, run_script
 
 import pqn
 
@@ -35,9 +36,9 @@ def random_minibatch(num_agents, size, seed):
 
 
 def test_agent_k_starts_as_the_lone_agent_of_its_seed():
-    together = pqn.QNetwork(SPACE, 3, seeds=[7, 8, 9])
+    together = pqn.QNetwork(SPACE, 3, pqn.agent_generators([7, 8, 9]))
     for k, seed in enumerate([7, 8, 9]):
-        alone = pqn.QNetwork(SPACE, 3, seeds=[seed])
+        alone = pqn.QNetwork(SPACE, 3, pqn.agent_generators([seed]))
         for p, q in zip(agent_parameters(together, k), alone.parameters()):
             assert torch.equal(p, q[0])
     # Different seeds, different networks.
@@ -45,8 +46,8 @@ def test_agent_k_starts_as_the_lone_agent_of_its_seed():
 
 
 def test_an_agents_state_holds_that_agent_alone():
-    together = pqn.QNetwork(SPACE, 3, seeds=[7, 8, 9])
-    alone = pqn.QNetwork(SPACE, 3, seeds=[8])
+    together = pqn.QNetwork(SPACE, 3, pqn.agent_generators([7, 8, 9]))
+    alone = pqn.QNetwork(SPACE, 3, pqn.agent_generators([8]))
     state = together.agent_state_dict(1)
     for (name, t), u in zip(state.items(), alone.state_dict().values()):
         assert torch.equal(t, u), name
@@ -63,10 +64,10 @@ def train(q_network, minibatches, max_grad_norm=1.0):
 def test_an_agent_trains_as_it_would_alone_whatever_the_other_agents_see():
     # Agent 1 of a pair, after 8 gradient steps (through RAdam's rectification), is the agent trained
     # alone on its own data; and perturbing agent 0's data or parameters changes nothing of agent 1.
-    pair = pqn.QNetwork(SPACE, 3, seeds=[3, 4])
+    pair = pqn.QNetwork(SPACE, 3, pqn.agent_generators([3, 4]))
     minibatches = [random_minibatch(2, 16, seed) for seed in range(8)]
     reference = train(copy.deepcopy(pair), minibatches)
-    alone = train(pqn.QNetwork(SPACE, 3, seeds=[4]), [[x[1:] for x in minibatch] for minibatch in minibatches])
+    alone = train(pqn.QNetwork(SPACE, 3, pqn.agent_generators([4])), [[x[1:] for x in minibatch] for minibatch in minibatches])
     for p, q in zip(agent_parameters(reference, 1), alone.parameters()):
         torch.testing.assert_close(p, q[0], rtol=1e-5, atol=1e-6)
 
@@ -87,12 +88,12 @@ def test_an_agent_trains_as_it_would_alone_whatever_the_other_agents_see():
 
 
 def test_gradients_are_clipped_per_agent_as_each_alone_would_be():
-    networks = [pqn.QNetwork(SPACE, 3, seeds=[seed]) for seed in (1, 2, 3)]
+    networks = [pqn.QNetwork(SPACE, 3, pqn.agent_generators([seed])) for seed in (1, 2, 3)]
     g = torch.Generator().manual_seed(0)
     for network, scale in zip(networks, [0.001, 0.0074, 1.0]):  # norms about 0.13, 1 and 135: under, near and over the limit
         for p in network.parameters():
             p.grad = scale * torch.randn(p.shape, generator=g)
-    together = pqn.QNetwork(SPACE, 3, seeds=[1, 2, 3])
+    together = pqn.QNetwork(SPACE, 3, pqn.agent_generators([1, 2, 3]))
     for p, *alone in zip(together.parameters(), *[n.parameters() for n in networks]):
         p.grad = torch.cat([q.grad for q in alone])
     norms = [torch.nn.utils.clip_grad_norm_(n.parameters(), 1.0).item() for n in networks]
@@ -115,8 +116,7 @@ def test_each_agent_is_shuffled_on_its_own_transitions():
         seen.append(obs)
         return torch.zeros(S), torch.zeros(S)
 
-    torch.manual_seed(0)
-    pqn.update(train_step, b, torch.zeros(T, S * N), num_agents=S, update_epochs=2, minibatch_size=4)
+    pqn.update(train_step, b, torch.zeros(T, S * N), pqn.agent_generators([0, 1, 2]), update_epochs=2, minibatch_size=4)
     assert len(seen) == 2 * 5 and all(minibatch.shape == (S, 4, 2) for minibatch in seen)
     for epoch in (seen[:5], seen[5:]):
         rows = torch.cat(epoch, dim=1)  # [S, T * N, 2]: each agent's epoch
@@ -160,6 +160,22 @@ def test_each_agent_logs_to_its_own_run_directory(three_agents):
     assert "of 3 agents" in result.stdout
 
 
+def test_each_agent_trains_as_the_lone_run_of_its_seed(three_agents, tmp_path):
+    # Agent 1 (seed 6) draws its weights, envs, exploration and minibatches from its own streams, so a
+    # lone run with seed 6 plays the same episodes and logs the same losses (up to the rounding of
+    # batched matmuls over 3 agents instead of 1).
+    cwd, _ = three_agents
+    lone = run_script("pqn.py", *TINY, "--seed", "6", "--total-timesteps", "2048", cwd=tmp_path)
+    assert lone.returncode == 0, lone.stderr
+    together = read_scalars(sorted(glob.glob(os.path.join(cwd, "runs", "*")))[1])
+    alone = read_scalars(only_run_dir(tmp_path))
+    for tag in ("charts/episodic_return", "charts/episodic_length", "eval/episodic_return"):
+        assert together[tag] == alone[tag], tag
+    for tag in ("losses/td_loss", "losses/q_values"):
+        assert [s for s, _ in together[tag]] == [s for s, _ in alone[tag]]
+        np.testing.assert_allclose([v for _, v in together[tag]], [v for _, v in alone[tag]], rtol=1e-4, atol=1e-6)
+
+
 def test_each_agents_saved_model_evaluates_as_that_agent_of_the_checkpoint(three_agents):
     cwd, _ = three_agents
     dirs = sorted(glob.glob(os.path.join(cwd, "runs", "*")))
@@ -177,7 +193,7 @@ def test_each_agents_saved_model_evaluates_as_that_agent_of_the_checkpoint(three
     assert alone.stdout.strip() == lines[1].replace(" (agent 1 of 3)", "")
 
 
-def test_an_interrupted_run_of_several_agents_resumes_all_of_them(tmp_path):
+def test_an_interrupted_run_of_several_agents_resumes_all_of_them(tmp_path, monkeypatch):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     process = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "pqn.py"), *TINY, "--num-seeds", "2", "--total-timesteps", "40960"],
@@ -195,9 +211,26 @@ def test_an_interrupted_run_of_several_agents_resumes_all_of_them(tmp_path):
     first = sorted(glob.glob(os.path.join(tmp_path, "runs", "*")))[0]
     assert f"--resume {os.path.relpath(first, tmp_path)}" in stderr
     saved = torch.load(os.path.join(first, "checkpoint.pt"), weights_only=True)
-    assert 0 < saved["global_step"] < 40960 and len(saved["recent_returns"]) == 2
-    result = run_script("pqn.py", "--resume", os.path.relpath(first, tmp_path), "--no-cuda", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert 0 < saved["global_step"] < 40960 and len(saved["recent_returns"]) == len(saved["agent_rngs"]) == 2
+    # Resumed here, in this process: each agent's first exploration noise continues its saved stream.
+    first_draws, draw_noise = [], pqn.draw_noise
+
+    def recorded(generators, *args):
+        if not first_draws:
+            first_draws.extend(g.get_state() for g in generators)
+        return draw_noise(generators, *args)
+
+    monkeypatch.setattr(pqn, "draw_noise", recorded)
+    monkeypatch.setattr(pqn.signal, "signal", lambda *_: None)  # pytest keeps its own Ctrl-C handler
+    monkeypatch.setattr(torch, "set_flush_denormal", lambda _: True)  # nor does this process's arithmetic change
+    monkeypatch.chdir(tmp_path)
+    state = pqn.load_training_state(os.path.relpath(first, tmp_path))
+    given = {"resume", "cuda"}
+    args = pqn.resumed_args(
+        tyro.cli(pqn.Args, args=["--resume", os.path.relpath(first, tmp_path), "--no-cuda"]), given, state["args"]
+    )
+    assert pqn.main(pqn.finalize_args(args), given, state) == 0
+    assert all(torch.equal(drawn, saved_state) for drawn, saved_state in zip(first_draws, saved["agent_rngs"], strict=True))
     for run_dir in sorted(glob.glob(os.path.join(tmp_path, "runs", "*"))):
         assert [s for s, _ in read_scalars(run_dir)["losses/td_loss"]] == [256 * i for i in range(1, 161)]
 

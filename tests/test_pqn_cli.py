@@ -65,7 +65,7 @@ def test_saved_model_loads_and_evaluates_without_training(saved_run):
     path = os.path.join(only_run_dir(cwd), "pqn.pt")
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["args"]["env_id"] == "CartPole-v1" and checkpoint["args"]["num_envs"] == 8
-    q_network = pqn.QNetwork(gym.make("CartPole-v1").observation_space, 2, seeds=[0])
+    q_network = pqn.QNetwork(gym.make("CartPole-v1").observation_space, 2, pqn.agent_generators([0]))
     q_network.load_state_dict(checkpoint["q_network"])
     result = run_script("pqn.py", "--eval-checkpoint", path, "--eval-episodes", "4", "--no-cuda", cwd=cwd)
     assert result.returncode == 0, result.stderr
@@ -109,7 +109,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
 
 def test_mismatched_or_foreign_checkpoint_gives_one_clear_line(tmp_path):
     acrobot_args = {"env_id": "Acrobot-v1"}
-    cartpole_net = pqn.QNetwork(gym.make("CartPole-v1").observation_space, 2, seeds=[0])
+    cartpole_net = pqn.QNetwork(gym.make("CartPole-v1").observation_space, 2, pqn.agent_generators([0]))
     torch.save({"q_network": cartpole_net.state_dict(), "args": acrobot_args}, tmp_path / "cartpole_net.pt")
     line = error_line(run_script("pqn.py", "--eval-checkpoint", "cartpole_net.pt", "--no-cuda", cwd=tmp_path))
     assert "does not fit the Q-network for Acrobot-v1" in line

@@ -80,7 +80,7 @@ def start(envs):
 
 
 def run(envs, q_network, obs, is_reset, epsilon, num_steps, episode_stats=None):
-    policy = lambda obs, epsilon: pqn.act(q_network, obs, epsilon)  # noqa: E731
+    policy = lambda obs, epsilon: pqn.act(q_network, obs, epsilon, torch.rand(obs.shape[0], 2))  # noqa: E731
     episode_stats = episode_stats or pqn.EpisodeStats(envs.num_envs)
     return pqn.rollout(envs, policy, obs, is_reset, torch.tensor(epsilon), num_steps, episode_stats)
 
@@ -177,10 +177,10 @@ def test_mountain_car_truncates_at_200_steps():
 
 def updated_parameters(b, returns):
     torch.manual_seed(0)
-    q_network = pqn.QNetwork(gym.spaces.Box(-np.inf, np.inf, (3,)), 2, seeds=[0])
+    q_network = pqn.QNetwork(gym.spaces.Box(-np.inf, np.inf, (3,)), 2, pqn.agent_generators([0]))
     optimizer = torch.optim.RAdam(q_network.parameters(), lr=1e-2)
     train_step = lambda *minibatch: pqn.grad_step(q_network, optimizer, *minibatch, max_grad_norm=10.0)  # noqa: E731
-    pqn.update(train_step, b, returns, num_agents=1, update_epochs=2, minibatch_size=10)
+    pqn.update(train_step, b, returns, pqn.agent_generators([0]), update_epochs=2, minibatch_size=10)
     return torch.cat([p.detach().flatten() for p in q_network.parameters()])
 
 
@@ -200,7 +200,7 @@ def test_update_leaves_reset_steps_out_of_the_loss():
 
 def test_q_network_scales_bounded_observations_to_unit_range():
     space = gym.spaces.Box(np.array([-1.2, -0.07, -np.inf], np.float32), np.array([0.6, 0.07, np.inf], np.float32))
-    q_network = pqn.QNetwork(space, 3, seeds=[0])
+    q_network = pqn.QNetwork(space, 3, pqn.agent_generators([0]))
     seen = []
     q_network.network[0].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
     q_network(torch.tensor([[0.6, -0.07, 5.0], [-0.3, 0.0, -2.0]]))
