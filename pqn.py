@@ -268,11 +268,13 @@ class QNetwork(nn.Module):
     ):
         super().__init__()
         self.num_agents = len(generators)
-        # Observations are scaled to [-1, 1] by the bounds of their space where those are finite:
+        # Observations are scaled to [-1, 1] by the bounds of their space where it has bounds:
         # MountainCar's velocity lives in [-0.07, 0.07] and would be all but invisible otherwise.
-        finite = np.isfinite(observation_space.low) & np.isfinite(observation_space.high)
-        low = np.where(finite, observation_space.low, -1.0)  # unbounded dimensions pass through as they are
-        high = np.where(finite, observation_space.high, 1.0)
+        # Spaces mark an unbounded dimension with inf or with float32's largest number.
+        limit = np.finfo(np.float32).max
+        bounded = (np.abs(observation_space.low) < limit) & (np.abs(observation_space.high) < limit)
+        low = np.where(bounded, observation_space.low, -1.0)  # unbounded dimensions pass through as they are
+        high = np.where(bounded, observation_space.high, 1.0)
         self.register_buffer("obs_center", torch.tensor((high + low) / 2, dtype=torch.float32))
         self.register_buffer("obs_scale", torch.tensor((high - low) / 2, dtype=torch.float32))
         self.network = nn.Sequential(
@@ -650,6 +652,12 @@ class Progress:
         elif step * 10 >= self.next_tenth * self.total_steps:
             print(line, flush=True)
             self.next_tenth = step * 10 // self.total_steps + 1
+
+
+def crossed(step: int, taken: int, every: int) -> bool:
+    """Whether the last `taken` steps, which ended at `step`, reached a multiple of `every`: a periodic
+    event (evaluation, checkpoint, target update) is due at whatever step a batch of steps passes it."""
+    return step // every > (step - taken) // every
 
 
 # --- end shared: progress ---
@@ -1154,12 +1162,9 @@ def main(args: Args, given: set[str], state: dict | None = None):
             # The progress line's SPS counts the env steps of all agents.
             progress.update(global_step, sps * args.num_seeds, f"return(last 20 ep) {over_agents(recent)}")
             if iteration < args.num_iterations:  # the final evaluation and checkpoint follow the loop
-                if (
-                    args.eval_frequency
-                    and global_step // args.eval_frequency > (global_step - args.batch_size) // args.eval_frequency
-                ):
+                if args.eval_frequency and crossed(global_step, args.batch_size, args.eval_frequency):
                     run_evaluation(global_step)
-                if global_step // checkpoint_frequency > (global_step - args.batch_size) // checkpoint_frequency:
+                if crossed(global_step, args.batch_size, checkpoint_frequency):
                     save_checkpoint(iteration)
             if interrupts.signal:
                 save_checkpoint(iteration)

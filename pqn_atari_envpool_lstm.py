@@ -675,6 +675,12 @@ class Progress:
             self.next_tenth = step * 10 // self.total_steps + 1
 
 
+def crossed(step: int, taken: int, every: int) -> bool:
+    """Whether the last `taken` steps, which ended at `step`, reached a multiple of `every`: a periodic
+    event (evaluation, checkpoint, target update) is due at whatever step a batch of steps passes it."""
+    return step // every > (step - taken) // every
+
+
 # --- end shared: progress ---
 
 
@@ -1150,12 +1156,9 @@ def main(args: Args, given: set[str], state: dict | None = None):
                 global_step, sps, f"return(last 20 ep) {np.mean(recent_scores) if recent_scores else math.nan:8.2f}"
             )
             if iteration < args.num_iterations:  # the final evaluation and checkpoint follow the loop
-                if (
-                    args.eval_frequency
-                    and global_step // args.eval_frequency > (global_step - args.batch_size) // args.eval_frequency
-                ):
+                if args.eval_frequency and crossed(global_step, args.batch_size, args.eval_frequency):
                     run_evaluation(global_step)
-                if global_step // checkpoint_frequency > (global_step - args.batch_size) // checkpoint_frequency:
+                if crossed(global_step, args.batch_size, checkpoint_frequency):
                     save_checkpoint(iteration)
             if interrupts.signal:
                 save_checkpoint(iteration)

@@ -656,6 +656,12 @@ class Progress:
             self.next_tenth = step * 10 // self.total_steps + 1
 
 
+def crossed(step: int, taken: int, every: int) -> bool:
+    """Whether the last `taken` steps, which ended at `step`, reached a multiple of `every`: a periodic
+    event (evaluation, checkpoint, target update) is due at whatever step a batch of steps passes it."""
+    return step // every > (step - taken) // every
+
+
 # --- end shared: progress ---
 
 
@@ -1117,7 +1123,7 @@ def main(args: Args, given: set[str], state: dict | None = None):
 
     def checkpoint_due(phase_step, length, step_size=1):
         every = args.checkpoint_frequency or max(length // 10, 1)
-        return phase_step // every > (phase_step - step_size) // every and phase_step < length
+        return crossed(phase_step, step_size, every) and phase_step < length
 
     def save_student():
         path = os.path.join(run_dir, f"{args.exp_name}.pt")
@@ -1333,9 +1339,9 @@ def main(args: Args, given: set[str], state: dict | None = None):
                     if args.distillation:
                         online["distill_coeff"] = distill_coefficient(student_scores, teacher_return)
                     losses.append(gradient_step(rb, online["distill_coeff"]))
-            if global_step // args.target_network_frequency > (global_step - args.num_envs) // args.target_network_frequency:
+            if crossed(global_step, args.num_envs, args.target_network_frequency):
                 target_network.load_state_dict(student.state_dict())
-            if global_step // 1000 > (global_step - args.num_envs) // 1000 or step == num_vector_steps - 1:
+            if crossed(global_step, args.num_envs, 1000) or step == num_vector_steps - 1:
                 sps = (global_step - first) / (time.time() - start_time)
                 if losses:
                     log_losses(writer, "", losses, global_step)
@@ -1348,10 +1354,7 @@ def main(args: Args, given: set[str], state: dict | None = None):
                     global_step, sps, f"return(last 20 ep) {np.mean(recent_scores) if recent_scores else math.nan:8.2f}"
                 )
             if step < num_vector_steps - 1:  # the final evaluation and checkpoint follow the loop
-                if (
-                    args.eval_frequency
-                    and global_step // args.eval_frequency > (global_step - args.num_envs) // args.eval_frequency
-                ):
+                if args.eval_frequency and crossed(global_step, args.num_envs, args.eval_frequency):
                     scores = evaluate_student(f"eval_{global_step}")
                     writer.add_scalar("eval/episodic_return", scores.mean(), global_step)
                     print(f"eval at step {global_step}: greedy score {scores.mean():.2f} ± {scores.std():.2f}", flush=True)

@@ -3,6 +3,7 @@
 import os
 
 import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 from helpers import error_line, only_run_dir, read_scalars, read_text, run_script
@@ -116,3 +117,13 @@ def test_mismatched_or_foreign_checkpoint_gives_one_clear_line(tmp_path):
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     line = error_line(run_script("pqn.py", "--eval-checkpoint", "junk.pt", "--no-cuda", cwd=tmp_path))
     assert "junk.pt is not a pqn.py checkpoint" in line
+
+
+def test_crossed_is_due_once_per_multiple_whatever_the_batches():
+    # Against the obvious reference: some multiple of `every` lies in (step - taken, step].
+    rng = np.random.default_rng(0)
+    for every in (1, 3, 7, 100):
+        step = 0
+        for taken in map(int, rng.integers(1, 250, size=200)):
+            step += taken
+            assert pqn.crossed(step, taken, every) == any(m % every == 0 for m in range(step - taken + 1, step + 1))

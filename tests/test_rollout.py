@@ -199,9 +199,12 @@ def test_update_leaves_reset_steps_out_of_the_loss():
 
 
 def test_q_network_scales_bounded_observations_to_unit_range():
-    space = gym.spaces.Box(np.array([-1.2, -0.07, -np.inf], np.float32), np.array([0.6, 0.07, np.inf], np.float32))
-    q_network = pqn.QNetwork(space, 3, pqn.agent_generators([0]))
+    # An unbounded dimension (inf, or float32's largest number as some spaces write it) passes through as it is.
+    big = np.finfo(np.float32).max
+    low, high = np.array([-1.2, -0.07, -np.inf, -big], np.float32), np.array([0.6, 0.07, np.inf, big], np.float32)
+    q_network = pqn.QNetwork(gym.spaces.Box(low, high), 3, pqn.agent_generators([0]))
     seen = []
     q_network.network[0].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
-    q_network(torch.tensor([[0.6, -0.07, 5.0], [-0.3, 0.0, -2.0]]))
-    torch.testing.assert_close(seen[0], torch.tensor([[[1.0, -1.0, 5.0], [0.0, 0.0, -2.0]]]))  # [agent, batch, obs]
+    q_network(torch.tensor([[0.6, -0.07, 5.0, 3.0], [-0.3, 0.0, -2.0, -4.0]]))
+    expected = torch.tensor([[[1.0, -1.0, 5.0, 3.0], [0.0, 0.0, -2.0, -4.0]]])  # [agent, batch, obs]
+    torch.testing.assert_close(seen[0], expected)
