@@ -917,7 +917,8 @@ def load_training_state(run_dir: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state["format"] != CHECKPOINT_FORMAT:
             raise ValueError
-        for key in "args run_names q_network optimizer iteration global_step recent_returns rng agent_rngs finished".split():
+        keys = "args run_names q_network optimizer iteration global_step recent_returns rng agent_rngs diverged finished"
+        for key in keys.split():
             state[key]
         return state
     except Exception:
@@ -1032,6 +1033,9 @@ def main(args: Args, given: set[str], state: dict | None = None):
     q_network = QNetwork(envs.single_observation_space, envs.single_action_space.n, generators).to(device)
     optimizer = RAdam(q_network.parameters(), lr=args.learning_rate, static_state=args.cudagraphs)
     recent_returns = [collections.deque(maxlen=20) for _ in seeds]
+    # Agent k -> the step at which its TD loss or mean Q was not finite. A lone run stops there; one agent
+    # of several stops logging and saving there (its weights are not finite) while the others go on.
+    diverged = {}
     start_iteration, global_step = 0, 0  # global_step: env steps of each agent
     if state:
         q_network.load_state_dict(state["q_network"])
@@ -1039,6 +1043,7 @@ def main(args: Args, given: set[str], state: dict | None = None):
         for recent, saved in zip(recent_returns, state["recent_returns"], strict=True):
             recent.extend(saved)
         start_iteration, global_step = state["iteration"], state["global_step"]
+        diverged = dict(state["diverged"])
         set_rng_state(state["rng"])
         for generator, saved in zip(generators, state["agent_rngs"], strict=True):
             generator.set_state(saved)
@@ -1064,8 +1069,9 @@ def main(args: Args, given: set[str], state: dict | None = None):
         returns = evaluate(q_network, eval_envs, seeds=None, record=video).reshape(args.num_seeds, -1)  # [agent, episode]
         if video:  # env 0 is the first agent's
             video.save(os.path.join(run_dirs[0], "videos", f"eval_{global_step}.mp4"))
-        for writer, agent_returns in zip(writers, returns):
-            writer.add_scalar("eval/episodic_return", agent_returns.mean(), global_step)
+        returns[list(diverged)] = math.nan
+        for k in live_agents():
+            writers[k].add_scalar("eval/episodic_return", returns[k].mean(), global_step)
         if args.num_seeds == 1:
             print(
                 f"eval at step {global_step}: greedy return {returns.mean():.2f} ± {returns.std():.2f} ({returns.size} "
@@ -1095,23 +1101,28 @@ def main(args: Args, given: set[str], state: dict | None = None):
                 "recent_returns": [[float(r) for r in recent] for recent in recent_returns],
                 "rng": rng_state(),
                 "agent_rngs": [generator.get_state() for generator in generators],
+                "diverged": [[k, step] for k, step in diverged.items()],
                 # Only after the final evaluation: a run stopped in its last iteration still owes it.
                 "finished": finished,
             },
             checkpoint_path,
         )
 
+    def live_agents():
+        return [k for k in range(args.num_seeds) if k not in diverged]
+
     def save_models():
-        """Each agent's Q-network, as a lone run with its seed would save it."""
-        for k, (seed, run_dir) in enumerate(zip(seeds, run_dirs)):
-            path = os.path.join(run_dir, f"{args.exp_name}.pt")
+        """Each agent's Q-network, as a lone run with its seed would save it (none for a diverged agent)."""
+        for k in live_agents():
+            path = os.path.join(run_dirs[k], f"{args.exp_name}.pt")
             save_atomically(
-                {"q_network": q_network.agent_state_dict(k), "args": {**asdict(args), "seed": seed, "num_seeds": 1}}, path
+                {"q_network": q_network.agent_state_dict(k), "args": {**asdict(args), "seed": seeds[k], "num_seeds": 1}},
+                path,
             )
         print(
             f"model saved to {path}"
             if args.num_seeds == 1
-            else f"{args.num_seeds} models saved, one in each agent's run directory"
+            else f"{len(live_agents())} models saved, one in each agent's run directory"
         )
 
     obs, _ = envs.reset()  # seeded when made
@@ -1131,6 +1142,8 @@ def main(args: Args, given: set[str], state: dict | None = None):
             )
             for step, env, episodic_return, episodic_length in episodes:
                 agent = env // args.num_envs
+                if agent in diverged:
+                    continue
                 writers[agent].add_scalar("charts/episodic_return", episodic_return, global_step + (step + 1) * args.num_envs)
                 writers[agent].add_scalar("charts/episodic_length", episodic_length, global_step + (step + 1) * args.num_envs)
                 recent_returns[agent].append(episodic_return)
@@ -1139,26 +1152,29 @@ def main(args: Args, given: set[str], state: dict | None = None):
             # Targets, then update_epochs passes of minibatch TD regression on them.
             returns = targets(b["rewards"], b["terminations"], b["truncations"], b["next_q"])
             td_losses, q_values = update(train_step, b, returns, generators, args.update_epochs, args.minibatch_size)
-            if not (np.isfinite(td_losses).all() and np.isfinite(q_values).all()):
-                bad = [seeds[k] for k in np.flatnonzero(~(np.isfinite(td_losses) & np.isfinite(q_values)))]
-                last = (
-                    f"the last checkpoint is {checkpoint_path}"
-                    if os.path.isfile(checkpoint_path)
-                    else "no checkpoint was written"
-                )
-                raise RunFault(
-                    f"the TD loss or mean Q of the agent with seed {bad[0]} is not finite at step {global_step:,}; {last}"
-                )
+            for k in np.flatnonzero(~(np.isfinite(td_losses) & np.isfinite(q_values))).tolist():
+                if k in diverged:
+                    continue
+                diverged[k] = global_step
+                message = f"the TD loss or mean Q of the agent with seed {seeds[k]} is not finite at step {global_step:,}"
+                if len(diverged) == args.num_seeds:
+                    last = (
+                        f"the last checkpoint is {checkpoint_path}"
+                        if os.path.isfile(checkpoint_path)
+                        else "no checkpoint was written"
+                    )
+                    raise RunFault(f"{message}; {last}")
+                print(f"{message}: that agent stops, the others go on", file=sys.stderr, flush=True)
 
             # Logging: each agent to its own run directory.
             sps = (global_step - start_step) / (time.time() - start_time)  # env steps per second of each agent
-            for writer, td_loss_mean, q_values_mean in zip(writers, td_losses, q_values):
-                writer.add_scalar("losses/td_loss", td_loss_mean, global_step)
-                writer.add_scalar("losses/q_values", q_values_mean, global_step)
-                writer.add_scalar("charts/learning_rate", lr, global_step)
-                writer.add_scalar("charts/epsilon", epsilon, global_step)
-                writer.add_scalar("charts/SPS", sps, global_step)
-            recent = np.array([np.mean(r) if r else math.nan for r in recent_returns])
+            for k in live_agents():
+                writers[k].add_scalar("losses/td_loss", td_losses[k], global_step)
+                writers[k].add_scalar("losses/q_values", q_values[k], global_step)
+                writers[k].add_scalar("charts/learning_rate", lr, global_step)
+                writers[k].add_scalar("charts/epsilon", epsilon, global_step)
+                writers[k].add_scalar("charts/SPS", sps, global_step)
+            recent = np.array([np.mean(r) if r and k not in diverged else math.nan for k, r in enumerate(recent_returns)])
             # The progress line's SPS counts the env steps of all agents.
             progress.update(global_step, sps * args.num_seeds, f"return(last 20 ep) {over_agents(recent)}")
             if iteration < args.num_iterations:  # the final evaluation and checkpoint follow the loop
@@ -1181,7 +1197,14 @@ def main(args: Args, given: set[str], state: dict | None = None):
         if args.save_model:
             save_models()
         save_checkpoint(args.num_iterations, finished=True)
-        return interrupts.status_at_the_end(run_dirs[0])
+        status = interrupts.status_at_the_end(run_dirs[0])
+        if diverged:
+            raise RunFault(
+                f"{len(diverged)} of {args.num_seeds} agents diverged (seeds {', '.join(str(seeds[k]) for k in diverged)}: "
+                f"their logs stop at the step named above); the others finished, their results are in "
+                f"{os.path.dirname(run_dirs[0]) or '.'}"
+            )
+        return status
     finally:
         envs.close()
         eval_envs.close()

@@ -2,6 +2,7 @@
 
 import copy
 import glob
+import math
 import os
 import signal
 import subprocess
@@ -174,6 +175,54 @@ def test_each_agent_trains_as_the_lone_run_of_its_seed(three_agents, tmp_path):
     for tag in ("losses/td_loss", "losses/q_values"):
         assert [s for s, _ in together[tag]] == [s for s, _ in alone[tag]]
         np.testing.assert_allclose([v for _, v in together[tag]], [v for _, v in alone[tag]], rtol=1e-4, atol=1e-6)
+
+
+def test_an_agent_that_diverges_stops_and_the_others_train_on_as_before(three_agents, tmp_path, monkeypatch, capsys):
+    # Agent 1's weights turn NaN before the third update: it stops logging and saving there, and agents 0
+    # and 2 log what they logged in the run where nothing diverged. The run ends with one error line.
+    networks, update, calls = [], pqn.update, [0]
+
+    class RecordedQNetwork(pqn.QNetwork):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            networks.append(self)
+
+    def poisoned_update(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            with torch.no_grad():
+                for parameter in networks[0].parameters():
+                    parameter[1] = math.nan
+        return update(*args, **kwargs)
+
+    monkeypatch.setattr(pqn, "QNetwork", RecordedQNetwork)
+    monkeypatch.setattr(pqn, "update", poisoned_update)
+    monkeypatch.setattr(pqn.signal, "signal", lambda *_: None)  # pytest keeps its own Ctrl-C handler
+    monkeypatch.chdir(tmp_path)
+    flags = [*TINY, "--num-seeds", "3", "--seed", "5", "--total-timesteps", "2048", "--save-model"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the run it is compared with (OMP_NUM_THREADS=1)
+    try:
+        with pytest.raises(pqn.RunFault, match=r"^1 of 3 agents diverged \(seeds 6: .*the others finished"):
+            pqn.main(pqn.finalize_args(tyro.cli(pqn.Args, args=flags)), set())
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)  # main() set it for its arithmetic; this process goes on without
+    stderr = capsys.readouterr().err
+    assert "the agent with seed 6 is not finite at step 768: that agent stops, the others go on" in stderr
+    dirs = sorted(glob.glob(os.path.join(tmp_path, "runs", "*")))
+    logs = [read_scalars(d) for d in dirs]
+    assert [s for s, _ in logs[1]["losses/td_loss"]] == [256, 512] and "eval/episodic_return" not in logs[1]
+    assert all(s <= 768 for s, _ in logs[1]["charts/episodic_return"])
+    assert [os.path.isfile(os.path.join(d, "pqn.pt")) for d in dirs] == [True, False, True]
+    assert torch.load(os.path.join(dirs[0], "checkpoint.pt"), weights_only=True)["diverged"] == [[1, 768]]
+    unharmed = [read_scalars(d) for d in sorted(glob.glob(os.path.join(three_agents[0], "runs", "*")))]
+    for k in (0, 2):
+        for tag in ("charts/episodic_return", "eval/episodic_return"):
+            assert logs[k][tag] == unharmed[k][tag], (k, tag)
+        steps, values = zip(*logs[k]["losses/td_loss"])
+        assert list(steps) == [s for s, _ in unharmed[k]["losses/td_loss"]]
+        np.testing.assert_allclose(values, [v for _, v in unharmed[k]["losses/td_loss"]], rtol=1e-4, atol=1e-6)
 
 
 def test_each_agents_saved_model_evaluates_as_that_agent_of_the_checkpoint(three_agents):
