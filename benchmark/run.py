@@ -22,9 +22,11 @@ command's output is in the log of its first seed. A command whose .done markers 
 skipped, so running the same command again after an interruption (Ctrl-C: exit status 130) runs
 only what is missing; a run stopped by a signal after writing its checkpoint (Ctrl-C, SIGTERM, a
 kill) continues from it with --resume (its directory is in <exp>__<env>__<seed>.resume; its output
-goes on in the same .log). A .done made by another command (other flags) is an error: give such a
-benchmark another --benchmark name. Failed runs do not stop the others; they are listed at the end
-and the exit status is 1.
+goes on in the same .log). That marker is written as soon as the run has made its directory, so a
+run killed together with this runner (the machine or the session went down) also continues, from
+its last periodic checkpoint; one killed before its first checkpoint starts again. A .done made by
+another command (other flags) is an error: give such a benchmark another --benchmark name. Failed
+runs do not stop the others; they are listed at the end and the exit status is 1.
 
 --slurm writes one job file per command to benchmark/logs/<benchmark>/slurm/ from
 benchmark/slurm_template.sbatch and submits it with `sbatch`; the job writes the same log and .done
@@ -56,6 +58,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slurm_template.sbatch")
 # `{env_id}`, `{seed}` or `{run_dir:EXP}` in the flags after `--`.
 PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+MARK_POLL_S = 5  # how often a running command is checked for the run directory it made
 
 
 class Parser(argparse.ArgumentParser):
@@ -149,9 +152,7 @@ class Job:
         for seed, log, done, prefix in self.other_agents:
             with open(log, "w", encoding="utf-8") as f:
                 f.write(f"# command: {self.command()}\n{other_agent_note(seed, self)}\n")
-            with open(done + ".tmp", "w", encoding="utf-8") as f:
-                f.write(os.path.join(os.path.dirname(run_dir), prefix + stamp) + "\n")
-            os.replace(done + ".tmp", done)
+            write_marker(done, os.path.join(os.path.dirname(run_dir), prefix + stamp))
 
 
 def other_agent_note(seed, job):
@@ -167,6 +168,13 @@ def show(path):
 
 def stem(exp_name, env_id, seed):
     return f"{exp_name}__{env_id.replace('/', '-')}__{seed}"
+
+
+def write_marker(path, run_dir):
+    """Writes a .done or .resume marker whole or not at all."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(run_dir + "\n")
+    os.replace(path + ".tmp", path)
 
 
 def read_marker(path):
@@ -198,11 +206,11 @@ def needed_runs(flags):
     return list(dict.fromkeys(exps))
 
 
-def find_run_dir(root, run_prefix, start, before, pid=None):
+def find_run_dir(root, run_prefix, start, before, pid=None, own_only=False):
     """The newest runs/<run_prefix><unix time> with time >= start that did not exist before the run.
     Another runner may have started a run with the same prefix meanwhile (another script with the
     same exp name, env and seed): the directory whose TensorBoard file the run's own process `pid`
-    wrote (the file name holds the writer's pid) is taken first."""
+    wrote (the file name holds the writer's pid) is taken first, and with own_only it is the only one."""
     found = []
     for path in glob.glob(os.path.join(root, "runs", glob.escape(run_prefix) + "*")):
         stamp = os.path.basename(path)[len(run_prefix) :]
@@ -213,7 +221,7 @@ def find_run_dir(root, run_prefix, start, before, pid=None):
         for stamp, path in found
         if pid is not None and glob.glob(os.path.join(glob.escape(path), f"events.out.tfevents.*.{pid}.*"))
     ]
-    found = own or found
+    found = own if own_only else own or found
     return os.path.relpath(max(found)[1], root) if found else None
 
 
@@ -222,6 +230,12 @@ def run_local(job, root):
     A run stopped by a signal after writing its checkpoint (Ctrl-C, SIGTERM, a kill) leaves a .resume
     marker, and the next attempt continues that run with --resume instead of starting it again."""
     resume_dir = read_marker(job.resume) if os.path.exists(job.resume) else None
+    fresh_note = None
+    if resume_dir and not os.path.isfile(os.path.join(root, resume_dir, "checkpoint.pt")):
+        # The runner was killed with the run before the run wrote its first checkpoint.
+        fresh_note = f"# {resume_dir} has no checkpoint to continue from: starting the run again\n"
+        os.remove(job.resume)
+        resume_dir = None
     if resume_dir:
         argv = [*job.argv[:2], "--resume", resume_dir]  # the run's flags are in its checkpoint
     else:
@@ -239,13 +253,28 @@ def run_local(job, root):
     with open(job.log, "a" if resume_dir else "w", encoding="utf-8") as log:
         if not resume_dir:
             log.write(f"# command: {job.command()}\n")
+        if fresh_note:
+            log.write(fresh_note)
         if argv != job.argv:
             log.write(f"# resolved: {shlex.join(argv)}\n")
         log.write(f"# started: {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         log.flush()
         # "python" in the shown command is the interpreter that runs this file.
         process = subprocess.Popen([sys.executable] + argv[1:], cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
-        status = process.wait()
+        # The .resume marker names the run directory as soon as the run has made it: if this runner dies
+        # with its run (a kill -9, the machine or the session going down), the next attempt continues
+        # the run from its last periodic checkpoint.
+        marked = False
+        while True:
+            try:
+                status = process.wait(timeout=MARK_POLL_S)
+                break
+            except subprocess.TimeoutExpired:
+                if not resume_dir and not marked:
+                    own = find_run_dir(root, job.run_prefix, start, before, process.pid, own_only=True)
+                    if own:
+                        write_marker(job.resume, own)
+                        marked = True
         elapsed = time.time() - start
         log.write(f"# exit status {status} after {format_duration(elapsed)}\n")
     run_dir = resume_dir or find_run_dir(root, job.run_prefix, start, before, process.pid)
@@ -253,17 +282,16 @@ def run_local(job, root):
         how = f"killed by signal {-status}" if status < 0 else f"exit {status}"
         stopped = status < 0 or status in (128 + signal.SIGINT, 128 + signal.SIGTERM)
         if stopped and run_dir and os.path.isfile(os.path.join(root, run_dir, "checkpoint.pt")):
-            with open(job.resume, "w", encoding="utf-8") as f:
-                f.write(run_dir + "\n")
+            write_marker(job.resume, run_dir)
             return False, f"{how} after {format_duration(elapsed)}; the next attempt resumes {run_dir}"
+        if marked:  # a run that failed (not stopped) starts again next time
+            os.remove(job.resume)
         return False, f"{how} after {format_duration(elapsed)}"
     if run_dir is None:
         return False, f"exit 0 but it made no runs/{job.run_prefix}<unix time> directory"
-    with open(job.done + ".tmp", "w", encoding="utf-8") as f:
-        f.write(run_dir + "\n")
-    os.replace(job.done + ".tmp", job.done)
+    write_marker(job.done, run_dir)
     job.mark_other_agents(run_dir)
-    if resume_dir:
+    if resume_dir or marked:
         os.remove(job.resume)
     return True, f"finished in {format_duration(elapsed)}: {run_dir}"
 

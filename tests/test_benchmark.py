@@ -4,9 +4,11 @@ the report (its numbers against numpy on synthetic TensorBoard files, the PNG) a
 import glob
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -39,6 +41,10 @@ for seed in range(int(args.seed), int(args.seed) + args.num_seeds):  # one run d
 if os.environ.get("FAKE_INTERRUPT"):
     open(f"{run_dir}/checkpoint.pt", "w").close()
     sys.exit(130)
+if os.environ.get("FAKE_HANG"):  # "checkpoint": writes one first, as a long run does periodically
+    if os.environ["FAKE_HANG"] == "checkpoint":
+        open(f"{run_dir}/checkpoint.pt", "w").close()
+    time.sleep(60)
 if os.environ.get("FAKE_WAIT_FOR_SIGTERM"):  # as the real scripts: a checkpoint, then exit 128 + 15
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print("waiting", flush=True)
@@ -262,6 +268,32 @@ def test_a_run_stopped_with_a_checkpoint_is_resumed_by_the_next_attempt(root):
     assert f"argv ['--resume', '{run_dir}']" in log and log.count("# exit status") == 2
     assert (logs(root) / "e__A__1.done").read_text().strip() == run_dir and not (logs(root) / "e__A__1.resume").exists()
     assert os.listdir(root / "runs") == [os.path.basename(run_dir)]
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_a_run_killed_with_its_runner_continues_from_its_checkpoint_or_starts_again(root, checkpoint):
+    env = dict(os.environ, FAKE_HANG="checkpoint" if checkpoint else "before")
+    command = [sys.executable, RUN, "--benchmark", "b", "--exp-name", "e", "--script", "fake.py", "--env-ids", "A"]
+    command += ["--seeds", "1", "--root", str(root)]
+    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
+    marker = logs(root) / "e__A__1.resume"
+    deadline = time.time() + 30
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # the runner and its run die at once, as when the machine goes down
+    first.wait(timeout=10)
+    run_dir = marker.read_text().strip()
+    assert run_dir.startswith("runs/A__e__1__")
+    again = runner(root, envs=["A"], seeds=["1"])
+    assert again.returncode == 0, again.stdout + again.stderr
+    log = (logs(root) / "e__A__1.log").read_text()
+    done = (logs(root) / "e__A__1.done").read_text().strip()
+    assert not marker.exists()
+    if checkpoint:
+        assert f"argv ['--resume', '{run_dir}']" in log and done == run_dir
+    else:
+        assert f"# {run_dir} has no checkpoint to continue from: starting the run again" in log
+        assert "--resume" not in log and done != run_dir and done.startswith("runs/A__e__1__")
 
 
 def test_a_slurm_job_takes_the_run_directory_its_own_process_wrote(root, tmp_path):
