@@ -898,7 +898,9 @@ def load_model(path: str, device: torch.device) -> dict:
         raise UsageError(f"no checkpoint at {path}; write one with `python pqn.py --save-model`")
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
-        return {"env_id": checkpoint["args"]["env_id"], "q_network": dict(checkpoint["q_network"])}
+        # A training checkpoint names its diverged agents, {agent: env step}; a --save-model file has none.
+        diverged = {int(k): int(step) for k, step in checkpoint.get("diverged", [])}
+        return {"env_id": checkpoint["args"]["env_id"], "q_network": dict(checkpoint["q_network"]), "diverged": diverged}
     except Exception as e:
         raise UsageError(
             f"{path} is not a pqn.py checkpoint ({type(e).__name__}); write one with `python pqn.py --save-model`"
@@ -952,6 +954,9 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
         print(f"video of the first agent's first episode: {path}")
     for k, agent_returns in enumerate(returns):
         agent = f" (agent {k} of {num_agents})" if num_agents > 1 else ""
+        if k in checkpoint["diverged"]:  # its weights went on being updated with non-finite numbers
+            print(f"{env_id}{agent}: not evaluated, it diverged at step {checkpoint['diverged'][k]} of its training")
+            continue
         print(
             f"{env_id}{agent}: greedy return over {len(agent_returns)} episodes {agent_returns.mean():.2f} ± "
             f"{agent_returns.std():.2f}"

@@ -223,6 +223,18 @@ def test_an_agent_that_diverges_stops_and_the_others_train_on_as_before(three_ag
         steps, values = zip(*logs[k]["losses/td_loss"])
         assert list(steps) == [s for s, _ in unharmed[k]["losses/td_loss"]]
         np.testing.assert_allclose(values, [v for _, v in unharmed[k]["losses/td_loss"]], rtol=1e-4, atol=1e-6)
+    # Evaluating the checkpoint names the diverged agent instead of playing its non-finite weights.
+    flags = ["--eval-checkpoint", os.path.join(dirs[0], "checkpoint.pt"), "--seed", "5", "--eval-episodes", "2"]
+    pqn.eval_checkpoint(pqn.finalize_args(tyro.cli(pqn.Args, args=flags)), set(), torch.device("cpu"))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "CartPole-v1 (agent 1 of 3): not evaluated, it diverged at step 768 of its training"
+    assert [
+        line.startswith(f"CartPole-v1 (agent {k} of 3): greedy return over 2 episodes") for k, line in enumerate(lines)
+    ] == [
+        True,
+        False,
+        True,
+    ]
 
 
 def test_each_agents_saved_model_evaluates_as_that_agent_of_the_checkpoint(three_agents):
