@@ -390,32 +390,23 @@ def test_the_script_logs_the_continued_schedule(teacher, tmp_path):
     assert step == 120 and epsilon == pytest.approx(qd.student_epsilon(args, 118)) == 0.01
 
 
-def trained_student(teacher, tmp_path, *flags):
+def trained_student(teacher, tmp_path, monkeypatch, capsys, *flags):
+    """The student after phase 2 of a tiny run, trained in this process."""
     tmp_path.mkdir()
-    result = run_script(
-        "qdagger_dqn_atari_impalacnn.py",
-        "--teacher-model-path",
-        teacher,
-        *TINY,
-        "--total-timesteps",
-        "0",
-        "--save-model",
-        *flags,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "phase 2: step 20: student greedy score" in result.stdout
+    flags = ["--teacher-model-path", teacher, *TINY, "--total-timesteps", "0", "--save-model", *flags]
+    status, _ = main_in_process(monkeypatch, tmp_path, flags)
+    assert status == 0 and "phase 2: step 20: student greedy score" in capsys.readouterr().out
     return torch.load(os.path.join(only_run_dir(tmp_path), "qdagger_dqn_atari_impalacnn.pt"), weights_only=True)["student"]
 
 
-def test_without_distillation_the_distillation_term_is_zero(teacher, tmp_path):
+def test_without_distillation_the_distillation_term_is_zero(teacher, tmp_path, monkeypatch, capsys):
     """The temperature acts only through the distillation term: without it, students trained with
     different temperatures are the same; with it, they differ."""
     runs = {}
     for distill in ["--distillation", "--no-distillation"]:
         for temperature in ["1.0", "0.1"]:
             runs[distill, temperature] = trained_student(
-                teacher, tmp_path / f"{distill}{temperature}", distill, "--temperature", temperature
+                teacher, tmp_path / f"{distill}{temperature}", monkeypatch, capsys, distill, "--temperature", temperature
             )
     for name, value in runs["--no-distillation", "1.0"].items():
         torch.testing.assert_close(runs["--no-distillation", "0.1"][name], value)
@@ -491,11 +482,12 @@ def test_a_run_killed_in_phase_2_resumes_with_a_refilled_teacher_buffer(teacher,
     assert again.returncode == 0 and "is finished: nothing to resume" in again.stdout
 
 
-def interrupt_in_process(monkeypatch, tmp_path, flags, function, call, resume=None):
-    """Runs QDagger's main in this process (with `--resume`, as the command line would), telling it to
-    stop (as SIGINT would) in the `call`-th call of the module's `function`: a signal timed to a step
-    exactly, on any machine. Returns main's exit status and the SummaryWriters it made."""
-    interrupts, writers, calls, original = [], [], [], getattr(qd, function)
+def main_in_process(monkeypatch, tmp_path, flags, stop_in=None, resume=None):
+    """Runs QDagger's main in this process (with `--resume`, as the command line would); with `stop_in`
+    = (function, call), tells it to stop (as SIGINT would) in the `call`-th call of the module's
+    `function`: a signal timed to a step exactly, on any machine. Returns main's exit status and the
+    SummaryWriters it made."""
+    interrupts, writers, calls = [], [], []
 
     class RecordedInterrupts(qd.Interrupts):
         def __init__(self):
@@ -513,10 +505,14 @@ def interrupt_in_process(monkeypatch, tmp_path, flags, function, call, resume=No
             interrupts[-1].signal = signal.SIGINT
         return original(*args)
 
+    if stop_in:
+        function, call = stop_in
+        original = getattr(qd, function)
+        monkeypatch.setattr(qd, function, then_stop)
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(qd, "Interrupts", RecordedInterrupts)
     monkeypatch.setattr(qd, "SummaryWriter", RecordedWriter)
-    monkeypatch.setattr(qd, function, then_stop)
     monkeypatch.setattr(torch, "set_flush_denormal", lambda _: True)  # this process's arithmetic stays as it is
     args, given, state = tyro.cli(qd.Args, args=flags), qd.flags_given(flags), None
     if resume:
@@ -531,14 +527,14 @@ def test_an_interrupt_in_phase_2_and_another_while_its_buffer_is_refilled_leave_
     # td_target is called once per gradient step: stopped at offline step 100, then, resumed (without
     # its buffer: the teacher plays phase 1 again), stopped in the 5th step of that refill.
     flags = ["--teacher-model-path", teacher, *TINY, "--offline-steps", "200", "--offline-eval-frequency", "100"]
-    status, _ = interrupt_in_process(monkeypatch, tmp_path, flags, "td_target", 100)
+    status, _ = main_in_process(monkeypatch, tmp_path, flags, stop_in=("td_target", 100))
     assert status == 130 and "SIGINT: stopped in phase 2 at step 100;" in capsys.readouterr().err
     run_dir = only_run_dir(tmp_path)
     saved = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     assert (saved["phase"], saved["phase_step"], saved["buffer"]) == (2, 100, None)
     # Everything phase 2 logged up to its checkpoint is in its event file.
     assert steps_of(read_scalars(os.path.join(run_dir, "offline")), "losses/offline/td_loss") == [100]
-    status, _ = interrupt_in_process(monkeypatch, tmp_path, [], "play_step", 5, resume=os.path.relpath(run_dir, tmp_path))
+    status, _ = main_in_process(monkeypatch, tmp_path, [], stop_in=("play_step", 5), resume=os.path.relpath(run_dir, tmp_path))
     assert status == 130 and "SIGINT: stopped in phase 2 at step 100;" in capsys.readouterr().err
     stopped = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     assert (stopped["phase"], stopped["phase_step"], stopped["buffer"]) == (2, 100, None)
@@ -548,7 +544,7 @@ def test_an_interrupt_in_phase_2_and_another_while_its_buffer_is_refilled_leave_
 def test_an_interrupt_in_phase_3_saves_the_buffer_and_the_run_resumes_from_it(teacher, tmp_path, monkeypatch, capsys):
     flags = ["--teacher-model-path", teacher, *TINY, "--total-timesteps", "300", "--train-frequency", "8"]
     # student_epsilon is called once per vector step of phase 3: stopped after its 40th (env step 80).
-    status, _ = interrupt_in_process(monkeypatch, tmp_path, [*flags, "--checkpoint-buffers"], "student_epsilon", 40)
+    status, _ = main_in_process(monkeypatch, tmp_path, [*flags, "--checkpoint-buffers"], stop_in=("student_epsilon", 40))
     stderr = capsys.readouterr().err
     assert (
         status == 130
@@ -574,7 +570,9 @@ def test_an_interrupt_at_the_last_offline_step_resumes_in_phase_3_and_closes_eve
     teacher, tmp_path, monkeypatch, capsys
 ):
     # td_target is called once per gradient step: its 20th call is phase 2's last step (--offline-steps 20).
-    status, writers = interrupt_in_process(monkeypatch, tmp_path, ["--teacher-model-path", teacher, *TINY], "td_target", 20)
+    status, writers = main_in_process(
+        monkeypatch, tmp_path, ["--teacher-model-path", teacher, *TINY], stop_in=("td_target", 20)
+    )
     assert status == 128 + signal.SIGINT
     assert "SIGINT: stopped in phase 3 at step 0" in capsys.readouterr().err
     assert len(writers) == 3 and all(w.all_writers is None for w in writers)  # phases 3, 1 and 2: all closed
@@ -614,7 +612,7 @@ def test_a_signal_after_the_last_step_lets_the_run_finish_and_says_so(teacher, t
 
 def test_a_run_resumes_with_its_teacher_moved_but_not_with_another_teacher(teacher, tmp_path, monkeypatch):
     # td_target is called once per gradient step: its 20th call is phase 2's last step (--offline-steps 20).
-    status, _ = interrupt_in_process(monkeypatch, tmp_path, ["--teacher-model-path", teacher, *TINY], "td_target", 20)
+    status, _ = main_in_process(monkeypatch, tmp_path, ["--teacher-model-path", teacher, *TINY], stop_in=("td_target", 20))
     assert status == 130
     run_dir = os.path.relpath(only_run_dir(tmp_path), tmp_path)
     moved = tmp_path / "moved.pt"
