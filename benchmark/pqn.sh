@@ -16,14 +16,17 @@
 #            greedy evaluation every 500k steps and at the end (8 games): the Atari budget a CPU can run.
 #   lstm-cpu   pqn_atari_lstm_cpu: the same for pqn_atari_envpool_lstm.py. Measured on that 2-core
 #            CPU, atari-cpu and lstm-cpu side by side (two shells): 1 h 22 min to 1 h 31 min per run.
+#   cartpole-epsilon  pqn_cartpole_epsilon: pqn.py on CartPole-v1, 32 seeds in one process, with three
+#            epsilon schedules: the default (1 to 0.05 over half the run, cleanrl's), --end-e 0.2, and
+#            --end-e 0.2 --exploration-fraction 0.2 (purejaxql's); 13-15 min each on one core.
 #
-# Usage (from anywhere):  bash benchmark/pqn.sh [classic] [atari] [lstm] [atari-cpu] [lstm-cpu]
+# Usage (from anywhere):  bash benchmark/pqn.sh [classic] [atari] [lstm] [atari-cpu] [lstm-cpu] [cartpole-epsilon]
 #                         (no argument: classic, atari and lstm)
 # Environment variables:
-#   SEEDS         the seeds (default "1 2 3"; "1" for classic, atari-cpu and lstm-cpu); with NUM_SEEDS,
-#                 the first seed of each process
-#   NUM_SEEDS     agents per process, pqn.py's --num-seeds (classic only; default 32)
-#   WORKERS       runs at a time (default 2 for classic, 1 for atari and lstm)
+#   SEEDS         the seeds (default "1 2 3"; "1" for classic, atari-cpu, lstm-cpu and cartpole-epsilon);
+#                 with NUM_SEEDS, the first seed of each process
+#   NUM_SEEDS     agents per process, pqn.py's --num-seeds (classic and cartpole-epsilon; default 32)
+#   WORKERS       runs at a time (default 2 for classic, 1 for the others)
 #   EXTRA_FLAGS   flags appended to every command, e.g. "--total-timesteps 100000"
 #   SUFFIX        appended to the benchmark names (a run with other flags needs another name)
 #   ATARI_ENVS, LSTM_ENVS   the env ids of the Atari blocks
@@ -115,8 +118,17 @@ for block in "${blocks[@]}"; do
                 --total-timesteps 2000000 --eval-frequency 500000
             report "$name$SUFFIX" "$block"
             ;;
+        cartpole-epsilon)
+            name=pqn_cartpole_epsilon$SUFFIX
+            SEEDS=$CLASSIC_SEEDS RUN_NUM_SEEDS=$NUM_SEEDS run "$name" "${WORKERS:-1}" pqn pqn.py CartPole-v1
+            SEEDS=$CLASSIC_SEEDS RUN_NUM_SEEDS=$NUM_SEEDS run "$name" "${WORKERS:-1}" pqn_end_e_0.2 pqn.py CartPole-v1 \
+                --end-e 0.2
+            SEEDS=$CLASSIC_SEEDS RUN_NUM_SEEDS=$NUM_SEEDS run "$name" "${WORKERS:-1}" pqn_purejaxql_epsilon pqn.py CartPole-v1 \
+                --end-e 0.2 --exploration-fraction 0.2
+            report "$name" cartpole-epsilon
+            ;;
         *)
-            echo "error: unknown block $block (use classic, atari, lstm, atari-cpu or lstm-cpu)" >&2
+            echo "error: unknown block $block (use classic, atari, lstm, atari-cpu, lstm-cpu or cartpole-epsilon)" >&2
             exit 2
             ;;
     esac
