@@ -480,6 +480,26 @@ def test_classic_control_trains_its_seeds_in_one_process_per_env():
     ]
 
 
+def test_the_cartpole_epsilon_block_runs_three_schedules_of_32_seeds():
+    env = shell_script_env(RUNNER_FLAGS="--dry-run", SUFFIX="_dry_run_test")
+    result = subprocess.run(
+        ["bash", os.path.join(ROOT, "benchmark", "pqn.sh"), "cartpole-epsilon"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [re.sub(r"^# skipped, already done \(.*?\): ", "", line) for line in result.stdout.splitlines()]
+    assert [line for line in lines if line.startswith("python ")] == [
+        "python pqn.py --env-id CartPole-v1 --seed 1 --exp-name pqn --num-seeds 32",
+        "python pqn.py --env-id CartPole-v1 --seed 1 --exp-name pqn_end_e_0.2 --num-seeds 32 --end-e 0.2",
+        "python pqn.py --env-id CartPole-v1 --seed 1 --exp-name pqn_purejaxql_epsilon --num-seeds 32 --end-e 0.2 "
+        "--exploration-fraction 0.2",
+    ]
+    assert "--benchmark pqn_cartpole_epsilon_dry_run_test" in result.stdout
+
+
 def test_seed_ranges_are_written_short():
     report = import_benchmark_tool("report")
     assert report.seed_ranges([1, 2, 3]) == "1–3"
