@@ -18,7 +18,7 @@
 #            CPU, atari-cpu and lstm-cpu side by side (two shells): 1 h 22 min to 1 h 31 min per run.
 #   cartpole-epsilon  pqn_cartpole_epsilon: pqn.py on CartPole-v1, 32 seeds in one process, with three
 #            epsilon schedules: the default (1 to 0.05 over half the run, cleanrl's), --end-e 0.2, and
-#            --end-e 0.2 --exploration-fraction 0.2 (purejaxql's); 13-15 min each on one core.
+#            --end-e 0.2 --exploration-fraction 0.2 (purejaxql's); 13-16 min each beside other runs.
 #
 # Usage (from anywhere):  bash benchmark/pqn.sh [classic] [atari] [lstm] [atari-cpu] [lstm-cpu] [cartpole-epsilon]
 #                         (no argument: classic, atari and lstm)
