@@ -499,17 +499,17 @@ def main_in_process(monkeypatch, tmp_path, flags, stop_in=None, resume=None):
             super().__init__(*args, **kwargs)
             writers.append(self)
 
-    def then_stop(*args):
-        calls.append(None)
-        if len(calls) == call:
-            interrupts[-1].signal = signal.SIGINT
-        return original(*args)
-
     if stop_in:
         function, call = stop_in
         original = getattr(qd, function)
-        monkeypatch.setattr(qd, function, then_stop)
 
+        def then_stop(*args):
+            calls.append(None)
+            if len(calls) == call:
+                interrupts[-1].signal = signal.SIGINT
+            return original(*args)
+
+        monkeypatch.setattr(qd, function, then_stop)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(qd, "Interrupts", RecordedInterrupts)
     monkeypatch.setattr(qd, "SummaryWriter", RecordedWriter)
