@@ -1,5 +1,6 @@
 """benchmark/: the runner (dry run, skipping finished runs, failures, placeholders, slurm job files),
-the report (its numbers against numpy on synthetic TensorBoard files, the PNG) and the shell scripts."""
+the report (its numbers against numpy on synthetic TensorBoard files, the PNG), the QDagger
+reincarnation benchmark (its seeds, skipping finished runs, its report) and the shell scripts."""
 
 import glob
 import os
@@ -436,6 +437,88 @@ def test_report_without_finished_runs_is_one_error_line(tmp_path):
         == f"error: benchmark 'nothing' has no finished runs (no .done files in {tmp_path}/benchmark/logs/nothing)"
     )
     assert result.returncode == 2
+
+
+REINCARNATION = os.path.join(ROOT, "benchmark", "qdagger_reincarnation.py")
+
+# Stands in for qdagger_dqn_atari_impalacnn.py with --total-timesteps 0: the TensorBoard files of phases 1
+# and 2 (teacher score 30 + seed; the QDagger student scores seed * k at step 1000 k, the TD-only student
+# 1) and the line naming its saved model. Each run appends its argv to ./calls; $FAKE_FAIL_SEED fails.
+FAKE_STUDENT = """\
+import argparse, os, sys, time
+from torch.utils.tensorboard import SummaryWriter
+parser = argparse.ArgumentParser()
+for flag in ("--teacher-model-path", "--env-id", "--seed", "--exp-name", "--offline-steps", "--offline-eval-frequency"):
+    parser.add_argument(flag)
+parser.add_argument("--distillation", action=argparse.BooleanOptionalAction)
+args, _ = parser.parse_known_args()
+with open("calls", "a") as f:
+    f.write(" ".join(sys.argv[1:]) + "\\n")
+seed = int(args.seed)
+if str(seed) == os.environ.get("FAKE_FAIL_SEED"):
+    sys.exit("fake failure")
+assert os.path.isabs(args.teacher_model_path) and os.path.isfile(args.teacher_model_path)
+run_dir = f"runs/{args.env_id}__{args.exp_name}__{seed}__{int(time.time())}"
+teacher = SummaryWriter(f"{run_dir}/teacher")
+teacher.add_scalar("charts/teacher/avg_episodic_return", 30 + seed, 0)
+for step, score in [(900, 7), (1900, seed)]:
+    teacher.add_scalar("charts/teacher/episodic_return", score, step)
+teacher.close()
+offline = SummaryWriter(f"{run_dir}/offline")
+every = int(args.offline_eval_frequency)
+for step in range(every, int(args.offline_steps) + 1, every):
+    offline.add_scalar("charts/offline/avg_episodic_return", seed * step / every if args.distillation else 1, step)
+offline.close()
+print(f"model saved to {run_dir}/{args.exp_name}.pt")
+"""
+
+
+def reincarnation(root, *flags, env=None):
+    return call(
+        REINCARNATION, "--teacher", "teacher.pt", "--offline-steps", "3000", "--root", str(root), "--machine", "m",
+        *flags, cwd=root, env=env,
+    )  # fmt: skip
+
+
+def test_qdagger_reincarnation_reports_each_seed_and_the_mean_and_skips_finished_runs(tmp_path):
+    (tmp_path / "qdagger_dqn_atari_impalacnn.py").write_text(FAKE_STUDENT)
+    (tmp_path / "teacher.pt").write_text("")
+    results = tmp_path / "benchmark" / "results"
+    results.mkdir(parents=True)
+    (results / "qdagger_reincarnation.md").write_text("# old page\n\n## Checks by hand (kept)\n\n- a check\n")
+
+    # Seed 2 fails: one error line naming its log; seed 1's students finished and are not run again.
+    first = reincarnation(tmp_path, "--seeds", "1", "2", env={"FAKE_FAIL_SEED": "2"})
+    assert first.returncode == 2
+    assert error_line(first).startswith("error: seed 2, qdagger exited with status 1; see ")
+    second = reincarnation(tmp_path, "--seeds", "1", "2")
+    assert second.returncode == 0, second.stderr
+    assert "seed 1, qdagger: finished before" in second.stdout and "seed 1, td_only: finished before" in second.stdout
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [(c.split("--seed ")[1].split()[0], "--no-distillation" in c) for c in calls].count(("1", False)) == 1
+    assert len(calls) == 6  # seed 1 twice, seed 2 twice failing and twice finishing
+
+    md = (results / "qdagger_reincarnation.md").read_text()
+    # Final scores: QDagger seed * 3, TD-only 1; teachers 31 and 32.
+    assert "| 1 | 31.0 | 3.0 | 1.0 | yes |" in md
+    assert "| 2 | 32.0 | 6.0 | 1.0 | yes |" in md
+    assert "| mean ± std | 31.5 ± 0.5 | 4.5 ± 1.5 | 1.0 ± 0.0 | |" in md
+    assert "ahead in 2 of 2 seeds" in md
+    assert "| QDagger student (TD + distillation) | 1.5 | 3.0 | 4.5 |" in md  # the mean over seeds at each step
+    assert "| TD-only student (`--no-distillation`) | 1.0 | 1.0 | 1.0 |" in md
+    assert md.count("python qdagger_dqn_atari_impalacnn.py --teacher-model-path teacher.pt") == 4
+    assert md.endswith("## Checks by hand (kept)\n\n- a check\n") and "# old page" not in md
+    assert (results / "qdagger_reincarnation.png").stat().st_size > 0
+
+
+def test_qdagger_reincarnation_bad_input_is_one_error_line(tmp_path):
+    result = reincarnation(tmp_path, "--seeds", "1", "1")
+    assert error_line(result) == "error: no teacher at teacher.pt" and result.returncode == 2
+    (tmp_path / "teacher.pt").write_text("")
+    result = reincarnation(tmp_path, "--seeds", "1", "1")
+    assert error_line(result) == "error: --seeds has repeats: 1 1" and result.returncode == 2
+    result = reincarnation(tmp_path, "--seeds", "one")
+    assert error_line(result).startswith("error: argument --seeds: invalid int value") and result.returncode == 2
 
 
 def test_report_without_matplotlib_says_how_to_install_it_or_writes_only_the_table(tmp_path):
