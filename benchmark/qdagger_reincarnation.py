@@ -2,26 +2,28 @@
 
     python benchmark/qdagger_reincarnation.py --teacher runs/<run>/pqn_atari_envpool.pt --seeds 1 2 3
 
-For each seed, runs qdagger_dqn_atari_impalacnn.py twice, side by side, with that seed (so the same
-teacher games fill the same teacher buffer in phase 1) and `--total-timesteps 0` (the run ends after
-phase 2): once as QDagger (TD + distillation) and once with `--no-distillation` (TD alone), each for
-`--offline-steps` gradient steps on `--teacher-steps` teacher transitions. The seeds run one after
-another. Run again, it skips the runs that finished with the same command (their logs say so and
-their run folders are still there), so a stopped benchmark continues where it was.
+For each seed, runs qdagger_dqn_atari_impalacnn.py with that seed (so the same teacher games fill the
+same teacher buffer in phase 1) and `--total-timesteps 0` (the run ends after phase 2): as QDagger
+(TD + distillation) once per `--temperatures` τ, and once with `--no-distillation` (TD alone), each
+for `--offline-steps` gradient steps on `--teacher-steps` teacher transitions; `--workers` of these
+students at a time. Run again, it skips the students that finished with the same command (their
+logs say so and their run folders are still there), so a stopped benchmark continues where it was.
 
 Writes benchmark/results/qdagger_reincarnation.md: per seed the teacher's greedy score and each
-student's at the end of phase 2 (whole games, `--eval-episodes` of them), and whether both students
-learned from the same teacher games; over the seeds the mean scores along phase 2; and the
-commands. A section `## Checks by hand` of the page written before is kept. And
+student's at the end of phase 2 (whole games, `--eval-episodes` of them), and whether all students
+of the seed learned from the same teacher games; over the seeds the mean scores along phase 2; and
+the commands. A section `## Checks by hand` of the page written before is kept. And
 benchmark/results/qdagger_reincarnation.png: the students' greedy scores against gradient steps,
 per seed and their mean, beside the teacher's. Logs go to benchmark/logs/qdagger_reincarnation/.
 """
 
 import argparse
+import math
 import os
 import shlex
 import subprocess
 import sys
+import time
 
 import numpy as np
 from report import import_pyplot, read_run
@@ -29,9 +31,10 @@ from run import ROOT, fail, format_duration
 
 NAME = "qdagger_reincarnation"
 SCRIPT = "qdagger_dqn_atari_impalacnn.py"
-VARIANTS = {"qdagger": ["--distillation"], "td_only": ["--no-distillation"]}
-LABELS = {"qdagger": "QDagger student (TD + distillation)", "td_only": "TD-only student (`--no-distillation`)"}
+# The script's default --temperature: the command of a QDagger student at it leaves the flag out.
+SCRIPT_TEMPERATURE = 1.0
 KEPT_SECTION = "## Checks by hand"
+POLL_S = 1.0  # how often running students are checked
 
 
 class Parser(argparse.ArgumentParser):
@@ -43,7 +46,11 @@ def parse_args(argv):
     parser = Parser(description=__doc__.split("\n")[0])
     parser.add_argument("--teacher", required=True, help="a pqn_atari_envpool.py --save-model file")
     parser.add_argument("--env-id", default="Breakout-v5")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="one pair of students per seed")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="one set of students per seed")
+    parser.add_argument(
+        "--temperatures", type=float, nargs="+", default=[SCRIPT_TEMPERATURE], help="one QDagger student per τ and seed"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="students trained at a time (one thread each)")
     parser.add_argument("--teacher-steps", type=int, default=50_000)
     parser.add_argument("--offline-steps", type=int, default=5_000)
     parser.add_argument("--offline-eval-frequency", type=int, default=1_000)
@@ -53,9 +60,31 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if not os.path.isfile(args.teacher):
         fail(f"no teacher at {args.teacher}")
-    if len(set(args.seeds)) != len(args.seeds):
-        fail(f"--seeds has repeats: {' '.join(map(str, args.seeds))}")
+    for name in ("seeds", "temperatures"):
+        values = getattr(args, name)
+        if len(set(values)) != len(values):
+            fail(f"--{name} has repeats: {' '.join(f'{v:g}' for v in values)}")
+    if not all(math.isfinite(t) and t > 0 for t in args.temperatures):
+        fail(f"--temperatures must be positive numbers, got {' '.join(f'{t:g}' for t in args.temperatures)}")
+    if args.workers < 1:
+        fail(f"--workers must be positive, got {args.workers}")
+    args.variants = variants(args.temperatures)
     return args
+
+
+def variants(temperatures):
+    """{exp name: (label, flags)}: a QDagger student per temperature, then the TD-only student."""
+    out = {}
+    for t in temperatures:
+        if t == SCRIPT_TEMPERATURE:
+            out["qdagger"] = (f"QDagger student (TD + distillation, τ = {t:g})", ["--distillation"])
+        else:
+            out[f"qdagger_temperature_{t:g}"] = (
+                f"QDagger student (TD + distillation, τ = {t:g})",
+                ["--distillation", "--temperature", f"{t:g}"],
+            )
+    out["td_only"] = ("TD-only student (`--no-distillation`)", ["--no-distillation"])
+    return out
 
 
 def command(args, seed, name):
@@ -82,7 +111,7 @@ def command(args, seed, name):
         "--total-timesteps",
         "0",
         "--save-model",
-        *VARIANTS[name],
+        *args.variants[name][1],
         "--exp-name",
         name,
     ]
@@ -101,29 +130,43 @@ def finished_run(root, log, argv):
     return run_dir if run_dir and os.path.isdir(run_dir) else None
 
 
-def run_seed(args, seed, logs):
-    """Both students of a seed, side by side (those that finished before are not run again): {name: run folder}."""
+def run_students(args, logs):
+    """Every student of every seed, `--workers` at a time (those that finished before are not run again):
+    {(seed, name): run folder}."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    run_dirs, processes = {}, {}
-    for name in VARIANTS:
-        argv, log = command(args, seed, name), os.path.join(logs, f"{name}_seed{seed}.log")
-        run_dirs[name] = finished_run(args.root, log, argv)
-        if run_dirs[name]:
-            print(f"seed {seed}, {name}: finished before, in {os.path.relpath(run_dirs[name], args.root)}", flush=True)
-            continue
-        print(f"seed {seed}, {name}: {shlex.join(argv)}", flush=True)
-        with open(log, "w", encoding="utf-8") as f:
-            f.write(f"# command: {shlex.join(argv)}\n")
-            f.flush()
-            real = [sys.executable, argv[1], "--teacher-model-path", os.path.abspath(args.teacher), *argv[4:]]
-            processes[name] = subprocess.Popen(real, cwd=args.root, env=env, stdout=f, stderr=subprocess.STDOUT)
-    for name, process in processes.items():
-        log = os.path.join(logs, f"{name}_seed{seed}.log")
-        if process.wait() != 0:
-            fail(f"seed {seed}, {name} exited with status {process.returncode}; see {log}")
-        run_dirs[name] = finished_run(args.root, log, command(args, seed, name))
-        if run_dirs[name] is None:
-            fail(f"seed {seed}, {name} finished without saving its model; see {log}")
+    run_dirs, todo, running = {}, [], {}
+    for seed in args.seeds:
+        for name in args.variants:
+            log = os.path.join(logs, f"{name}_seed{seed}.log")
+            run_dirs[seed, name] = finished_run(args.root, log, command(args, seed, name))
+            if run_dirs[seed, name]:
+                print(f"seed {seed}, {name}: finished before, in {os.path.relpath(run_dirs[seed, name], args.root)}")
+            else:
+                todo.append((seed, name, log))
+    while todo or running:
+        while todo and len(running) < args.workers:
+            seed, name, log = todo.pop(0)
+            argv = command(args, seed, name)
+            print(f"seed {seed}, {name}: {shlex.join(argv)}", flush=True)
+            with open(log, "w", encoding="utf-8") as f:
+                f.write(f"# command: {shlex.join(argv)}\n")
+                f.flush()
+                real = [sys.executable, argv[1], "--teacher-model-path", os.path.abspath(args.teacher), *argv[4:]]
+                running[seed, name] = subprocess.Popen(real, cwd=args.root, env=env, stdout=f, stderr=subprocess.STDOUT)
+        time.sleep(POLL_S)
+        for (seed, name), process in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[seed, name]
+            log = os.path.join(logs, f"{name}_seed{seed}.log")
+            if process.returncode != 0:
+                for other in running.values():  # the benchmark stops: its other students with it
+                    other.terminate()
+                    other.wait()
+                fail(f"seed {seed}, {name} exited with status {process.returncode}; see {log}")
+            run_dirs[seed, name] = finished_run(args.root, log, command(args, seed, name))
+            if run_dirs[seed, name] is None:
+                fail(f"seed {seed}, {name} finished without saving its model; see {log}")
     return run_dirs
 
 
@@ -157,74 +200,83 @@ def mean_std(values):
 
 def report(args, seeds):
     """The page's lines from {seed: {name: (scalars, wall)}}."""
-    teacher = {s: float(seeds[s]["qdagger"][0]["charts/teacher/avg_episodic_return"][1][0]) for s in seeds}
-    curves = {s: {n: seeds[s][n][0]["charts/offline/avg_episodic_return"] for n in VARIANTS} for s in seeds}
-    finals = {n: [float(curves[s][n][1][-1]) for s in seeds] for n in VARIANTS}
+    names = list(args.variants)
+    qdagger = names[:-1]  # the QDagger students; the TD-only student is last
+    first = names[0]
+    teacher = {s: float(seeds[s][first][0]["charts/teacher/avg_episodic_return"][1][0]) for s in seeds}
+    curves = {s: {n: seeds[s][n][0]["charts/offline/avg_episodic_return"] for n in names} for s in seeds}
+    finals = {n: [float(curves[s][n][1][-1]) for s in seeds] for n in names}
     same_data = {
         s: all(
             np.array_equal(
-                seeds[s]["qdagger"][0]["charts/teacher/episodic_return"][i],
-                seeds[s]["td_only"][0]["charts/teacher/episodic_return"][i],
+                seeds[s][n][0]["charts/teacher/episodic_return"][i], seeds[s][first][0]["charts/teacher/episodic_return"][i]
             )
+            for n in names
             for i in (0, 1)
         )
         for s in seeds
     }
-    steps = curves[args.seeds[0]]["qdagger"][0]
-    if any(not np.array_equal(curves[s][n][0], steps) for s in seeds for n in VARIANTS):
+    steps = curves[args.seeds[0]][first][0]
+    if any(not np.array_equal(curves[s][n][0], steps) for s in seeds for n in names):
         fail("the students evaluated at different gradient steps: not one benchmark")
-    seed_list = ", ".join(map(str, seeds))
-    ahead = sum(q > t for q, t in zip(finals["qdagger"], finals["td_only"]))
-    ratio = np.mean(finals["qdagger"]) / np.mean(list(teacher.values()))
+    several = len(seeds) > 1
+    teacher_mean = np.mean(list(teacher.values()))
     lines = [
         "# QDagger: a student reincarnated from a PQN teacher, with and without distillation",
         "",
-        f"`{args.env_id}`, seed{'s' if len(seeds) > 1 else ''} {seed_list}. Phase 1: the teacher plays "
+        f"`{args.env_id}`, seed{'s' if several else ''} {', '.join(map(str, seeds))}. Phase 1: the teacher plays "
         f"{args.teacher_steps:,} env steps (epsilon-greedy, epsilon from 1.0 to 0.01 over all of them) into the teacher "
         f"buffer; phase 2: the IMPALA student takes {args.offline_steps:,} gradient steps (batch 32) on that buffer. "
-        f"Greedy scores are whole games (all lives, unclipped), {args.eval_episodes} games each. The two students of a "
-        "seed learn from the same teacher games (checked: the teacher's phase-1 game scores are identical in both runs).",
+        f"Greedy scores are whole games (all lives, unclipped), {args.eval_episodes} games each. The students of a "
+        "seed learn from the same teacher games (checked: the teacher's phase-1 game scores are identical in all their runs).",
         "",
         "## At the end of phase 2",
         "",
-        "| seed | teacher (before phase 1) | " + " | ".join(LABELS.values()) + " | same teacher games |",
-        "|---|---|---|---|---|",
+        "| seed | teacher (before phase 1) | " + " | ".join(args.variants[n][0] for n in names) + " | same teacher games |",
+        "|---|---|" + "---|" * len(names) + "---|",
         *(
-            f"| {s} | {teacher[s]:.1f} | {finals['qdagger'][i]:.1f} | {finals['td_only'][i]:.1f} | "
-            f"{'yes' if same_data[s] else 'NO'} |"
+            f"| {s} | {teacher[s]:.1f} | "
+            + " | ".join(f"{finals[n][i]:.1f}" for n in names)
+            + f" | {'yes' if same_data[s] else 'NO'} |"
             for i, s in enumerate(seeds)
         ),
     ]
-    if len(seeds) > 1:
+    if several:
         lines.append(
-            f"| mean ± std | {mean_std(list(teacher.values()))} | {mean_std(finals['qdagger'])} | "
-            f"{mean_std(finals['td_only'])} | |"
+            f"| mean ± std | {mean_std(list(teacher.values()))} | " + " | ".join(mean_std(finals[n]) for n in names) + " | |"
+        )
+    lines.append("")
+    for n in qdagger:
+        ahead = sum(q > t for q, t in zip(finals[n], finals["td_only"]))
+        lines.append(
+            f"The {args.variants[n][0]} ends at {np.mean(finals[n]):.1f}{' on average' if several else ''}, "
+            f"{np.mean(finals[n]) / teacher_mean:.0%} of the teacher's {teacher_mean:.1f}, and is ahead of the TD-only "
+            f"student in {ahead} of {len(seeds)} seed{'s' if several else ''}."
         )
     lines += [
+        f"The TD-only student ends at {np.mean(finals['td_only']):.1f}."
+        + (" std: over seeds (numpy's, ddof = 0)." if several else ""),
         "",
-        f"The QDagger student ends at {np.mean(finals['qdagger']):.1f}{' on average' if len(seeds) > 1 else ''}, "
-        f"{ratio:.0%} of the teacher's {np.mean(list(teacher.values())):.1f}; the TD-only student at "
-        f"{np.mean(finals['td_only']):.1f}. The QDagger student is ahead in {ahead} of {len(seeds)} "
-        f"seed{'s' if len(seeds) > 1 else ''}. std: over seeds (numpy's, ddof = 0).",
-        "",
-        "## Along phase 2" + (" (mean over seeds)" if len(seeds) > 1 else ""),
+        "## Along phase 2" + (" (mean over seeds)" if several else ""),
         "",
         "| greedy score | " + " | ".join(f"step {int(s):,}" for s in steps) + " |",
         "|---|" + "---|" * len(steps),
         *(
-            f"| {LABELS[n]} | " + " | ".join(f"{v:.1f}" for v in np.mean([curves[s][n][1] for s in seeds], axis=0)) + " |"
-            for n in VARIANTS
+            f"| {args.variants[n][0]} | "
+            + " | ".join(f"{v:.1f}" for v in np.mean([curves[s][n][1] for s in seeds], axis=0))
+            + " |"
+            for n in names
         ),
         "",
-        f"Machine: {args.machine or 'not given'}. The two students of a seed side by side, one thread each; the seeds one "
-        "after another. Wall time of phases 1 and 2 (from their logs), per seed, the longer of the two students: "
-        + ", ".join(f"seed {s} {format_duration(max(seeds[s][n][1] for n in VARIANTS))}" for s in seeds)
+        f"Machine: {args.machine or 'not given'}. {args.workers} student{'s' if args.workers > 1 else ''} at a time, one "
+        "thread each. Wall time of phases 1 and 2 (from their logs), per seed, the longest of its students: "
+        + ", ".join(f"seed {s} {format_duration(max(seeds[s][n][1] for n in names))}" for s in seeds)
         + ".",
         "",
         "Commands:",
         "",
         "```",
-        *(shlex.join(command(args, s, n)) for s in seeds for n in VARIANTS),
+        *(shlex.join(command(args, s, n)) for s in seeds for n in names),
         "```",
         "",
         f"Made with `{shlex.join(['python', 'benchmark/qdagger_reincarnation.py', *sys.argv[1:]])}`.",
@@ -235,17 +287,18 @@ def report(args, seeds):
 def plot(args, curves, teacher, path):
     plt = import_pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for n, color, label in [("qdagger", "C0", "QDagger (TD + distillation)"), ("td_only", "C1", "TD only")]:
+    for k, (n, (label, _)) in enumerate(args.variants.items()):
         for s in curves:
-            ax.plot(*curves[s][n], color=color, alpha=0.3, linewidth=1)
+            ax.plot(*curves[s][n], color=f"C{k}", alpha=0.3, linewidth=1)
         steps = curves[next(iter(curves))][n][0]
-        ax.plot(steps, np.mean([curves[s][n][1] for s in curves], axis=0), color=color, marker="o", label=label)
+        mean = np.mean([curves[s][n][1] for s in curves], axis=0)
+        ax.plot(steps, mean, color=f"C{k}", marker="o", label=label.replace("`", "").replace(" student", ""))
     ax.axhline(np.mean(list(teacher.values())), color="gray", linestyle="--", label="teacher")
     ax.set_xlabel("offline gradient steps")
     ax.set_ylabel(f"greedy score ({args.eval_episodes} games)")
     seed_list = ", ".join(map(str, curves))
     ax.set_title(f"{args.env_id}: students reincarnated from a PQN teacher\n(mean of seeds {seed_list}; thin: each seed)")
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -259,10 +312,8 @@ def main(argv):
             os.makedirs(directory, exist_ok=True)
         except OSError as e:
             fail(f"cannot write to {directory}: {e.strerror}")
-    seeds = {}
-    for seed in args.seeds:
-        run_dirs = run_seed(args, seed, logs)
-        seeds[seed] = {name: read_student(run_dirs[name]) for name in VARIANTS}
+    run_dirs = run_students(args, logs)
+    seeds = {seed: {name: read_student(run_dirs[seed, name]) for name in args.variants} for seed in args.seeds}
     md = os.path.join(results, f"{NAME}.md")
     lines, curves, teacher = report(args, seeds)
     kept = kept_section(md)

@@ -442,7 +442,7 @@ def test_report_without_finished_runs_is_one_error_line(tmp_path):
 REINCARNATION = os.path.join(ROOT, "benchmark", "qdagger_reincarnation.py")
 
 # Stands in for qdagger_dqn_atari_impalacnn.py with --total-timesteps 0: the TensorBoard files of phases 1
-# and 2 (teacher score 30 + seed; the QDagger student scores seed * k at step 1000 k, the TD-only student
+# and 2 (teacher score 30 + seed; a QDagger student scores seed * k / τ at step 1000 k, the TD-only student
 # 1) and the line naming its saved model. Each run appends its argv to ./calls; $FAKE_FAIL_SEED fails.
 FAKE_STUDENT = """\
 import argparse, os, sys, time
@@ -450,6 +450,7 @@ from torch.utils.tensorboard import SummaryWriter
 parser = argparse.ArgumentParser()
 for flag in ("--teacher-model-path", "--env-id", "--seed", "--exp-name", "--offline-steps", "--offline-eval-frequency"):
     parser.add_argument(flag)
+parser.add_argument("--temperature", type=float, default=1.0)
 parser.add_argument("--distillation", action=argparse.BooleanOptionalAction)
 args, _ = parser.parse_known_args()
 with open("calls", "a") as f:
@@ -467,7 +468,8 @@ teacher.close()
 offline = SummaryWriter(f"{run_dir}/offline")
 every = int(args.offline_eval_frequency)
 for step in range(every, int(args.offline_steps) + 1, every):
-    offline.add_scalar("charts/offline/avg_episodic_return", seed * step / every if args.distillation else 1, step)
+    score = seed * step / every / args.temperature if args.distillation else 1
+    offline.add_scalar("charts/offline/avg_episodic_return", score, step)
 offline.close()
 print(f"model saved to {run_dir}/{args.exp_name}.pt")
 """
@@ -487,38 +489,55 @@ def test_qdagger_reincarnation_reports_each_seed_and_the_mean_and_skips_finished
     results.mkdir(parents=True)
     (results / "qdagger_reincarnation.md").write_text("# old page\n\n## Checks by hand (kept)\n\n- a check\n")
 
-    # Seed 2 fails: one error line naming its log; seed 1's students finished and are not run again.
-    first = reincarnation(tmp_path, "--seeds", "1", "2", env={"FAKE_FAIL_SEED": "2"})
+    # One student at a time: seed 1's two finish, seed 2's first fails and stops the benchmark.
+    first = reincarnation(tmp_path, "--seeds", "1", "2", "--workers", "1", env={"FAKE_FAIL_SEED": "2"})
     assert first.returncode == 2
     assert error_line(first).startswith("error: seed 2, qdagger exited with status 1; see ")
-    second = reincarnation(tmp_path, "--seeds", "1", "2")
+    assert len((tmp_path / "calls").read_text().splitlines()) == 3
+    # Again with a second temperature: seed 1's students at τ = 1 are not run again; the other four run.
+    second = reincarnation(tmp_path, "--seeds", "1", "2", "--temperatures", "1", "0.5")
     assert second.returncode == 0, second.stderr
     assert "seed 1, qdagger: finished before" in second.stdout and "seed 1, td_only: finished before" in second.stdout
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert [(c.split("--seed ")[1].split()[0], "--no-distillation" in c) for c in calls].count(("1", False)) == 1
-    assert len(calls) == 6  # seed 1 twice, seed 2 twice failing and twice finishing
+    assert len(calls) == 7
+    assert sum("--seed 1 " in c and "--distillation" in c and "--temperature" not in c for c in calls) == 1
+    assert sum("--temperature 0.5" in c for c in calls) == 2
 
     md = (results / "qdagger_reincarnation.md").read_text()
-    # Final scores: QDagger seed * 3, TD-only 1; teachers 31 and 32.
-    assert "| 1 | 31.0 | 3.0 | 1.0 | yes |" in md
-    assert "| 2 | 32.0 | 6.0 | 1.0 | yes |" in md
-    assert "| mean ± std | 31.5 ± 0.5 | 4.5 ± 1.5 | 1.0 ± 0.0 | |" in md
-    assert "ahead in 2 of 2 seeds" in md
-    assert "| QDagger student (TD + distillation) | 1.5 | 3.0 | 4.5 |" in md  # the mean over seeds at each step
+    # Final scores: QDagger seed * 3 / τ, TD-only 1; teachers 31 and 32.
+    assert "| 1 | 31.0 | 3.0 | 6.0 | 1.0 | yes |" in md
+    assert "| 2 | 32.0 | 6.0 | 12.0 | 1.0 | yes |" in md
+    assert "| mean ± std | 31.5 ± 0.5 | 4.5 ± 1.5 | 9.0 ± 3.0 | 1.0 ± 0.0 | |" in md
+    assert "τ = 0.5) ends at 9.0 on average, 29% of the teacher's 31.5, and is ahead of the TD-only student in 2 of 2" in md
+    assert "| QDagger student (TD + distillation, τ = 1) | 1.5 | 3.0 | 4.5 |" in md  # the mean over seeds at each step
     assert "| TD-only student (`--no-distillation`) | 1.0 | 1.0 | 1.0 |" in md
-    assert md.count("python qdagger_dqn_atari_impalacnn.py --teacher-model-path teacher.pt") == 4
+    assert md.count("python qdagger_dqn_atari_impalacnn.py --teacher-model-path teacher.pt") == 6
     assert md.endswith("## Checks by hand (kept)\n\n- a check\n") and "# old page" not in md
     assert (results / "qdagger_reincarnation.png").stat().st_size > 0
 
 
-def test_qdagger_reincarnation_bad_input_is_one_error_line(tmp_path):
-    result = reincarnation(tmp_path, "--seeds", "1", "1")
-    assert error_line(result) == "error: no teacher at teacher.pt" and result.returncode == 2
+def test_qdagger_reincarnation_leaves_out_the_flag_of_the_scripts_default_temperature():
+    import qdagger_dqn_atari_impalacnn as qdagger
+
+    assert import_benchmark_tool("qdagger_reincarnation").SCRIPT_TEMPERATURE == qdagger.Args.temperature
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--teacher", "missing.pt"], "error: no teacher at missing.pt"),
+        (["--seeds", "1", "1"], "error: --seeds has repeats: 1 1"),
+        (["--temperatures", "0.1", "0.10"], "error: --temperatures has repeats: 0.1 0.1"),
+        (["--temperatures", "nan"], "error: --temperatures must be positive numbers, got nan"),
+        (["--temperatures", "0"], "error: --temperatures must be positive numbers, got 0"),
+        (["--workers", "0"], "error: --workers must be positive, got 0"),
+        (["--seeds", "one"], "error: argument --seeds: invalid int value: 'one'"),
+    ],
+)
+def test_qdagger_reincarnation_bad_input_is_one_error_line(tmp_path, flags, message):
     (tmp_path / "teacher.pt").write_text("")
-    result = reincarnation(tmp_path, "--seeds", "1", "1")
-    assert error_line(result) == "error: --seeds has repeats: 1 1" and result.returncode == 2
-    result = reincarnation(tmp_path, "--seeds", "one")
-    assert error_line(result).startswith("error: argument --seeds: invalid int value") and result.returncode == 2
+    result = reincarnation(tmp_path, *flags)
+    assert error_line(result) == message and result.returncode == 2
 
 
 def test_report_without_matplotlib_says_how_to_install_it_or_writes_only_the_table(tmp_path):
