@@ -31,8 +31,6 @@ from run import ROOT, fail, format_duration
 
 NAME = "qdagger_reincarnation"
 SCRIPT = "qdagger_dqn_atari_impalacnn.py"
-# The script's default --temperature: the command of a QDagger student at it leaves the flag out.
-SCRIPT_TEMPERATURE = 1.0
 KEPT_SECTION = "## Checks by hand"
 POLL_S = 1.0  # how often running students are checked
 
@@ -48,7 +46,11 @@ def parse_args(argv):
     parser.add_argument("--env-id", default="Breakout-v5")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="one set of students per seed")
     parser.add_argument(
-        "--temperatures", type=float, nargs="+", default=[SCRIPT_TEMPERATURE], help="one QDagger student per τ and seed"
+        "--temperatures",
+        type=float,
+        nargs="+",
+        default=[1.0, 0.1],
+        help="one QDagger student per τ and seed (default: cleanrl's τ and the QDagger authors')",
     )
     parser.add_argument("--workers", type=int, default=2, help="students trained at a time (one thread each)")
     parser.add_argument("--teacher-steps", type=int, default=50_000)
@@ -73,16 +75,15 @@ def parse_args(argv):
 
 
 def variants(temperatures):
-    """{exp name: (label, flags)}: a QDagger student per temperature, then the TD-only student."""
-    out = {}
-    for t in temperatures:
-        if t == SCRIPT_TEMPERATURE:
-            out["qdagger"] = (f"QDagger student (TD + distillation, τ = {t:g})", ["--distillation"])
-        else:
-            out[f"qdagger_temperature_{t:g}"] = (
-                f"QDagger student (TD + distillation, τ = {t:g})",
-                ["--distillation", "--temperature", f"{t:g}"],
-            )
+    """{exp name: (label, flags)}: a QDagger student per temperature, then the TD-only student. The
+    temperature is always on the command line, so that a log's command says which student it ran."""
+    out = {
+        f"qdagger_temperature_{t:g}": (
+            f"QDagger student (TD + distillation, τ = {t:g})",
+            ["--distillation", "--temperature", f"{t:g}"],
+        )
+        for t in temperatures
+    }
     out["td_only"] = ("TD-only student (`--no-distillation`)", ["--no-distillation"])
     return out
 
@@ -118,16 +119,16 @@ def command(args, seed, name):
 
 
 def finished_run(root, log, argv):
-    """The run folder of a log whose run finished with this command, or None."""
+    """The run folder of a log whose run finished with this command, or None. A finished run's last line
+    names its saved model (a run stopped by a signal saves it too, and then says it stopped)."""
     if not os.path.exists(log):
         return None
     with open(log, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    if not lines or lines[0] != f"# command: {shlex.join(argv)}":
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    if len(lines) < 2 or lines[0] != f"# command: {shlex.join(argv)}" or not lines[-1].startswith("model saved to "):
         return None
-    saved = [line.split()[-1] for line in lines if line.startswith("model saved to ")]
-    run_dir = os.path.join(root, os.path.dirname(saved[-1])) if saved else None
-    return run_dir if run_dir and os.path.isdir(run_dir) else None
+    run_dir = os.path.join(root, os.path.dirname(lines[-1].split()[-1]))
+    return run_dir if os.path.isdir(run_dir) else None
 
 
 def run_students(args, logs):
@@ -170,7 +171,7 @@ def run_students(args, logs):
     return run_dirs
 
 
-def read_student(run_dir):
+def read_student(run_dir, offline_steps):
     """The scalars of phases 1 and 2 (the run's teacher/ and offline/ folders) and their wall time together."""
     scalars, wall = {}, 0.0
     for phase in ("teacher", "offline"):
@@ -181,6 +182,8 @@ def read_student(run_dir):
     for tag in ("charts/teacher/avg_episodic_return", "charts/offline/avg_episodic_return"):
         if tag not in scalars:
             fail(f"{run_dir} has no {tag}: not a finished QDagger phase 2")
+    if scalars["charts/offline/avg_episodic_return"][0][-1] != offline_steps:
+        fail(f"{run_dir} has no evaluation at the end of phase 2 (step {offline_steps:,}): not a finished phase 2")
     return scalars, wall
 
 
@@ -313,7 +316,9 @@ def main(argv):
         except OSError as e:
             fail(f"cannot write to {directory}: {e.strerror}")
     run_dirs = run_students(args, logs)
-    seeds = {seed: {name: read_student(run_dirs[seed, name]) for name in args.variants} for seed in args.seeds}
+    seeds = {
+        seed: {name: read_student(run_dirs[seed, name], args.offline_steps) for name in args.variants} for seed in args.seeds
+    }
     md = os.path.join(results, f"{NAME}.md")
     lines, curves, teacher = report(args, seeds)
     kept = kept_section(md)

@@ -443,7 +443,8 @@ REINCARNATION = os.path.join(ROOT, "benchmark", "qdagger_reincarnation.py")
 
 # Stands in for qdagger_dqn_atari_impalacnn.py with --total-timesteps 0: the TensorBoard files of phases 1
 # and 2 (teacher score 30 + seed; a QDagger student scores seed * k / τ at step 1000 k, the TD-only student
-# 1) and the line naming its saved model. Each run appends its argv to ./calls; $FAKE_FAIL_SEED fails.
+# 1) and the line naming its saved model. Each run appends its argv to ./calls. $FAKE_STOP_SEED stops as a
+# run stopped by SIGINT does: its model saved, then a line that says it stopped and exit status 130.
 FAKE_STUDENT = """\
 import argparse, os, sys, time
 from torch.utils.tensorboard import SummaryWriter
@@ -456,8 +457,9 @@ args, _ = parser.parse_known_args()
 with open("calls", "a") as f:
     f.write(" ".join(sys.argv[1:]) + "\\n")
 seed = int(args.seed)
-if str(seed) == os.environ.get("FAKE_FAIL_SEED"):
-    sys.exit("fake failure")
+if str(seed) == os.environ.get("FAKE_STOP_SEED"):
+    print(f"model saved to runs/stopped/{args.exp_name}.pt")
+    sys.exit("SIGINT: stopped in phase 2 at step 1,000")
 assert os.path.isabs(args.teacher_model_path) and os.path.isfile(args.teacher_model_path)
 run_dir = f"runs/{args.env_id}__{args.exp_name}__{seed}__{int(time.time())}"
 teacher = SummaryWriter(f"{run_dir}/teacher")
@@ -489,18 +491,20 @@ def test_qdagger_reincarnation_reports_each_seed_and_the_mean_and_skips_finished
     results.mkdir(parents=True)
     (results / "qdagger_reincarnation.md").write_text("# old page\n\n## Checks by hand (kept)\n\n- a check\n")
 
-    # One student at a time: seed 1's two finish, seed 2's first fails and stops the benchmark.
-    first = reincarnation(tmp_path, "--seeds", "1", "2", "--workers", "1", env={"FAKE_FAIL_SEED": "2"})
+    # One student at a time: seed 1's two finish, seed 2's first is stopped (it saved its model) and so is the benchmark.
+    (tmp_path / "runs" / "stopped").mkdir(parents=True)
+    first = reincarnation(tmp_path, "--seeds", "1", "2", "--temperatures", "1", "--workers", "1", env={"FAKE_STOP_SEED": "2"})
     assert first.returncode == 2
-    assert error_line(first).startswith("error: seed 2, qdagger exited with status 1; see ")
+    assert error_line(first).startswith("error: seed 2, qdagger_temperature_1 exited with status 1; see ")
     assert len((tmp_path / "calls").read_text().splitlines()) == 3
     # Again with a second temperature: seed 1's students at τ = 1 are not run again; the other four run.
     second = reincarnation(tmp_path, "--seeds", "1", "2", "--temperatures", "1", "0.5")
     assert second.returncode == 0, second.stderr
-    assert "seed 1, qdagger: finished before" in second.stdout and "seed 1, td_only: finished before" in second.stdout
+    assert "seed 1, qdagger_temperature_1: finished before" in second.stdout
+    assert "seed 1, td_only: finished before" in second.stdout
     calls = (tmp_path / "calls").read_text().splitlines()
     assert len(calls) == 7
-    assert sum("--seed 1 " in c and "--distillation" in c and "--temperature" not in c for c in calls) == 1
+    assert sum("--seed 1 " in c and "--temperature 1 " in c for c in calls) == 1
     assert sum("--temperature 0.5" in c for c in calls) == 2
 
     md = (results / "qdagger_reincarnation.md").read_text()
@@ -514,12 +518,6 @@ def test_qdagger_reincarnation_reports_each_seed_and_the_mean_and_skips_finished
     assert md.count("python qdagger_dqn_atari_impalacnn.py --teacher-model-path teacher.pt") == 6
     assert md.endswith("## Checks by hand (kept)\n\n- a check\n") and "# old page" not in md
     assert (results / "qdagger_reincarnation.png").stat().st_size > 0
-
-
-def test_qdagger_reincarnation_leaves_out_the_flag_of_the_scripts_default_temperature():
-    import qdagger_dqn_atari_impalacnn as qdagger
-
-    assert import_benchmark_tool("qdagger_reincarnation").SCRIPT_TEMPERATURE == qdagger.Args.temperature
 
 
 @pytest.mark.parametrize(
