@@ -76,8 +76,9 @@ class Args:
     """phase 2: gradient steps of the student on the teacher buffer"""
     offline_eval_frequency: int = 100_000
     """evaluate the student every this many offline gradient steps"""
-    temperature: float = 1.0
-    """the softmax temperature of the distillation loss"""
+    temperature: float = 0.1
+    """the softmax temperature of the distillation loss (the QDagger authors' 0.1: a PQN teacher's Q-values differ little
+    between actions, and at 1 the teacher's softmax is close to uniform)"""
     distillation: bool = True
     """add the distillation loss to the TD loss (off: the student learns from the teacher's data by TD alone)"""
 
