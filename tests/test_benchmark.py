@@ -444,7 +444,7 @@ REINCARNATION = os.path.join(ROOT, "benchmark", "qdagger_reincarnation.py")
 # Stands in for qdagger_dqn_atari_impalacnn.py with --total-timesteps 0: the TensorBoard files of phases 1
 # and 2 (teacher score 30 + seed; a QDagger student scores seed * k / τ at step 1000 k, the TD-only student
 # 1) and the line naming its saved model. Each run appends its argv to ./calls. $FAKE_STOP_SEED stops as a
-# run stopped by SIGINT does: its model saved, then a line that says it stopped and exit status 130.
+# run stopped by SIGINT does: its model saved, then a line that says it stopped, and a non-zero exit.
 FAKE_STUDENT = """\
 import argparse, os, sys, time
 from torch.utils.tensorboard import SummaryWriter
