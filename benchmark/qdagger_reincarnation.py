@@ -88,13 +88,14 @@ def variants(temperatures):
     return out
 
 
-def command(args, seed, name):
-    """The command of one student, as its log and the report show it (the teacher's path as given)."""
+def command(args, seed, name, teacher=None):
+    """The command of one student, as its log and the report show it: with the teacher's path as given
+    unless `teacher` names it otherwise."""
     return [
         "python",
         SCRIPT,
         "--teacher-model-path",
-        args.teacher,
+        teacher or args.teacher,
         "--env-id",
         args.env_id,
         "--seed",
@@ -152,16 +153,16 @@ def run_students(args, logs):
             with open(log, "w", encoding="utf-8") as f:
                 f.write(f"# command: {shlex.join(argv)}\n")
                 f.flush()
-                real = [sys.executable, argv[1], "--teacher-model-path", os.path.abspath(args.teacher), *argv[4:]]
-                running[seed, name] = subprocess.Popen(real, cwd=args.root, env=env, stdout=f, stderr=subprocess.STDOUT)
+                real = [sys.executable, *command(args, seed, name, teacher=os.path.abspath(args.teacher))[1:]]
+                process = subprocess.Popen(real, cwd=args.root, env=env, stdout=f, stderr=subprocess.STDOUT)
+            running[seed, name] = process, log
         time.sleep(POLL_S)
-        for (seed, name), process in list(running.items()):
+        for (seed, name), (process, log) in list(running.items()):
             if process.poll() is None:
                 continue
             del running[seed, name]
-            log = os.path.join(logs, f"{name}_seed{seed}.log")
             if process.returncode != 0:
-                for other in running.values():  # the benchmark stops: its other students with it
+                for other, _ in running.values():  # the benchmark stops: its other students with it
                     other.terminate()
                     other.wait()
                 fail(f"seed {seed}, {name} exited with status {process.returncode}; see {log}")
