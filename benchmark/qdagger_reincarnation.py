@@ -6,8 +6,9 @@ For each seed, runs qdagger_dqn_atari_impalacnn.py with that seed (so the same t
 same teacher buffer in phase 1) and `--total-timesteps 0` (the run ends after phase 2): as QDagger
 (TD + distillation) once per `--temperatures` τ, and once with `--no-distillation` (TD alone), each
 for `--offline-steps` gradient steps on `--teacher-steps` teacher transitions; `--workers` of these
-students at a time. Run again, it skips the students that finished with the same command (their
-logs say so and their run folders are still there), so a stopped benchmark continues where it was.
+students at a time. The students run as benchmark/run.py runs its commands: run again, it skips the
+students that finished with the same command and continues those stopped with a checkpoint (Ctrl-C)
+with --resume, so a stopped benchmark goes on where it was.
 
 Writes benchmark/results/qdagger_reincarnation.md: per seed the teacher's greedy score and each
 student's at the end of phase 2 (whole games, `--eval-episodes` of them), and whether all students
@@ -21,18 +22,15 @@ import argparse
 import math
 import os
 import shlex
-import subprocess
 import sys
-import time
 
 import numpy as np
 from report import import_pyplot, read_run
-from run import ROOT, fail, format_duration
+from run import ROOT, Job, fail, format_duration, logged_command, logs_dir, read_marker, run_all
 
 NAME = "qdagger_reincarnation"
 SCRIPT = "qdagger_dqn_atari_impalacnn.py"
 KEPT_SECTION = "## Checks by hand"
-POLL_S = 1.0  # how often running students are checked
 
 
 class Parser(argparse.ArgumentParser):
@@ -88,18 +86,18 @@ def variants(temperatures):
     return out
 
 
-def command(args, seed, name, teacher=None):
-    """The command of one student, as its log and the report show it: with the teacher's path as given
-    unless `teacher` names it otherwise."""
-    return [
-        "python",
-        SCRIPT,
+def teacher_path(args):
+    """The teacher as the students' commands name it: they run from --root, so relative to it when it is there."""
+    path = os.path.abspath(args.teacher)
+    relative = os.path.relpath(path, args.root)
+    return path if relative.startswith("..") else relative
+
+
+def job(args, seed, name):
+    """The run.py job of one student: its command, log and markers under benchmark/logs/qdagger_reincarnation/."""
+    flags = [
         "--teacher-model-path",
-        teacher or args.teacher,
-        "--env-id",
-        args.env_id,
-        "--seed",
-        str(seed),
+        teacher_path(args),
         "--teacher-steps",
         str(args.teacher_steps),
         "--offline-steps",
@@ -114,62 +112,36 @@ def command(args, seed, name, teacher=None):
         "0",
         "--save-model",
         *args.variants[name][1],
-        "--exp-name",
-        name,
     ]
+    spec = argparse.Namespace(benchmark=NAME, root=args.root, script=SCRIPT, exp_name=name, num_seeds=1, extra=flags)
+    return Job(spec, args.env_id, seed)
 
 
-def finished_run(root, log, argv):
-    """The run folder of a log whose run finished with this command, or None. A finished run's last line
-    names its saved model (a run stopped by a signal saves it too, and then says it stopped)."""
-    if not os.path.exists(log):
-        return None
-    with open(log, encoding="utf-8") as f:
-        lines = [line for line in f.read().splitlines() if line.strip()]
-    if len(lines) < 2 or lines[0] != f"# command: {shlex.join(argv)}" or not lines[-1].startswith("model saved to "):
-        return None
-    run_dir = os.path.join(root, os.path.dirname(lines[-1].split()[-1]))
-    return run_dir if os.path.isdir(run_dir) else None
-
-
-def run_students(args, logs):
-    """Every student of every seed, `--workers` at a time (those that finished before are not run again):
-    {(seed, name): run folder}."""
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    run_dirs, todo, running = {}, [], {}
-    for seed in args.seeds:
-        for name in args.variants:
-            log = os.path.join(logs, f"{name}_seed{seed}.log")
-            run_dirs[seed, name] = finished_run(args.root, log, command(args, seed, name))
-            if run_dirs[seed, name]:
-                print(f"seed {seed}, {name}: finished before, in {os.path.relpath(run_dirs[seed, name], args.root)}")
-            else:
-                todo.append((seed, name, log))
-    while todo or running:
-        while todo and len(running) < args.workers:
-            seed, name, log = todo.pop(0)
-            argv = command(args, seed, name)
-            print(f"seed {seed}, {name}: {shlex.join(argv)}", flush=True)
-            with open(log, "w", encoding="utf-8") as f:
-                f.write(f"# command: {shlex.join(argv)}\n")
-                f.flush()
-                real = [sys.executable, *command(args, seed, name, teacher=os.path.abspath(args.teacher))[1:]]
-                process = subprocess.Popen(real, cwd=args.root, env=env, stdout=f, stderr=subprocess.STDOUT)
-            running[seed, name] = process, log
-        time.sleep(POLL_S)
-        for (seed, name), (process, log) in list(running.items()):
-            if process.poll() is None:
-                continue
-            del running[seed, name]
-            if process.returncode != 0:
-                for other, _ in running.values():  # the benchmark stops: its other students with it
-                    other.terminate()
-                    other.wait()
-                fail(f"seed {seed}, {name} exited with status {process.returncode}; see {log}")
-            run_dirs[seed, name] = finished_run(args.root, log, command(args, seed, name))
-            if run_dirs[seed, name] is None:
-                fail(f"seed {seed}, {name} finished without saving its model; see {log}")
-    return run_dirs
+def run_students(args):
+    """Every student of every seed, `--workers` at a time, through run.py: {(seed, name): run folder}. A
+    student that finished with the same command is not run again, and one stopped with its checkpoint
+    (Ctrl-C) continues from it; a student's markers from another command (other flags) are dropped."""
+    jobs = {(seed, name): job(args, seed, name) for seed in args.seeds for name in args.variants}
+    todo = []
+    for (seed, name), student in jobs.items():
+        if logged_command(student.log) != student.command():
+            for marker in (student.done, student.resume):
+                if os.path.exists(marker):
+                    os.remove(marker)
+        if student.finished() and os.path.isdir(os.path.join(args.root, read_marker(student.done))):
+            print(f"seed {seed}, {name}: finished before, in {read_marker(student.done)}")
+        else:
+            todo.append(student)
+    results = run_all(todo, args.root, args.workers)
+    if results is None:
+        sys.exit(130)
+    failed = [student for student, (ok, _) in zip(todo, results) if not ok]
+    if failed:
+        fail(
+            f"{len(failed)} of {len(todo)} students did not finish (see {os.path.relpath(failed[0].log)}); run the same "
+            "command again to continue them"
+        )
+    return {key: os.path.join(args.root, read_marker(student.done)) for key, student in jobs.items()}
 
 
 def read_student(run_dir, offline_steps):
@@ -280,7 +252,7 @@ def report(args, seeds):
         "Commands:",
         "",
         "```",
-        *(shlex.join(command(args, s, n)) for s in seeds for n in names),
+        *(job(args, s, n).command() for s in seeds for n in names),
         "```",
         "",
         f"Made with `{shlex.join(['python', 'benchmark/qdagger_reincarnation.py', *sys.argv[1:]])}`.",
@@ -309,14 +281,13 @@ def plot(args, curves, teacher, path):
 
 def main(argv):
     args = parse_args(argv)
-    logs = os.path.join(args.root, "benchmark", "logs", NAME)
     results = os.path.join(args.root, "benchmark", "results")
-    for directory in (logs, results, os.path.join(args.root, "runs")):
+    for directory in (logs_dir(args.root, NAME), results, os.path.join(args.root, "runs")):
         try:
             os.makedirs(directory, exist_ok=True)
         except OSError as e:
             fail(f"cannot write to {directory}: {e.strerror}")
-    run_dirs = run_students(args, logs)
+    run_dirs = run_students(args)
     seeds = {
         seed: {name: read_student(run_dirs[seed, name], args.offline_steps) for name in args.variants} for seed in args.seeds
     }

@@ -296,6 +296,37 @@ def run_local(job, root):
     return True, f"finished in {format_duration(elapsed)}: {run_dir}"
 
 
+def run_all(todo, root, workers):
+    """Runs the jobs `workers` at a time, printing when each starts and how it ends: [(ok, message)] in the
+    order of `todo`, or None when interrupted (Ctrl-C). The running commands get the Ctrl-C too and stop
+    with their checkpoints (their .resume markers are written before this returns); no more start."""
+    lock, stop = threading.Lock(), threading.Event()
+
+    def one(number, job):
+        if stop.is_set():
+            return False, "not started (interrupted)"
+        with lock:
+            print(f"[{number}/{len(todo)}] start: {job.command()}", flush=True)
+        ok, message = run_local(job, root)
+        with lock:
+            print(
+                f"[{number}/{len(todo)}] {'done' if ok else 'FAILED'}: {message}" + ("" if ok else f" (log: {show(job.log)})"),
+                flush=True,
+            )
+        return ok, message
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(one, number, job) for number, job in enumerate(todo, 1)]
+        try:
+            for _ in concurrent.futures.as_completed(futures):
+                pass
+        except KeyboardInterrupt:
+            stop.set()
+            print("interrupted: run the same command again to run what has not finished", file=sys.stderr)
+            return None
+    return [future.result() for future in futures]
+
+
 def write_job_file(job, args):
     """Fills the slurm template for one job; returns the `sbatch` command that submits it."""
     with open(args.slurm_template, encoding="utf-8") as f:
@@ -461,41 +492,17 @@ def main(argv):
         print(f"# {len(jobs)} commands: {len(todo)} to run, {len(jobs) - len(todo)} already done")
         return 0
     os.makedirs(logs_dir(args.root, args.benchmark), exist_ok=True)
-    lock, stop, failures, finished = threading.Lock(), threading.Event(), [], 0
-
-    def one(number, job):
-        if stop.is_set():  # interrupted: start no more
-            return False, "not started (interrupted)"
-        with lock:
-            print(f"[{number}/{len(todo)}] start: {job.command()}", flush=True)
-        ok, message = run_local(job, args.root)
-        with lock:
-            print(
-                f"[{number}/{len(todo)}] {'done' if ok else 'FAILED'}: {message}" + ("" if ok else f" (log: {show(job.log)})"),
-                flush=True,
-            )
-        return ok, message
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=args.workers) as pool:
-        futures = {pool.submit(one, number, job): job for number, job in enumerate(todo, 1)}
-        try:
-            for future in concurrent.futures.as_completed(futures):
-                ok, message = future.result()
-                if ok:
-                    finished += 1
-                else:
-                    failures.append((todo.index(futures[future]), futures[future], message))
-        except KeyboardInterrupt:
-            # The running commands got the Ctrl-C too; start no more of them.
-            stop.set()
-            print("interrupted: run the same command again to run what has not finished", file=sys.stderr)
-            return 130
+    results = run_all(todo, args.root, args.workers)
+    if results is None:
+        return 130
+    failures = [(job, message) for job, (ok, message) in zip(todo, results) if not ok]
+    finished = len(todo) - len(failures)
     skipped = len(jobs) - len(todo)
     print(
         f"{args.benchmark}/{args.exp_name}: {len(jobs)} commands, {finished} finished, {skipped} skipped (already "
         f"done), {len(failures)} failed"
     )
-    for _, job, message in sorted(failures, key=lambda failure: failure[0]):
+    for job, message in failures:
         print(f"  FAILED: {job.command()}\n    {message}; log: {show(job.log)}")
     return 1 if failures else 0
 

@@ -443,25 +443,37 @@ REINCARNATION = os.path.join(ROOT, "benchmark", "qdagger_reincarnation.py")
 
 # Stands in for qdagger_dqn_atari_impalacnn.py with --total-timesteps 0: the TensorBoard files of phases 1
 # and 2 (teacher score 30 + seed; a QDagger student scores seed * k / τ at step 1000 k, the TD-only student
-# 1) and the line naming its saved model. Each run appends its argv to ./calls. $FAKE_STOP_SEED stops as a
-# run stopped by SIGINT does: its model saved, then a line that says it stopped, and a non-zero exit.
+# 1) and the line naming its saved model. Each run appends its argv to ./calls. The student of seed
+# $FAKE_STOP_SEED writes its checkpoint (its argv, which --resume reads back) and waits for a Ctrl-C, on
+# which it exits 130 as the real scripts do.
 FAKE_STUDENT = """\
-import argparse, os, sys, time
+import argparse, json, os, signal, sys, time
 from torch.utils.tensorboard import SummaryWriter
 parser = argparse.ArgumentParser()
-for flag in ("--teacher-model-path", "--env-id", "--seed", "--exp-name", "--offline-steps", "--offline-eval-frequency"):
+for flag in ("--teacher-model-path", "--env-id", "--seed", "--exp-name", "--offline-steps", "--offline-eval-frequency",
+             "--resume"):
     parser.add_argument(flag)
 parser.add_argument("--temperature", type=float, default=1.0)
 parser.add_argument("--distillation", action=argparse.BooleanOptionalAction)
 args, _ = parser.parse_known_args()
 with open("calls", "a") as f:
     f.write(" ".join(sys.argv[1:]) + "\\n")
+if args.resume:
+    run_dir = args.resume
+    with open(f"{run_dir}/checkpoint.pt") as f:
+        args, _ = parser.parse_known_args(json.load(f))
+else:
+    run_dir = f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    os.makedirs(run_dir)
+    if args.seed == os.environ.get("FAKE_STOP_SEED"):
+        with open(f"{run_dir}/checkpoint.pt", "w") as f:
+            json.dump(sys.argv[1:], f)
+        signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+        open("waiting", "w").close()
+        time.sleep(60)
+        sys.exit("not stopped")
+assert os.path.isfile(args.teacher_model_path)
 seed = int(args.seed)
-if str(seed) == os.environ.get("FAKE_STOP_SEED"):
-    print(f"model saved to runs/stopped/{args.exp_name}.pt")
-    sys.exit("SIGINT: stopped in phase 2 at step 1,000")
-assert os.path.isabs(args.teacher_model_path) and os.path.isfile(args.teacher_model_path)
-run_dir = f"runs/{args.env_id}__{args.exp_name}__{seed}__{int(time.time())}"
 teacher = SummaryWriter(f"{run_dir}/teacher")
 teacher.add_scalar("charts/teacher/avg_episodic_return", 30 + seed, 0)
 for step, score in [(900, 7), (1900, seed)]:
@@ -476,36 +488,47 @@ offline.close()
 print(f"model saved to {run_dir}/{args.exp_name}.pt")
 """
 
+REINCARNATION_FLAGS = ["--teacher", "teacher.pt", "--offline-steps", "3000", "--machine", "m"]
+
 
 def reincarnation(root, *flags, env=None):
-    return call(
-        REINCARNATION, "--teacher", "teacher.pt", "--offline-steps", "3000", "--root", str(root), "--machine", "m",
-        *flags, cwd=root, env=env,
-    )  # fmt: skip
+    return call(REINCARNATION, *REINCARNATION_FLAGS, "--root", str(root), *flags, cwd=root, env=env)
 
 
-def test_qdagger_reincarnation_reports_each_seed_and_the_mean_and_skips_finished_runs(tmp_path):
+def test_qdagger_reincarnation_reports_each_seed_and_the_mean_and_skips_or_resumes_runs(tmp_path):
     (tmp_path / "qdagger_dqn_atari_impalacnn.py").write_text(FAKE_STUDENT)
     (tmp_path / "teacher.pt").write_text("")
     results = tmp_path / "benchmark" / "results"
     results.mkdir(parents=True)
     (results / "qdagger_reincarnation.md").write_text("# old page\n\n## Checks by hand (kept)\n\n- a check\n")
 
-    # One student at a time: seed 1's two finish, seed 2's first is stopped (it saved its model) and so is the benchmark.
-    (tmp_path / "runs" / "stopped").mkdir(parents=True)
-    first = reincarnation(tmp_path, "--seeds", "1", "2", "--temperatures", "1", "--workers", "1", env={"FAKE_STOP_SEED": "2"})
-    assert first.returncode == 2
-    assert error_line(first).startswith("error: seed 2, qdagger_temperature_1 exited with status 1; see ")
+    # One student at a time: seed 1's two finish, then seed 2's first waits and a Ctrl-C stops it with the benchmark.
+    flags = [*REINCARNATION_FLAGS, "--root", str(tmp_path), "--seeds", "1", "2", "--temperatures", "1", "--workers", "1"]
+    environ = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    first = subprocess.Popen(
+        [sys.executable, REINCARNATION, *flags], cwd=tmp_path, env=dict(environ, FAKE_STOP_SEED="2"), start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 60
+    while not (tmp_path / "waiting").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the benchmark and its running student
+    stdout, stderr = first.communicate(timeout=30)
+    assert first.returncode == 130, stdout + stderr
+    assert stderr.strip() == "interrupted: run the same command again to run what has not finished"
+    assert "exit 130" in stdout and "the next attempt resumes runs/Breakout-v5__qdagger_temperature_1__2__" in stdout
     assert len((tmp_path / "calls").read_text().splitlines()) == 3
-    # Again with a second temperature: seed 1's students at τ = 1 are not run again; the other four run.
+    # Again with a second temperature: seed 1's students at τ = 1 are not run again, seed 2's stopped one
+    # continues from its checkpoint, and the other three start.
     second = reincarnation(tmp_path, "--seeds", "1", "2", "--temperatures", "1", "0.5")
     assert second.returncode == 0, second.stderr
     assert "seed 1, qdagger_temperature_1: finished before" in second.stdout
     assert "seed 1, td_only: finished before" in second.stdout
     calls = (tmp_path / "calls").read_text().splitlines()
     assert len(calls) == 7
-    assert sum("--seed 1 " in c and "--temperature 1 " in c for c in calls) == 1
-    assert sum("--temperature 0.5" in c for c in calls) == 2
+    assert sum(" --seed 1 " in f" {c} " and " --temperature 1 " in f" {c} " for c in calls) == 1
+    assert sum(" --temperature 0.5 " in f" {c} " for c in calls) == 2
+    assert sum(c.startswith("--resume runs/Breakout-v5__qdagger_temperature_1__2__") for c in calls) == 1
 
     md = (results / "qdagger_reincarnation.md").read_text()
     # Final scores: QDagger seed * 3 / τ, TD-only 1; teachers 31 and 32.
@@ -515,9 +538,15 @@ def test_qdagger_reincarnation_reports_each_seed_and_the_mean_and_skips_finished
     assert "τ = 0.5) ends at 9.0 on average, 29% of the teacher's 31.5, and is ahead of the TD-only student in 2 of 2" in md
     assert "| QDagger student (TD + distillation, τ = 1) | 1.5 | 3.0 | 4.5 |" in md  # the mean over seeds at each step
     assert "| TD-only student (`--no-distillation`) | 1.0 | 1.0 | 1.0 |" in md
-    assert md.count("python qdagger_dqn_atari_impalacnn.py --teacher-model-path teacher.pt") == 6
+    shown = "python qdagger_dqn_atari_impalacnn.py --env-id Breakout-v5 --seed 1 --exp-name td_only --teacher-model-path "
+    assert shown + "teacher.pt " in md and md.count("--teacher-model-path teacher.pt ") == 6
     assert md.endswith("## Checks by hand (kept)\n\n- a check\n") and "# old page" not in md
     assert (results / "qdagger_reincarnation.png").stat().st_size > 0
+
+    # Other flags make other students: those of the runs before are started again, not reused or resumed.
+    third = reincarnation(tmp_path, "--seeds", "1", "--temperatures", "1", "--eval-episodes", "3")
+    assert third.returncode == 0, third.stderr
+    assert "finished before" not in third.stdout and len((tmp_path / "calls").read_text().splitlines()) == 9
 
 
 @pytest.mark.parametrize(
