@@ -960,6 +960,8 @@ def set_rng_state(state: dict):
 MODEL_FORMAT = "pdqn_minatar/model/v2"
 CHECKPOINT_FORMAT = "pdqn_minatar/training_state/v3"
 VIDEO_FPS = 10
+# The env settings of a training run that its saved model is evaluated with, unless given again.
+ENV_SETTINGS = ["sticky_action_prob", "max_episode_steps"]
 
 
 def load_model(path: str, device: torch.device) -> dict:
@@ -970,7 +972,11 @@ def load_model(path: str, device: torch.device) -> dict:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
         if checkpoint["format"] not in (MODEL_FORMAT, CHECKPOINT_FORMAT):
             raise ValueError
-        return {"env_id": checkpoint["args"]["env_id"], "q_network": dict(checkpoint["q_network"])}
+        return {
+            "env_id": checkpoint["args"]["env_id"],
+            "q_network": dict(checkpoint["q_network"]),
+            "env_settings": {name: checkpoint["args"][name] for name in ENV_SETTINGS},
+        }
     except Exception:
         raise UsageError(
             f"{path} is not a pdqn_minatar.py model (format {MODEL_FORMAT}) or training checkpoint ({CHECKPOINT_FORMAT})"
@@ -1004,6 +1010,9 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
             f"{args.eval_checkpoint} was trained on {checkpoint['env_id']}, not {args.env_id}; leave --env-id out"
         )
     args.env_id = checkpoint["env_id"]
+    for name, value in checkpoint["env_settings"].items():  # evaluation plays as training played
+        if name not in given:
+            setattr(args, name, value)
     envs = make_envs(args, args.eval_episodes, render=args.capture_video)
     q_network, _ = make_networks(envs.single_observation_space.shape[0], int(envs.single_action_space.n))
     try:

@@ -1,5 +1,6 @@
 """pdqn_minatar.py: world-model losses, imagined rollouts, planning off means plain PQN, logging."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -340,3 +341,31 @@ def test_a_conv_model_keeps_the_reward_and_termination_heads_and_predicts_change
         torch.testing.assert_close(term, model.termination_head(h).squeeze(1), rtol=0, atol=0)
     torch.testing.assert_close(cells_change, obs + cells, rtol=0, atol=1e-6)
     assert torch.equal(reward, reward_change) and torch.equal(term, term_change)
+
+
+class EnvsMade(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        (set(), {"sticky_action_prob": 0.0, "max_episode_steps": 500}),
+        ({"sticky_action_prob"}, {"sticky_action_prob": 0.3, "max_episode_steps": 500}),
+    ],
+)
+def test_a_saved_model_is_evaluated_with_the_env_settings_it_was_trained_with(tmp_path, monkeypatch, given, expected):
+    trained = pdqn.Args(env_id="MinAtar/Breakout-v1", sticky_action_prob=0.0, max_episode_steps=500)
+    q_network, world_model = pdqn.make_networks(4, 3)
+    model = {"format": pdqn.MODEL_FORMAT, "q_network": q_network.state_dict(), "world_model": world_model.state_dict()}
+    torch.save(dict(model, args=dataclasses.asdict(trained)), tmp_path / "model.pt")
+
+    def make_envs(args, num_envs, render=False):
+        raise EnvsMade({name: getattr(args, name) for name in expected})
+
+    monkeypatch.setattr(pdqn, "make_envs", make_envs)
+    # What is given on the command line is used instead (here --sticky-action-prob 0.3).
+    args = pdqn.Args(eval_checkpoint=str(tmp_path / "model.pt"), sticky_action_prob=0.3, max_episode_steps=77)
+    with pytest.raises(EnvsMade) as made:
+        pdqn.eval_checkpoint(args, given, torch.device("cpu"))
+    assert made.value.args[0] == expected
