@@ -441,10 +441,14 @@ def q_lambda_returns(rewards, terminations, truncations, next_q, gamma, q_lambda
 # --- end shared: q_lambda_returns ---
 
 
+# --- shared: linear_schedule ---
 def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> float:
     if duration <= 0:
         return end_e
     return max(end_e, start_e + (end_e - start_e) * t / duration)
+
+
+# --- end shared: linear_schedule ---
 
 
 # --- shared: pqn_act ---
@@ -1229,9 +1233,9 @@ def main(args: Args, given: set[str], state: dict | None = None):
                 )
                 raise RunFault(f"{', '.join(not_finite)} not finite at step {global_step:,}; {last}")
 
+            # Logging.
             for name, value in losses.items():
                 writer.add_scalar(f"losses/{name}", value, global_step)
-            # Logging.
             sps = (global_step - start_step) / (time.time() - start_time)
             writer.add_scalar("charts/learning_rate", lr, global_step)
             writer.add_scalar("charts/epsilon", epsilon, global_step)
@@ -1239,11 +1243,13 @@ def main(args: Args, given: set[str], state: dict | None = None):
             progress.update(
                 global_step, sps, f"return(last 20 ep) {np.mean(recent_returns) if recent_returns else math.nan:8.2f}"
             )
-            if iteration < args.num_iterations:  # the final evaluation and checkpoint follow the loop
+            # Evaluation and checkpoint, each on its schedule (the last ones follow the loop).
+            if iteration < args.num_iterations:
                 if args.eval_frequency and crossed(global_step, args.batch_size, args.eval_frequency):
                     run_evaluation(global_step)
                 if crossed(global_step, args.batch_size, checkpoint_frequency):
                     save_checkpoint(iteration)
+            # An interrupt (Ctrl-C, SIGTERM): stop here with a checkpoint.
             if interrupts.signal:
                 save_checkpoint(iteration)
                 if args.save_model:
@@ -1255,6 +1261,7 @@ def main(args: Args, given: set[str], state: dict | None = None):
                 )
                 return 128 + interrupts.signal
 
+        # The end: the final evaluation, the saved model and the finished run's checkpoint.
         run_evaluation(global_step)
         if args.save_model:
             save_model()

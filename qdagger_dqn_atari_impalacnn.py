@@ -515,10 +515,14 @@ def td_target(target_network, rewards, next_obs, terminations, gamma):
         return rewards + gamma * (1.0 - terminations) * target_network(next_obs).max(dim=1).values
 
 
+# --- shared: linear_schedule ---
 def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> float:
     if duration <= 0:
         return end_e
     return max(end_e, start_e + (end_e - start_e) * t / duration)
+
+
+# --- end shared: linear_schedule ---
 
 
 def teacher_epsilon(args: Args, teacher_step: int) -> float:
@@ -908,6 +912,8 @@ def weights_fingerprint(network: nn.Module) -> str:
 
 
 STUDENT_FORMAT = "qdagger_dqn_atari_impalacnn/student/v1"
+CHECKPOINT_FORMAT = "qdagger_dqn_atari_impalacnn/training_state/v2"
+VIDEO_FPS = 15  # the agent acts every 4th of the emulator's 60 frames per second
 
 
 # The env settings of a training run that its saved student is evaluated with, unless given again.
@@ -955,8 +961,6 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
     print(f"{env_id}: greedy score over {len(scores)} games {scores.mean():.2f} ± {scores.std():.2f}")
 
 
-CHECKPOINT_FORMAT = "qdagger_dqn_atari_impalacnn/training_state/v2"
-VIDEO_FPS = 15  # the agent acts every 4th of the emulator's 60 frames per second
 PHASE_LOGS = {1: "teacher", 2: "offline"}  # the subdirectories phases 1 and 2 log to
 FINISHED = 4  # the phase of the checkpoint written at the end of a run
 
@@ -1092,11 +1096,13 @@ def main(args: Args, given: set[str], state: dict | None = None):
     student_scores = collections.deque(online.pop("student_scores"), maxlen=10)
     recent_scores = collections.deque(online.pop("recent_scores"), maxlen=20)
 
-    def evaluate_student(name):
+    def evaluate_student(writer, tag, step, video_name, label):
+        """Greedy games of the student: their mean score logged as `tag` at `step` and printed after `label`."""
         scores = evaluate(student, eval_envs, record=video)
         if video:
-            video.save(os.path.join(run_dir, "videos", f"{name}.mp4"))
-        return scores
+            video.save(os.path.join(run_dir, "videos", f"{video_name}.mp4"))
+        writer.add_scalar(tag, scores.mean(), step)
+        print(f"{label}: greedy score {scores.mean():.2f} ± {scores.std():.2f} ({len(scores)} games)", flush=True)
 
     def save_checkpoint(phase, phase_step, rb=None):
         # What was logged up to the checkpoint reaches the disk first: a run killed after it resumes from it.
@@ -1282,12 +1288,8 @@ def main(args: Args, given: set[str], state: dict | None = None):
                     writer.add_scalar("charts/offline/SPS", (offline_step - first) / (time.time() - start_time), offline_step)
                     losses = []
                 if offline_step % args.offline_eval_frequency == 0 or offline_step == args.offline_steps:
-                    scores = evaluate_student(f"offline_{offline_step}")
-                    writer.add_scalar("charts/offline/avg_episodic_return", scores.mean(), offline_step)
-                    print(
-                        f"phase 2: step {offline_step:,}: student greedy score {scores.mean():.2f} ± {scores.std():.2f}",
-                        flush=True,
-                    )
+                    tag, label = "charts/offline/avg_episodic_return", f"phase 2: step {offline_step:,}: student"
+                    evaluate_student(writer, tag, offline_step, f"offline_{offline_step}", label)
                 if interrupts.signal:
                     # After the last offline step the run resumes in phase 3, with no teacher buffer to refill.
                     return stop(2, offline_step, teacher_rb) if offline_step < args.offline_steps else stop(3, 0, None)
@@ -1342,6 +1344,7 @@ def main(args: Args, given: set[str], state: dict | None = None):
                     losses.append(gradient_step(rb, online["distill_coeff"]))
             if crossed(global_step, args.num_envs, args.target_network_frequency):
                 target_network.load_state_dict(student.state_dict())
+            # Logging, every 1,000 env steps.
             if crossed(global_step, args.num_envs, 1000) or step == num_vector_steps - 1:
                 sps = (global_step - first) / (time.time() - start_time)
                 if losses:
@@ -1354,19 +1357,19 @@ def main(args: Args, given: set[str], state: dict | None = None):
                 progress.update(
                     global_step, sps, f"return(last 20 ep) {np.mean(recent_scores) if recent_scores else math.nan:8.2f}"
                 )
-            if step < num_vector_steps - 1:  # the final evaluation and checkpoint follow the loop
+            # Evaluation on its schedule (the last one follows the loop), an interrupt, a checkpoint.
+            if step < num_vector_steps - 1:
                 if args.eval_frequency and crossed(global_step, args.num_envs, args.eval_frequency):
-                    scores = evaluate_student(f"eval_{global_step}")
-                    writer.add_scalar("eval/episodic_return", scores.mean(), global_step)
-                    print(f"eval at step {global_step}: greedy score {scores.mean():.2f} ± {scores.std():.2f}", flush=True)
+                    label = f"step {global_step:,}: student"
+                    evaluate_student(writer, "eval/episodic_return", global_step, f"eval_{global_step}", label)
             if interrupts.signal:
                 return stop(3, global_step, rb)
             if checkpoint_due(global_step, args.total_timesteps, args.num_envs):
                 save_checkpoint(3, global_step, rb)
 
-        scores = evaluate_student(f"eval_{num_vector_steps * args.num_envs}")
-        writer.add_scalar("eval/episodic_return", scores.mean(), num_vector_steps * args.num_envs)
-        print(f"student: greedy score {scores.mean():.2f} ± {scores.std():.2f} ({len(scores)} games)", flush=True)
+        # The end: the final evaluation, the saved model and the finished run's checkpoint.
+        final_step = num_vector_steps * args.num_envs
+        evaluate_student(writer, "eval/episodic_return", final_step, f"eval_{final_step}", "student")
         if args.save_model:
             save_student()
         save_checkpoint(FINISHED, 0)

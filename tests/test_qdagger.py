@@ -395,7 +395,7 @@ def trained_student(teacher, tmp_path, monkeypatch, capsys, *flags):
     tmp_path.mkdir()
     flags = ["--teacher-model-path", teacher, *TINY, "--total-timesteps", "0", "--save-model", *flags]
     status, _ = main_in_process(monkeypatch, tmp_path, flags)
-    assert status == 0 and "phase 2: step 20: student greedy score" in capsys.readouterr().out
+    assert status == 0 and "phase 2: step 20: student: greedy score" in capsys.readouterr().out
     return torch.load(os.path.join(only_run_dir(tmp_path), "qdagger_dqn_atari_impalacnn.pt"), weights_only=True)["student"]
 
 
