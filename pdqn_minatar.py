@@ -133,14 +133,15 @@ class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit status 2."""
 
 
-# A lower bound on what one MinAtar env takes in a vector env (a worker process of --vectorization
-# async takes more).
-ENV_BYTES = 16 * 2**10
+# Lower bounds on what one MinAtar env takes: in this process (sync), and as the worker process that
+# --vectorization async gives each env (the pages it does not share with this process).
+ENV_BYTES = {"sync": 16 * 2**10, "async": 4 * 2**20}
 
 
 def finalize_args(args: Args) -> Args:
     """Checks the flags and fills in the derived sizes."""
     check_finite(args)  # first: NaN passes every comparison below
+    check_not_empty(args)
     positive = [
         "total_timesteps",
         "num_envs",
@@ -194,7 +195,7 @@ def finalize_args(args: Args) -> Args:
     # evaluation envs.
     transitions = args.batch_size + 2 * args.planning_steps * args.num_envs
     check_memory(
-        transitions * (2 * 4 * 10 * 10 * 10 + 64) + (args.num_envs + args.eval_episodes) * ENV_BYTES,
+        transitions * (2 * 4 * 10 * 10 * 10 + 64) + (args.num_envs + args.eval_episodes) * ENV_BYTES[args.vectorization],
         "the rollout, the imagined rollout (--planning-steps) and the envs (--num-envs and --eval-episodes)",
     )
     return args
@@ -778,6 +779,14 @@ def check_finite(args):
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
 
 
+def check_not_empty(args):
+    """A flag that is None unless given (a path, a name) must not be given empty: `--resume "$RUN"` with
+    RUN unset would otherwise run as if the flag were left out."""
+    for f in fields(args):
+        if f.default is None and getattr(args, f.name) == "":
+            raise UsageError(f"--{f.name.replace('_', '-')} is empty: give it a value or leave it out")
+
+
 # A container's memory limit (cgroup v2, then v1): the machine's memory may be far more than a run may use.
 CGROUP_MEMORY_LIMITS = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
 
@@ -1016,12 +1025,17 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
     args.env_id = checkpoint["env_id"]
     for name, value in checkpoint["env_settings"].items():  # evaluation plays as training played
         if name not in given:
+            if type(value) is not type(getattr(Args, name)):
+                raise UsageError(
+                    f"{args.eval_checkpoint} holds {name} = {value!r}, not a {type(getattr(Args, name)).__name__}"
+                )
             setattr(args, name, value)
+    finalize_args(args)  # the saved settings pass the checks that flags pass
     envs = make_envs(args, args.eval_episodes, render=args.capture_video)
     q_network, _ = make_networks(envs.single_observation_space.shape[0], int(envs.single_action_space.n))
     try:
         q_network.to(device).load_state_dict(checkpoint["q_network"])
-    except RuntimeError as e:
+    except (RuntimeError, TypeError) as e:  # weights of another shape, or not a state dict
         raise UsageError(
             f"{args.eval_checkpoint} does not fit the Q-network for {args.env_id}: {str(e).splitlines()[0]}"
         ) from None

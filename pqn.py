@@ -13,6 +13,7 @@ import io
 import math
 import os
 import random
+import resource
 import signal
 import sys
 import tempfile
@@ -114,12 +115,15 @@ class UsageError(Exception):
 
 
 # A lower bound on what one classic-control env takes in an envpool, for the memory check.
-ENV_BYTES = 4 * 2**10
+ENV_BYTES = 7 * 2**10
+# A margin for the files a run holds open besides its agents' logs (envs, checkpoints, imports).
+FILES_BESIDE_AGENTS = 256
 
 
 def finalize_args(args: Args) -> Args:
     """Checks the flags and fills in the derived sizes."""
     check_finite(args)  # first: NaN passes every comparison below
+    check_not_empty(args)
     positive = [
         "num_seeds",
         "total_timesteps",
@@ -180,6 +184,13 @@ def finalize_args(args: Args) -> Args:
         2 * args.num_seeds * args.batch_size * (4 * 8 + 8 + 4 * 4 + 3) + num_envs * ENV_BYTES,
         "the rollout and the envs (--num-envs and --eval-episodes of every agent)",
     )
+    # Each agent keeps its TensorBoard file open (and a thread writing it).
+    open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if open_files != resource.RLIM_INFINITY and args.num_seeds + FILES_BESIDE_AGENTS > open_files:
+        raise UsageError(
+            f"--num-seeds {args.num_seeds} needs one open log file per agent and this process may open {open_files} "
+            "files (ulimit -n); use fewer agents per process"
+        )
     return args
 
 
@@ -679,6 +690,14 @@ def check_finite(args):
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
 
 
+def check_not_empty(args):
+    """A flag that is None unless given (a path, a name) must not be given empty: `--resume "$RUN"` with
+    RUN unset would otherwise run as if the flag were left out."""
+    for f in fields(args):
+        if f.default is None and getattr(args, f.name) == "":
+            raise UsageError(f"--{f.name.replace('_', '-')} is empty: give it a value or leave it out")
+
+
 # A container's memory limit (cgroup v2, then v1): the machine's memory may be far more than a run may use.
 CGROUP_MEMORY_LIMITS = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
 
@@ -937,14 +956,17 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
     env_id = checkpoint["env_id"]
     if "env_id" in given and args.env_id != env_id:
         raise UsageError(f"{args.eval_checkpoint} was trained on {env_id}, not {args.env_id}; leave --env-id out")
+    if any(not isinstance(weight, torch.Tensor) or weight.numel() == 0 for weight in checkpoint["q_network"].values()):
+        raise UsageError(f"{args.eval_checkpoint} holds empty weights: not a pqn.py model")
     first_weight = checkpoint["q_network"].get("network.0.weight")
     num_agents = first_weight.shape[0] if isinstance(first_weight, torch.Tensor) and first_weight.dim() == 3 else 1
+    check_memory(num_agents * args.eval_episodes * ENV_BYTES, "the evaluation envs of the file's agents")
     seeds = [args.seed + k for k in range(num_agents)]
     envs = make_envs(env_id, agents_env_seeds(seeds, "evaluation", args.eval_episodes), render=args.capture_video)
     q_network = QNetwork(envs.single_observation_space, envs.single_action_space.n, agent_generators(seeds)).to(device)
     try:
         q_network.load_state_dict(checkpoint["q_network"])
-    except RuntimeError as e:
+    except (RuntimeError, TypeError) as e:  # weights of another shape, or not a state dict
         raise UsageError(f"{args.eval_checkpoint} does not fit the Q-network for {env_id}: {str(e).splitlines()[0]}") from None
     videos = os.path.join(os.path.dirname(args.eval_checkpoint), "videos")
     if args.capture_video:  # found before the evaluation, not when its video is saved

@@ -127,6 +127,7 @@ ENV_BYTES = 2 * 2**20
 def finalize_args(args: Args) -> Args:
     """Checks the flags and fills in the derived sizes."""
     check_finite(args)  # first: NaN passes every comparison below
+    check_not_empty(args)
     positive = [
         "total_timesteps",
         "num_envs",
@@ -700,6 +701,14 @@ def check_finite(args):
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
 
 
+def check_not_empty(args):
+    """A flag that is None unless given (a path, a name) must not be given empty: `--resume "$RUN"` with
+    RUN unset would otherwise run as if the flag were left out."""
+    for f in fields(args):
+        if f.default is None and getattr(args, f.name) == "":
+            raise UsageError(f"--{f.name.replace('_', '-')} is empty: give it a value or leave it out")
+
+
 # A container's memory limit (cgroup v2, then v1): the machine's memory may be far more than a run may use.
 CGROUP_MEMORY_LIMITS = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
 
@@ -959,7 +968,12 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
         raise UsageError(f"{args.eval_checkpoint} was trained on {env_id}, not {args.env_id}; leave --env-id out")
     for name, value in checkpoint["env_settings"].items():  # evaluation plays as training played
         if name not in given:
+            if type(value) is not type(getattr(Args, name)):
+                raise UsageError(
+                    f"{args.eval_checkpoint} holds {name} = {value!r}, not a {type(getattr(Args, name)).__name__}"
+                )
             setattr(args, name, value)
+    finalize_args(args)  # the saved settings pass the checks that flags pass
     envs = make_atari_envs(
         env_id, env_seeds(args.seed, "evaluation", args.eval_episodes), 1, args, evaluation=True, render=args.capture_video
     )
@@ -972,7 +986,7 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
     q_network = RecurrentQNetwork(checkpoint["num_actions"]).to(device)
     try:
         q_network.load_state_dict(checkpoint["q_network"])
-    except RuntimeError as e:
+    except (RuntimeError, TypeError) as e:  # weights of another shape, or not a state dict
         raise UsageError(f"{args.eval_checkpoint} does not fit the Q-network: {str(e).splitlines()[0]}") from None
     scores = evaluate(q_network, envs, record=video)
     if video:

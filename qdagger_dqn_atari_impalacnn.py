@@ -138,6 +138,7 @@ ENV_BYTES = 2 * 2**20
 def finalize_args(args: Args) -> Args:
     """Checks the flags."""
     check_finite(args)  # first: NaN passes every comparison below
+    check_not_empty(args)
     positive = [
         "teacher_eval_episodes",
         "teacher_steps",
@@ -682,6 +683,14 @@ def check_finite(args):
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
 
 
+def check_not_empty(args):
+    """A flag that is None unless given (a path, a name) must not be given empty: `--resume "$RUN"` with
+    RUN unset would otherwise run as if the flag were left out."""
+    for f in fields(args):
+        if f.default is None and getattr(args, f.name) == "":
+            raise UsageError(f"--{f.name.replace('_', '-')} is empty: give it a value or leave it out")
+
+
 # A container's memory limit (cgroup v2, then v1): the machine's memory may be far more than a run may use.
 CGROUP_MEMORY_LIMITS = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
 
@@ -897,7 +906,7 @@ def load_teacher(path: str, env_id: str, num_actions: int, device: torch.device)
     teacher = QNetwork(4, num_actions).to(device)
     try:
         teacher.load_state_dict(checkpoint["q_network"])
-    except RuntimeError as e:
+    except (RuntimeError, TypeError) as e:  # weights of another shape, or not a state dict
         raise UsageError(f"the teacher at {path} does not fit the Q-network ({str(e).splitlines()[0]}); {hint}") from None
     return teacher.eval()
 
@@ -943,7 +952,10 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
         raise UsageError(f"{path} was trained on {env_id}, not {args.env_id}; leave --env-id out")
     for name, value in env_settings.items():  # evaluation plays as training played
         if name not in given:
+            if type(value) is not type(getattr(Args, name)):
+                raise UsageError(f"{path} holds {name} = {value!r}, not a {type(getattr(Args, name)).__name__}")
             setattr(args, name, value)
+    finalize_args(args)  # the saved settings pass the checks that flags pass
     envs = make_atari_envs(
         env_id, env_seeds(args.seed, "evaluation", args.eval_episodes), 4, args, evaluation=True, render=args.capture_video
     )

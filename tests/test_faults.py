@@ -472,6 +472,22 @@ def test_an_exp_name_that_is_not_a_file_name_is_refused_before_training(module, 
         module.finalize_args(module.Args(exp_name=name))
 
 
+@pytest.mark.parametrize("flag", ["resume", "eval_checkpoint", "wandb_entity"])
+@pytest.mark.parametrize("module", [pqn, atari, lstm, pdqn, qd], ids=lambda m: m.__name__)
+def test_a_path_or_name_given_empty_is_refused_not_taken_as_left_out(module, flag):
+    # `--resume "$RUN"` with RUN unset: without the check, a new run would train.
+    given = {"teacher_model_path": "teacher.pt"} if module is qd else {}
+    with pytest.raises(module.UsageError, match=f"--{flag.replace('_', '-')} is empty"):
+        module.finalize_args(module.Args(**{flag: ""}, **given))
+
+
+@pytest.mark.parametrize("script", ["pqn.py", "qdagger_dqn_atari_impalacnn.py"])
+def test_an_empty_resume_on_the_command_line_is_one_line_and_trains_nothing(tmp_path, script):
+    result = run_script(script, "--resume", "", "--no-cuda", cwd=tmp_path)
+    assert error_line(result) == "error: --resume is empty: give it a value or leave it out" and result.returncode == 2
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("module", [pqn, atari, lstm, pdqn, qd], ids=lambda m: m.__name__)
 def test_more_envs_than_could_ever_fit_are_refused_before_any_is_made(module, monkeypatch):
     # Without the check, a billion evaluation envs (or their seeds) would fill the memory first.

@@ -298,3 +298,24 @@ def test_wandb_with_several_agents_is_one_clear_line(tmp_path):
     result = run_script("pqn.py", *TINY, "--num-seeds", "2", "--track", cwd=tmp_path)
     assert result.returncode == 2 and "--track logs one run per process" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_more_agents_than_open_log_files_allow_are_refused_before_training(monkeypatch):
+    # Each agent keeps a TensorBoard file open: past the limit, the run would die making its writers.
+    monkeypatch.setattr(pqn.resource, "getrlimit", lambda _: (300, 300))
+    pqn.finalize_args(pqn.Args(num_seeds=300 - pqn.FILES_BESIDE_AGENTS))
+    with pytest.raises(pqn.UsageError, match=r"--num-seeds 100 needs one open log file per agent .* may open 300 files"):
+        pqn.finalize_args(pqn.Args(num_seeds=100))
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 128), (100_000, 0, 128)])
+def test_a_file_of_empty_weights_is_refused_before_its_agents_are_made(tmp_path, shape):
+    # The agent count comes from the weights' shape: (100000, 0, 128) would make 100,000 agents of nothing.
+    path = str(tmp_path / "empty.pt")
+    torch.save(
+        {"args": {"env_id": "CartPole-v1"}, "q_network": {"network.0.weight": torch.zeros(shape)}},
+        path,
+    )
+    args = pqn.finalize_args(pqn.Args(eval_checkpoint=path))
+    with pytest.raises(pqn.UsageError, match="empty.pt holds empty weights: not a pqn.py model"):
+        pqn.eval_checkpoint(args, set(), torch.device("cpu"))

@@ -369,3 +369,12 @@ def test_a_saved_model_is_evaluated_with_the_env_settings_it_was_trained_with(tm
     with pytest.raises(EnvsMade) as made:
         pdqn.eval_checkpoint(args, given, torch.device("cpu"))
     assert made.value.args[0] == expected
+
+
+def test_async_envs_count_their_worker_processes_in_the_memory_check(monkeypatch):
+    # 1,000 async envs are 1,000 processes of several MiB each: refused where 1,000 sync envs fit.
+    monkeypatch.setattr(pdqn, "memory_available", lambda: 2**30)
+    sizes = dict(num_envs=1000, num_steps=1, num_minibatches=1, total_timesteps=1000, eval_episodes=1)
+    pdqn.finalize_args(pdqn.Args(vectorization="sync", **sizes))
+    with pytest.raises(pdqn.UsageError, match=r"and the envs .* would take 4\.\d GiB"):
+        pdqn.finalize_args(pdqn.Args(vectorization="async", **sizes))

@@ -364,3 +364,20 @@ def test_noop_model_evaluation_from_the_command_line_ends_at_game_over(tmp_path)
     result = run_script("pqn_atari_envpool.py", *flags, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "Breakout-v5: greedy score over 2 games 0.00 ± 0.00" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "saved, message",
+    [
+        ({"noop_max": 0}, "--noop-max must be at least 1"),  # envpool would crash without a word
+        ({"noop_max": "30"}, "holds noop_max = '30', not a int"),
+        ({"repeat_action_probability": float("nan")}, "--repeat-action-probability must be a finite number"),
+    ],
+)
+def test_broken_env_settings_in_a_saved_model_are_one_clear_line(tmp_path, saved, message):
+    trained = tiny_args()
+    for name, value in saved.items():  # past the checks, as in a file written by hand
+        setattr(trained, name, value)
+    atari.save_model(str(tmp_path / "model.pt"), atari.QNetwork(4, 4), trained, 4)
+    with pytest.raises(atari.UsageError, match=message):
+        atari.eval_checkpoint(tiny_args(eval_checkpoint=str(tmp_path / "model.pt")), set(), torch.device("cpu"))
