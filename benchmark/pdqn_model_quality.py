@@ -16,7 +16,6 @@ observation, the cell head's mean output before the threshold at the set cells o
 recalls at k = 1 and k = horizon.
 """
 
-import argparse
 import os
 import sys
 
@@ -25,11 +24,19 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from run import fail  # noqa: E402
+from run import Parser, fail  # noqa: E402
 
 import pdqn_minatar as pdqn  # noqa: E402
 
 HORIZONS = (1, 2, 5, 10, 20)
+# The settings of the run that make its envs and networks, each with the values pdqn_minatar.py accepts for it.
+SETTINGS = {
+    "env_id": lambda v: isinstance(v, str),
+    "sticky_action_prob": lambda v: isinstance(v, (int, float)) and 0.0 <= v <= 1.0,
+    "max_episode_steps": lambda v: isinstance(v, int) and v > 0,
+    "model_predicts_change": lambda v: isinstance(v, bool),
+    "model_cell_head": lambda v: v in ("linear", "conv"),
+}
 
 
 def play(q_network, envs, steps, epsilon, seed):
@@ -106,9 +113,9 @@ def load(path):
         fail(f"no checkpoint at {path}")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved["format"] not in (pdqn.MODEL_FORMAT, pdqn.CHECKPOINT_FORMAT):
+        if saved["format"] not in (pdqn.MODEL_FORMAT, pdqn.CHECKPOINT_FORMAT) or not isinstance(saved["args"], dict):
             raise ValueError
-        return saved["args"], saved["q_network"], saved["world_model"], saved.get("global_step")
+        return saved["args"], dict(saved["q_network"]), dict(saved["world_model"]), saved.get("global_step")
     except Exception:
         fail(
             f"{path} is not a pdqn_minatar.py checkpoint or saved model "
@@ -116,8 +123,16 @@ def load(path):
         )
 
 
+def run_args(path, saved_args):
+    """The pdqn.Args that make the envs and networks as the run made them, from the settings it saved."""
+    for name, valid in SETTINGS.items():
+        if name in saved_args and not valid(saved_args[name]):
+            fail(f"{path} holds a {name} that pdqn_minatar.py does not accept: {saved_args[name]!r}")
+    return pdqn.Args(**{name: saved_args[name] for name in SETTINGS if name in saved_args})
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = Parser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a run's checkpoint.pt or a pdqn_minatar.py --save-model file")
     parser.add_argument("--num-envs", type=int, default=64)
     parser.add_argument("--steps", type=int, default=300, help="real steps per env")
@@ -135,25 +150,22 @@ def main():
         fail(f"--epsilon must be in [0, 1], got {cli.epsilon}")
     if not 0 <= cli.seed < 2**32:
         fail(f"--seed must be in [0, 2**32 - 1], got {cli.seed}")
-    # Every real observation is kept (at most 10 channels of 10x10 floats), with the envs.
+    # Every real observation is kept (at most 10 channels of 10x10 floats), with the envs (made in this process,
+    # as pdqn_minatar.py's default --vectorization sync makes them).
     try:
         pdqn.check_memory(
-            (cli.steps + 1) * cli.num_envs * 4 * 10 * 10 * 10 + cli.num_envs * pdqn.ENV_BYTES,
+            (cli.steps + 1) * cli.num_envs * 4 * 10 * 10 * 10 + cli.num_envs * pdqn.ENV_BYTES["sync"],
             "the played observations and the envs (--steps and --num-envs)",
         )
     except pdqn.UsageError as e:
         fail(str(e))
     saved_args, q_state, model_state, step = load(cli.checkpoint)
-    # The envs as the run made them.
-    args = pdqn.Args(
-        **{
-            name: saved_args[name]
-            for name in ("env_id", "sticky_action_prob", "max_episode_steps", "model_predicts_change", "model_cell_head")
-            if name in saved_args
-        }
-    )
+    args = run_args(cli.checkpoint, saved_args)
     torch.manual_seed(cli.seed)
-    envs = pdqn.make_envs(args, cli.num_envs)
+    try:
+        envs = pdqn.make_envs(args, cli.num_envs)
+    except pdqn.UsageError as e:  # an env id this MinAtar does not have
+        fail(f"{cli.checkpoint}: {e}")
     q_network, model = pdqn.make_networks(
         envs.single_observation_space.shape[0],
         int(envs.single_action_space.n),
@@ -163,7 +175,7 @@ def main():
     try:
         q_network.load_state_dict(q_state)
         model.load_state_dict(model_state)
-    except RuntimeError as e:
+    except (RuntimeError, AttributeError) as e:  # other sizes, or keys that are not names (not strings)
         fail(f"{cli.checkpoint} does not fit the networks for {args.env_id}: {str(e).splitlines()[0]}")
     obs, actions, rewards, real = play(q_network, envs, cli.steps, cli.epsilon, cli.seed)
     envs.close()

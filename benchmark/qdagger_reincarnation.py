@@ -68,6 +68,12 @@ def parse_args(argv):
         fail(f"--temperatures must be positive numbers, got {' '.join(f'{t:g}' for t in args.temperatures)}")
     if args.workers < 1:
         fail(f"--workers must be positive, got {args.workers}")
+    # The report reads phase 1, the evaluations along phase 2 and their games: none may be empty.
+    for name in ("teacher_steps", "offline_steps", "offline_eval_frequency", "eval_episodes"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not os.path.isfile(os.path.join(args.root, SCRIPT)):
+        fail(f"--root {args.root}: no {SCRIPT} in it")
     args.variants = variants(args.temperatures)
     return args
 
@@ -136,12 +142,29 @@ def run_students(args):
     if results is None:
         sys.exit(130)
     failed = [student for student, (ok, _) in zip(todo, results) if not ok]
+    # A student that stopped on bad input (flags the script does not accept) says why in its log's `error:` line.
+    reasons = [(student, reason) for student in failed if (reason := last_error_line(student.log))]
+    if reasons:
+        student, reason = reasons[0]
+        fail(
+            f"{len(failed)} of {len(todo)} students did not finish; seed {student.seed}, {student.exp_name} stopped with: "
+            f"{reason} (see {os.path.relpath(student.log)})"
+        )
     if failed:
         fail(
             f"{len(failed)} of {len(todo)} students did not finish (see {os.path.relpath(failed[0].log)}); run the same "
             "command again to continue them"
         )
     return {key: os.path.join(args.root, read_marker(student.done)) for key, student in jobs.items()}
+
+
+def last_error_line(log):
+    """The message of the last `error: ...` line of a student's log, or None."""
+    if not os.path.exists(log):
+        return None
+    with open(log, encoding="utf-8", errors="replace") as f:
+        messages = [line[len("error: ") :].strip() for line in f if line.startswith("error: ")]
+    return messages[-1] if messages else None
 
 
 def read_student(run_dir, offline_steps):

@@ -30,7 +30,17 @@ import warnings
 import numpy as np
 
 # run.py is in this directory, which Python puts first on sys.path when it runs this file.
-from run import ROOT, Parser, fail, format_duration, logged_command, logs_dir, read_marker
+from run import (
+    ROOT,
+    Parser,
+    check_benchmark_name,
+    check_writable,
+    fail,
+    format_duration,
+    logged_command,
+    logs_dir,
+    read_marker,
+)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 TAIL = 0.1  # the behaviour return of a run: its episodes in this last fraction of its env steps
@@ -407,18 +417,19 @@ def main(argv):
     parser.add_argument("--no-plot", action="store_true", help="write only the table (no matplotlib needed)")
     args = parser.parse_args(argv)
     root = os.path.abspath(args.root)
+    check_benchmark_name(args.benchmark)
     if not args.no_plot:
         import_pyplot()  # fails now, not after reading every run, when matplotlib is missing
     runs = finished_runs(root, args.benchmark)
     if not runs:
         fail(f"benchmark {args.benchmark!r} has no finished runs (no .done files in {logs_dir(root, args.benchmark)})")
+    results = os.path.join(root, "benchmark", "results")
+    check_writable(results)  # now, not after every run has been read
     groups = {}
     for run in sorted(runs, key=lambda run: str(run["seed"]).zfill(12)):
         groups.setdefault((run["env_id"], run["exp"]), []).append(summarize(run))
     envs = sorted({env_id for env_id, _ in groups})
     variants = sorted({exp for _, exp in groups})
-    results = os.path.join(root, "benchmark", "results")
-    os.makedirs(results, exist_ok=True)
     png = None
     if not args.no_plot:
         png = f"{args.benchmark}.png"

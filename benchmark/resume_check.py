@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 from report import TAIL, binned_curve, import_pyplot, read_run
-from run import ROOT, fail
+from run import ROOT, Parser, fail
 
 sys.path.insert(0, ROOT)
 import pqn  # noqa: E402  (its save_atomically: the time of a checkpoint write)
@@ -37,6 +37,8 @@ def start(flags, env):
     process = subprocess.Popen([sys.executable, "pqn.py", *flags], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     while not set(os.listdir(os.path.join(ROOT, "runs"))) - before:
         if process.poll() is not None:
+            if process.returncode == 2:  # bad input (a flag after --): pqn.py has printed its one `error:` line
+                sys.exit(2)
             fail(f"pqn.py {' '.join(flags)} exited with status {process.returncode}")
         time.sleep(0.05)
     (name,) = set(os.listdir(os.path.join(ROOT, "runs"))) - before
@@ -49,7 +51,7 @@ def behaviour_return(scalars, total):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env-id", default="CartPole-v1")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
@@ -62,6 +64,8 @@ def main():
     args = parser.parse_args()
     if not 0 < args.kill_after < 1:
         fail("--kill-after must be between 0 and 1")
+    if not 0 <= args.seed < 2**32:  # pqn.py's range, checked before its first run starts
+        fail(f"--seed must be in [0, 2**32 - 1], got {args.seed}")
     flags = ["--env-id", args.env_id, "--seed", str(args.seed), "--no-cuda", *args.flags]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     os.makedirs(os.path.join(ROOT, "runs"), exist_ok=True)

@@ -51,6 +51,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -70,6 +71,24 @@ def fail(message):
     """Bad input: one `error: ...` line on stderr and exit status 2 (used by report.py too)."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def check_benchmark_name(benchmark):
+    """A --benchmark names a directory under benchmark/logs/ and benchmark/results/ (used by report.py too)."""
+    if not re.fullmatch(r"[\w.-]+", benchmark) or benchmark in (".", ".."):
+        fail(f"--benchmark {benchmark!r}: use letters, digits, '_', '-' and '.' only (it names a directory)")
+
+
+def check_writable(directory):
+    """A folder that cannot be made or written to is one error line before anything runs (used by report.py too)."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        fail(f"cannot write to {directory}: it is a file, not a folder")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        fail(f"cannot write to {directory}: {e.strerror}")
 
 
 def logs_dir(root, benchmark):
@@ -178,15 +197,17 @@ def write_marker(path, run_dir):
 
 
 def read_marker(path):
-    with open(path, encoding="utf-8") as f:
+    """The first line of a .done, .resume or .jobid marker; bytes that are not UTF-8 read as replacement characters."""
+    with open(path, encoding="utf-8", errors="replace") as f:
         return f.readline().strip()
 
 
 def logged_command(log):
-    """The command a run's log starts with (`# command: ...`), or None."""
+    """The command a run's log starts with (`# command: ...`), or None. A log that is not UTF-8 (a run's
+    output can be anything) is read with replacement characters, which no command of this runner has."""
     if not os.path.exists(log):
         return None
-    with open(log, encoding="utf-8") as f:
+    with open(log, encoding="utf-8", errors="replace") as f:
         first = f.readline()
     return first[len("# command: ") :].rstrip("\n") if first.startswith("# command: ") else None
 
@@ -328,9 +349,8 @@ def run_all(todo, root, workers):
 
 
 def write_job_file(job, args):
-    """Fills the slurm template for one job; returns the `sbatch` command that submits it."""
-    with open(args.slurm_template, encoding="utf-8") as f:
-        text = f.read()
+    """Fills the slurm template (its text read by parse_args) for one job; returns the `sbatch` command that submits it."""
+    text = args.template
     resources = [f"#SBATCH --cpus-per-task={args.slurm_cpus}", f"#SBATCH --time={args.slurm_time}"]
     if args.slurm_gpus:
         resources.append(f"#SBATCH --gres=gpu:{args.slurm_gpus}")
@@ -394,6 +414,19 @@ def write_job_file(job, args):
     return sbatch + [job.job_file]
 
 
+def read_template(path):
+    """The text of the slurm job file template, read before any job file is written."""
+    if not os.path.isfile(path):
+        fail(f"--slurm-template {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError:
+        fail(f"--slurm-template {path}: not a text file (not UTF-8)")
+    except OSError as e:
+        fail(f"--slurm-template {path}: {e.strerror}")
+
+
 def parse_args(argv):
     own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     parser = Parser(
@@ -438,8 +471,7 @@ def parse_args(argv):
     args = parser.parse_args(own)
     args.extra = extra
     args.root = os.path.abspath(args.root)
-    if not re.fullmatch(r"[\w.-]+", args.benchmark):
-        fail(f"--benchmark {args.benchmark!r}: use letters, digits, '_', '-' and '.' only (it names a directory)")
+    check_benchmark_name(args.benchmark)
     if not re.fullmatch(r"[\w.-]+", args.exp_name) or "__" in args.exp_name:
         fail(f"--exp-name {args.exp_name!r}: use letters, digits, '_', '-' and '.' only, without '__'")
     if not os.path.isfile(os.path.join(args.root, args.script)):
@@ -448,6 +480,12 @@ def parse_args(argv):
         fail(f"--workers {args.workers}: must be at least 1")
     if args.num_seeds < 1:
         fail(f"--num-seeds {args.num_seeds}: must be at least 1")
+    if min(args.seeds) < 0:  # the scripts' seeds are numpy seeds
+        fail(f"--seeds {' '.join(map(str, args.seeds))}: seeds must not be negative")
+    if args.slurm_cpus < 1:
+        fail(f"--slurm-cpus {args.slurm_cpus}: must be at least 1")
+    if args.slurm_gpus < 0:
+        fail(f"--slurm-gpus {args.slurm_gpus}: must not be negative")
     seeds = sorted(set(args.seeds))
     if any(b - a < args.num_seeds for a, b in zip(seeds, seeds[1:])):
         fail(
@@ -457,11 +495,16 @@ def parse_args(argv):
     for flag in extra:
         if flag.split("=")[0] in ("--env-id", "--seed", "--exp-name", "--num-seeds"):
             fail(f"{flag} after --: give it to the runner as --env-ids, --seeds, --exp-name or --num-seeds")
-    if args.slurm and not os.path.isfile(args.slurm_template):
-        fail(f"--slurm-template {args.slurm_template}: no such file")
+    if args.slurm:
+        args.template = read_template(args.slurm_template)
     if args.slurm and not args.dry_run and shutil.which("sbatch") is None:
         fail("--slurm: sbatch is not on PATH (with --dry-run the job files are written and not submitted)")
     needed_runs(extra)  # checks the placeholders
+    # Where the logs (or the job files) will go; a dry run without --slurm writes nothing.
+    if args.slurm:
+        check_writable(os.path.join(logs_dir(args.root, args.benchmark), "slurm"))
+    elif not args.dry_run:
+        check_writable(logs_dir(args.root, args.benchmark))
     return args
 
 

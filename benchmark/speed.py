@@ -3,8 +3,8 @@
     python benchmark/speed.py                                    # Breakout, 128 envs, 50k steps each
     python benchmark/speed.py --num-envs 8 128 --total-timesteps 500000 > speed.md
 
-For each number of envs: envpool alone with random actions (benchmark/envpool_random_sps.py, 4
-stacked frames and 1 frame), then each script with each set of flags, one run at a time. Prints a
+For each number of envs: envpool alone with random actions in the same game (benchmark/envpool_random_sps.py,
+4 stacked frames and 1 frame), then each script with each set of flags, one run at a time. Prints a
 markdown table: the script's final `SPS` (start-up and compilation included) and its steady rate
 over the last quarter of the run, from the time its progress lines appear. The `--cudagraphs`
 variants run only where CUDA is available. Extra flags after `--` go to every script run.
@@ -17,6 +17,9 @@ import re
 import subprocess
 import sys
 import time
+
+# run.py is in this directory, which Python puts first on sys.path when it runs this file.
+from run import Parser, fail
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["pqn_atari_envpool.py", "pqn_atari_envpool_lstm.py"]
@@ -45,26 +48,34 @@ def steady_sps(points):
     return (step_end - step_start) / (t_end - t_start) if t_end > t_start else float("nan")
 
 
-def envpool_sps(num_envs, stack_num):
-    out = subprocess.run(
-        [sys.executable, "benchmark/envpool_random_sps.py", "--num-envs", str(num_envs), "--stack-num", str(stack_num)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return float(re.search(r"([\d,.]+) env steps/s", out).group(1).replace(",", ""))
+def envpool_sps(env_id, num_envs, stack_num):
+    command = [sys.executable, "benchmark/envpool_random_sps.py", "--env-id", env_id, "--num-envs", str(num_envs)]
+    command += ["--stack-num", str(stack_num)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        output = (result.stdout + result.stderr).splitlines(keepends=True)
+        sys.exit(f"error: {' '.join(command)} failed (exit {result.returncode}):\n{''.join(output[-5:])}")
+    return float(re.search(r"([\d,.]+) env steps/s", result.stdout).group(1).replace(",", ""))
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env-id", default="Breakout-v5")
     parser.add_argument("--num-envs", type=int, nargs="+", default=[128])
     parser.add_argument("--total-timesteps", type=int, default=50_000, help="env steps of each script run")
     parser.add_argument("--scripts", nargs="+", default=SCRIPTS, choices=SCRIPTS)
     parser.add_argument("extra", nargs="*", help="flags for every script run, after --")
     args = parser.parse_args()
-    import torch  # here, so that --help works without it
+    if min(args.num_envs) < 1:
+        fail(f"--num-envs must be positive, got {' '.join(map(str, args.num_envs))}")
+    if args.total_timesteps < 1:
+        fail(f"--total-timesteps must be positive, got {args.total_timesteps}")
+    import envpool  # here, so that --help works without them
+    import torch
+
+    # As the scripts check it, but before envpool alone is timed with it.
+    if args.env_id not in envpool.list_all_envs() or type(envpool.make_spec(args.env_id)).__name__ != "AtariEnvSpec":
+        fail(f"--env-id {args.env_id!r}: not an envpool Atari id (they look like 'Breakout-v5')")
 
     variants = [[], ["--compile"]]
     if torch.cuda.is_available():
@@ -78,7 +89,7 @@ def main():
         for stack_num in [4, 1]:
             print(
                 f"| {num_envs} | envpool alone, random actions, {stack_num} frame(s) | "
-                f"{envpool_sps(num_envs, stack_num):,.0f} | |",
+                f"{envpool_sps(args.env_id, num_envs, stack_num):,.0f} | |",
                 flush=True,
             )
         for script in args.scripts:

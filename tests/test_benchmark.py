@@ -320,12 +320,48 @@ def test_a_slurm_job_takes_the_run_directory_its_own_process_wrote(root, tmp_pat
         (["--script", "fake.py", "--env-ids", "A", "--", "--tag", "{env}"], "error: unknown placeholder {env} in '{env}'"),
         (["--script", "fake.py", "--env-ids", "A", "--", "--seed", "3"], "error: --seed after --: give it to the runner"),
         (["--script", "fake.py", "--env-ids", "A", "--workers", "0"], "error: --workers 0: must be at least 1"),
+        (["--script", "fake.py", "--env-ids", "A", "--seeds", "1", "-1"], "error: --seeds 1 -1: seeds must not be negative"),
+        (["--benchmark", "..", "--script", "fake.py", "--env-ids", "A"], "error: --benchmark '..': use letters, digits"),
+        (["--script", "fake.py", "--env-ids", "A", "--slurm", "--dry-run", "--slurm-cpus", "-5"], "error: --slurm-cpus -5:"),
+        (["--script", "fake.py", "--env-ids", "A", "--slurm", "--dry-run", "--slurm-gpus", "-1"], "error: --slurm-gpus -1:"),
+        (
+            ["--script", "fake.py", "--env-ids", "A", "--slurm", "--dry-run", "--slurm-template", "{root}/binary.sbatch"],
+            "error: --slurm-template {root}/binary.sbatch: not a text file (not UTF-8)",
+        ),
+        (
+            ["--script", "fake.py", "--env-ids", "A", "--root", "{root}/blocked"],
+            "error: cannot write to {root}/blocked/benchmark/logs/b: Not a directory",
+        ),
+        (
+            ["--script", "fake.py", "--env-ids", "A", "--root", "{root}/blocked", "--slurm", "--dry-run"],
+            "error: cannot write to {root}/blocked/benchmark/logs/b/slurm: Not a directory",
+        ),
     ],
 )
 def test_runner_bad_input_is_one_error_line(root, flags, message):
+    # A template that is not text, and a root whose benchmark/ is a file: benchmark/logs/ cannot be made
+    # there, also by root (whom file permissions do not stop).
+    (root / "binary.sbatch").write_bytes(bytes(range(256)))
+    (root / "blocked").mkdir()
+    (root / "blocked" / "fake.py").write_text(FAKE_SCRIPT)
+    (root / "blocked" / "benchmark").write_text("")
+    flags = [flag.replace("{root}", str(root)) for flag in flags]
     result = call(RUN, "--benchmark", "b", "--exp-name", "e", "--root", str(root), *flags)
-    assert error_line(result).startswith(message)
+    assert error_line(result).startswith(message.replace("{root}", str(root)))
     assert result.returncode == 2
+
+
+def test_a_finished_run_whose_log_is_not_utf8_is_skipped(root):
+    # A run's output can be any bytes; its log's first line still names its command.
+    assert runner(root, envs=["A"], seeds=["1"]).returncode == 0
+    log = logs(root) / "e__A__1.log"
+    log.write_bytes(log.read_bytes() + b"\xff\xfe output that is not UTF-8\n")
+    again = runner(root, envs=["A"], seeds=["1"])
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("# skipped, already done (runs/A__e__1__")
+    # The same log with another command is still another command's run.
+    log.write_bytes(b"# command: python fake.py --other\n\xff\n")
+    assert error_line(runner(root, envs=["A"], seeds=["1"])).startswith("error: 1 of these runs already finished")
 
 
 # Synthetic runs for the report: 2 variants × 2 envs × 3 seeds, 10,000 env steps each.
@@ -430,6 +466,23 @@ def test_report_table_holds_means_and_stds_over_seeds_and_a_png(tmp_path):
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and "![learning curves](bench.png)" in md
 
 
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("bench/sub", "error: --benchmark 'bench/sub': use letters, digits, '_', '-' and '.' only"),
+        ("..", "error: --benchmark '..': use letters, digits, '_', '-' and '.' only"),
+        ("bench", "error: cannot write to {root}/benchmark/results: it is a file, not a folder"),
+    ],
+)
+def test_report_bad_input_is_one_error_line_before_the_runs_are_read(tmp_path, name, message):
+    synthetic_run(tmp_path, "CartPole-v1", "pdqn", 1)
+    (tmp_path / "benchmark" / "logs" / "bench" / "sub").mkdir()
+    (tmp_path / "benchmark" / "results").write_text("a file where the results folder goes")
+    result = call(REPORT, "--benchmark", name, "--root", str(tmp_path), "--no-plot")
+    assert error_line(result).startswith(message.replace("{root}", str(tmp_path)))
+    assert result.returncode == 2
+
+
 def test_report_without_finished_runs_is_one_error_line(tmp_path):
     result = call(REPORT, "--benchmark", "nothing", "--root", str(tmp_path))
     assert (
@@ -445,7 +498,7 @@ REINCARNATION = os.path.join(ROOT, "benchmark", "qdagger_reincarnation.py")
 # and 2 (teacher score 30 + seed; a QDagger student scores seed * k / τ at step 1000 k, the TD-only student
 # 1) and the line naming its saved model. Each run appends its argv to ./calls. The student of seed
 # $FAKE_STOP_SEED writes its checkpoint (its argv, which --resume reads back) and waits for a Ctrl-C, on
-# which it exits 130 as the real scripts do.
+# which it exits 130 as the real scripts do. With $FAKE_ERROR, every student stops as on bad input.
 FAKE_STUDENT = """\
 import argparse, json, os, signal, sys, time
 from torch.utils.tensorboard import SummaryWriter
@@ -458,6 +511,9 @@ parser.add_argument("--distillation", action=argparse.BooleanOptionalAction)
 args, _ = parser.parse_known_args()
 with open("calls", "a") as f:
     f.write(" ".join(sys.argv[1:]) + "\\n")
+if os.environ.get("FAKE_ERROR"):  # as the real scripts report bad input: one line, exit status 2
+    print("error: " + os.environ["FAKE_ERROR"], file=sys.stderr)
+    sys.exit(2)
 if args.resume:
     run_dir = args.resume
     with open(f"{run_dir}/checkpoint.pt") as f:
@@ -559,12 +615,32 @@ def test_qdagger_reincarnation_reports_each_seed_and_the_mean_and_skips_or_resum
         (["--temperatures", "0"], "error: --temperatures must be positive numbers, got 0"),
         (["--workers", "0"], "error: --workers must be positive, got 0"),
         (["--seeds", "one"], "error: argument --seeds: invalid int value: 'one'"),
+        (["--teacher-steps", "0"], "error: --teacher-steps must be positive, got 0"),
+        (["--offline-steps", "0"], "error: --offline-steps must be positive, got 0"),
+        (["--offline-eval-frequency", "0"], "error: --offline-eval-frequency must be positive, got 0"),
+        (["--eval-episodes", "-1"], "error: --eval-episodes must be positive, got -1"),
+        (["--root", "elsewhere"], "error: --root elsewhere: no qdagger_dqn_atari_impalacnn.py in it"),
     ],
 )
 def test_qdagger_reincarnation_bad_input_is_one_error_line(tmp_path, flags, message):
     (tmp_path / "teacher.pt").write_text("")
+    (tmp_path / "qdagger_dqn_atari_impalacnn.py").write_text(FAKE_STUDENT)
+    (tmp_path / "elsewhere").mkdir()
     result = reincarnation(tmp_path, *flags)
     assert error_line(result) == message and result.returncode == 2
+    assert not (tmp_path / "calls").exists()  # no student started
+
+
+def test_qdagger_reincarnation_says_why_a_student_stopped_on_bad_input(tmp_path):
+    (tmp_path / "teacher.pt").write_text("")
+    (tmp_path / "qdagger_dqn_atari_impalacnn.py").write_text(FAKE_STUDENT)
+    result = reincarnation(tmp_path, "--temperatures", "1", env={"FAKE_ERROR": "unknown envpool env id 'Nope-v5'"})
+    log = os.path.join("benchmark", "logs", "qdagger_reincarnation", "qdagger_temperature_1__Breakout-v5__1.log")
+    assert error_line(result) == (
+        "error: 2 of 2 students did not finish; seed 1, qdagger_temperature_1 stopped with: unknown envpool env id "
+        f"'Nope-v5' (see {log})"
+    )
+    assert result.returncode == 2
 
 
 def test_report_without_matplotlib_says_how_to_install_it_or_writes_only_the_table(tmp_path):
@@ -714,6 +790,59 @@ def test_speed_reads_progress_lines_and_the_steady_rate(tmp_path):
     assert speed.steady_sps([(1.0, 1000, 4000, 0), (4.0, 3000, 4000, 0), (6.0, 4000, 4000, 0)]) == 500.0
     with pytest.raises(SystemExit, match="failed \\(exit 3\\)"):
         speed.timed_progress([sys.executable, str(fake), "3"])
+
+
+SPEED = os.path.join(ROOT, "benchmark", "speed.py")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num-envs", "0"], "error: --num-envs must be positive, got 0"),
+        (["--num-envs", "8", "-3"], "error: --num-envs must be positive, got 8 -3"),
+        (["--num-envs", "x"], "error: argument --num-envs: invalid int value: 'x'"),
+        (["--total-timesteps", "0"], "error: --total-timesteps must be positive, got 0"),
+        (["--env-id", "Nope-v5"], "error: --env-id 'Nope-v5': not an envpool Atari id"),
+        (["--env-id", "CartPole-v1"], "error: --env-id 'CartPole-v1': not an envpool Atari id"),
+        (["--scripts", "pqn.py"], "error: argument --scripts: invalid choice: 'pqn.py'"),
+    ],
+)
+def test_speed_bad_input_is_one_error_line(flags, message):
+    result = call(SPEED, *flags)
+    assert error_line(result).startswith(message) and result.returncode == 2
+
+
+def test_speed_times_envpool_alone_in_the_game_of_env_id(monkeypatch):
+    speed = import_benchmark_tool("speed")
+    commands = []
+
+    def envpool_random_sps(command, **kwargs):  # stands in for benchmark/envpool_random_sps.py
+        commands.append(command)
+        if "Nope-v5" in command:
+            return subprocess.CompletedProcess(command, 1, "", "no such env\n")
+        return subprocess.CompletedProcess(command, 0, "Pong-v5: 8 envs, 12,345 env steps/s (random actions, 1.0 s)\n", "")
+
+    monkeypatch.setattr(speed.subprocess, "run", envpool_random_sps)
+    assert speed.envpool_sps("Pong-v5", 8, 4) == 12345.0
+    command = commands[0]
+    assert command[command.index("--env-id") + 1] == "Pong-v5" and command[-4:] == ["--num-envs", "8", "--stack-num", "4"]
+    with pytest.raises(SystemExit, match="^error: .* failed \\(exit 1\\):\nno such env"):
+        speed.envpool_sps("Nope-v5", 8, 4)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--seed", "x"], "error: argument --seed: invalid int value: 'x'"),
+        (["--bogus"], "error: unrecognized arguments: --bogus"),
+        (["--seed", "-1"], "error: --seed must be in [0, 2**32 - 1], got -1"),
+        (["--kill-after", "1"], "error: --kill-after must be between 0 and 1"),
+        (["--", "--num-envs", "0"], "error: --num-envs must be positive"),  # pqn.py's own line, and only it
+    ],
+)
+def test_resume_check_bad_input_is_one_error_line(flags, message):
+    result = call(os.path.join(ROOT, "benchmark", "resume_check.py"), *flags)
+    assert error_line(result).startswith(message) and result.returncode == 2
 
 
 def test_a_run_directory_is_found_by_the_process_that_wrote_it(tmp_path):

@@ -191,6 +191,8 @@ def test_the_tool_reads_a_saved_model_or_a_checkpoint_and_prints_both_tables(sav
         (["MODEL", "--num-envs", "0"], "--num-envs must be in [1, 1000000], got 0"),
         (["MODEL", "--seed", "-1"], "--seed must be in [0, 2**32 - 1], got -1"),
         (["MODEL", "--num-envs", "1000000", "--steps", "1000000"], "the played observations and the envs"),
+        (["MODEL", "--num-envs", "x"], "argument --num-envs: invalid int value: 'x'"),
+        (["MODEL", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     ],
 )
 def test_bad_input_is_one_error_line(saved_model, tmp_path, monkeypatch, capsys, flags, message):
@@ -241,3 +243,35 @@ def test_a_model_saved_with_the_conv_cell_head_is_rebuilt_as_one(tmp_path, monke
     import_benchmark_tool("pdqn_model_quality").main()  # built with the linear head, the weights would not fit
     rows = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert rows == ["k", "1", "2", "channel", "paddle", "ball", "trail", "brick"]
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"args": {"env_id": "MinAtar/Nope-v1"}}, "PATH: unknown MinAtar env id 'MinAtar/Nope-v1'; choose one of"),
+        ({"args": {"max_episode_steps": 0}}, "PATH holds a max_episode_steps that pdqn_minatar.py does not accept: 0"),
+        ({"args": {"sticky_action_prob": 2.0}}, "PATH holds a sticky_action_prob that pdqn_minatar.py does not accept: 2.0"),
+        ({"args": {"model_cell_head": "big"}}, "PATH holds a model_cell_head that pdqn_minatar.py does not accept: 'big'"),
+        ({"q_network": [1, 2]}, "PATH is not a pdqn_minatar.py checkpoint or saved model"),
+        ({"world_model": {"torso.0.weight": torch.zeros(1)}}, "PATH does not fit the networks for MinAtar/Breakout-v1: "),
+        ({"args": ["env_id"]}, "PATH is not a pdqn_minatar.py checkpoint or saved model"),
+    ],
+)
+def test_a_saved_model_that_no_run_could_have_saved_is_one_error_line(tmp_path, monkeypatch, capsys, changes, message):
+    q_network, model = pdqn.make_networks(4, 3)
+    saved = {
+        "format": pdqn.MODEL_FORMAT,
+        "args": pdqn.asdict(pdqn.Args(env_id="MinAtar/Breakout-v1")),
+        "q_network": q_network.state_dict(),
+        "world_model": model.state_dict(),
+    }
+    for key, value in changes.items():  # settings go into the saved args; anything else replaces its entry
+        saved[key] = saved[key] | value if key == "args" and isinstance(value, dict) else value
+    path = str(tmp_path / "odd.pt")
+    torch.save(saved, path)
+    monkeypatch.setattr(sys, "argv", [TOOL, path, "--num-envs", "2", "--steps", "20", "--horizon", "2"])
+    with pytest.raises(SystemExit) as exit_info:
+        import_benchmark_tool("pdqn_model_quality").main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message.replace('PATH', path)}") and err.count("\n") == 1
