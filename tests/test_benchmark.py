@@ -53,10 +53,15 @@ if os.environ.get("FAKE_WAIT_FOR_SIGTERM"):  # as the real scripts: a checkpoint
 """
 
 
-def call(tool, *flags, cwd=ROOT, env=None):
+def call(tool, *flags, cwd=ROOT, env=None, timeout=60):
     environ = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "FAKE_FAIL_ENV")}
     return subprocess.run(
-        [sys.executable, tool, *flags], cwd=cwd, env=dict(environ, **(env or {})), capture_output=True, text=True, timeout=60
+        [sys.executable, tool, *flags],
+        cwd=cwd,
+        env=dict(environ, **(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -548,7 +553,8 @@ REINCARNATION_FLAGS = ["--teacher", "teacher.pt", "--offline-steps", "3000", "--
 
 
 def reincarnation(root, *flags, env=None):
-    return call(REINCARNATION, *REINCARNATION_FLAGS, "--root", str(root), *flags, cwd=root, env=env)
+    # Up to four students, one after another, each starting Python and torch: minutes on a busy machine.
+    return call(REINCARNATION, *REINCARNATION_FLAGS, "--root", str(root), *flags, cwd=root, env=env, timeout=300)
 
 
 def test_qdagger_reincarnation_reports_each_seed_and_the_mean_and_skips_or_resumes_runs(tmp_path):
@@ -565,11 +571,12 @@ def test_qdagger_reincarnation_reports_each_seed_and_the_mean_and_skips_or_resum
         [sys.executable, REINCARNATION, *flags], cwd=tmp_path, env=dict(environ, FAKE_STOP_SEED="2"), start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    deadline = time.time() + 60
-    while not (tmp_path / "waiting").exists() and time.time() < deadline:
+    deadline = time.time() + 300  # three students that each start Python and torch, on a machine that may be busy
+    while not (tmp_path / "waiting").exists() and time.time() < deadline and first.poll() is None:
         time.sleep(0.2)
+    assert (tmp_path / "waiting").exists(), first.communicate(timeout=60)
     os.killpg(first.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the benchmark and its running student
-    stdout, stderr = first.communicate(timeout=30)
+    stdout, stderr = first.communicate(timeout=120)
     assert first.returncode == 130, stdout + stderr
     assert stderr.strip() == "interrupted: run the same command again to run what has not finished"
     assert "exit 130" in stdout and "the next attempt resumes runs/Breakout-v5__qdagger_temperature_1__2__" in stdout
