@@ -923,19 +923,27 @@ def load_training_state(run_dir: str) -> dict:
         raise UsageError(f"{path} is not a pqn_atari_envpool.py training checkpoint (format {CHECKPOINT_FORMAT})") from None
 
 
+# --- shared: saved_env_settings ---
+def use_saved_env_settings(args, given: set[str], settings: dict, path: str):
+    """Evaluation plays as training played: the env settings saved with a model replace those not given
+    on the command line, and then pass the checks that flags pass."""
+    for name, value in settings.items():
+        if name not in given:
+            if type(value) is not type(getattr(Args, name)):
+                raise UsageError(f"{path} holds {name} = {value!r}, not a {type(getattr(Args, name)).__name__}")
+            setattr(args, name, value)
+    finalize_args(args)
+
+
+# --- end shared: saved_env_settings ---
+
+
 def eval_checkpoint(args: Args, given: set[str], device: torch.device):
     checkpoint = load_model(args.eval_checkpoint, device)
     env_id = checkpoint["env_id"]
     if "env_id" in given and args.env_id != env_id:
         raise UsageError(f"{args.eval_checkpoint} was trained on {env_id}, not {args.env_id}; leave --env-id out")
-    for name, value in checkpoint["env_settings"].items():  # evaluation plays as training played
-        if name not in given:
-            if type(value) is not type(getattr(Args, name)):
-                raise UsageError(
-                    f"{args.eval_checkpoint} holds {name} = {value!r}, not a {type(getattr(Args, name)).__name__}"
-                )
-            setattr(args, name, value)
-    finalize_args(args)  # the saved settings pass the checks that flags pass
+    use_saved_env_settings(args, given, checkpoint["env_settings"], args.eval_checkpoint)
     envs = make_atari_envs(
         env_id, env_seeds(args.seed, "evaluation", args.eval_episodes), 4, args, evaluation=True, render=args.capture_video
     )

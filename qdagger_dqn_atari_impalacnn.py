@@ -929,6 +929,21 @@ VIDEO_FPS = 15  # the agent acts every 4th of the emulator's 60 frames per secon
 ENV_SETTINGS = ["repeat_action_probability", "noop_max", "episodic_life"]
 
 
+# --- shared: saved_env_settings ---
+def use_saved_env_settings(args, given: set[str], settings: dict, path: str):
+    """Evaluation plays as training played: the env settings saved with a model replace those not given
+    on the command line, and then pass the checks that flags pass."""
+    for name, value in settings.items():
+        if name not in given:
+            if type(value) is not type(getattr(Args, name)):
+                raise UsageError(f"{path} holds {name} = {value!r}, not a {type(getattr(Args, name)).__name__}")
+            setattr(args, name, value)
+    finalize_args(args)
+
+
+# --- end shared: saved_env_settings ---
+
+
 def eval_checkpoint(args: Args, given: set[str], device: torch.device):
     """Evaluates a student saved with --save-model, or the student of a run's checkpoint.pt."""
     path = args.eval_checkpoint
@@ -950,12 +965,7 @@ def eval_checkpoint(args: Args, given: set[str], device: torch.device):
         ) from None
     if "env_id" in given and args.env_id != env_id:
         raise UsageError(f"{path} was trained on {env_id}, not {args.env_id}; leave --env-id out")
-    for name, value in env_settings.items():  # evaluation plays as training played
-        if name not in given:
-            if type(value) is not type(getattr(Args, name)):
-                raise UsageError(f"{path} holds {name} = {value!r}, not a {type(getattr(Args, name)).__name__}")
-            setattr(args, name, value)
-    finalize_args(args)  # the saved settings pass the checks that flags pass
+    use_saved_env_settings(args, given, env_settings, path)
     envs = make_atari_envs(
         env_id, env_seeds(args.seed, "evaluation", args.eval_episodes), 4, args, evaluation=True, render=args.capture_video
     )
