@@ -567,9 +567,12 @@ def test_qdagger_reincarnation_reports_each_seed_and_the_mean_and_skips_or_resum
     # One student at a time: seed 1's two finish, then seed 2's first waits and a Ctrl-C stops it with the benchmark.
     flags = [*REINCARNATION_FLAGS, "--root", str(tmp_path), "--seeds", "1", "2", "--temperatures", "1", "--workers", "1"]
     environ = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    # Ctrl-C's default action restored: a suite started in the background (`cmd &` in a script) has SIGINT ignored,
+    # the processes it starts inherit that, and Python then never raises KeyboardInterrupt.
     first = subprocess.Popen(
         [sys.executable, REINCARNATION, *flags], cwd=tmp_path, env=dict(environ, FAKE_STOP_SEED="2"), start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     deadline = time.time() + 300  # three students that each start Python and torch, on a machine that may be busy
     while not (tmp_path / "waiting").exists() and time.time() < deadline and first.poll() is None:
